@@ -1,0 +1,79 @@
+"""Input handling shared by `anomalox.ops`: numpy arrays and torch tensors in, the same kind out.
+
+Torch CPU tensors are viewed as numpy arrays (`Tensor.numpy()` shares memory), so nothing is
+copied when the dtype is already float32; results come back through `torch.from_numpy`, which
+shares memory too.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def resolve_threads(n_threads: int | None) -> int:
+    """`n_threads`, or torch's intra-op thread count when it is None."""
+    if n_threads is None:
+        return max(1, torch.get_num_threads())
+    if isinstance(n_threads, bool) or not isinstance(n_threads, numbers.Integral) or n_threads < 1:
+        raise ValueError(f"n_threads: expected a positive integer or None, got {n_threads!r}")
+    return int(n_threads)
+
+
+def as_float32(x: Any, name: str, shape_doc: str) -> tuple[np.ndarray, bool]:
+    """A float32 numpy view of `x` of rank `len(shape_doc.split(','))` and whether it was a tensor.
+
+    Other floating dtypes are converted (one copy); integer, bool and complex inputs are refused.
+    """
+    ndim = len(shape_doc.split(","))
+    is_torch = isinstance(x, torch.Tensor)
+    if is_torch:
+        if x.device.type != "cpu":
+            raise ValueError(
+                f"{name}: anomalox kernels run on the CPU, but this tensor is on {x.device}; "
+                f"move it with .cpu() first (no copy is made silently)"
+            )
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a float32 tensor {shape_doc}, got dtype {x.dtype}")
+        if x.dtype != torch.float32:
+            x = x.to(torch.float32)
+        arr = x.detach().resolve_conj().resolve_neg().numpy()
+    else:
+        arr = np.asarray(x)
+        if arr.dtype.kind != "f":
+            raise TypeError(f"{name}: expected a float32 array {shape_doc}, got dtype {arr.dtype}")
+        if arr.dtype != np.float32 or not arr.dtype.isnative:
+            arr = arr.astype(np.float32)
+    if arr.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array {shape_doc}, got shape {tuple(arr.shape)}")
+    if arr.size == 0:
+        raise ValueError(f"{name}: expected a non-empty array {shape_doc}, got shape {tuple(arr.shape)}")
+    return arr, is_torch
+
+
+def as_int64(x: Any, name: str) -> np.ndarray:
+    """A 1-D int64 numpy view of integer indices."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise ValueError(f"{name}: expected a CPU tensor, got one on {x.device}")
+        x = x.detach().numpy()
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer indices, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array of indices, got shape {arr.shape}")
+    return arr.astype(np.int64, copy=False)
+
+
+def same_kind(arr: np.ndarray, as_torch: bool) -> Any:
+    """Return `arr` as a torch tensor (sharing memory) when the input was one."""
+    return torch.from_numpy(arr) if as_torch else arr
+
+
+def positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)

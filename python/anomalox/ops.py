@@ -1,0 +1,245 @@
+"""Low-level kernels, usable on their own inside any PyTorch or numpy pipeline.
+
+Every function takes float32 numpy arrays or CPU torch tensors (contiguous or not), and returns
+the same kind it was given. Float32 inputs are not copied; other float dtypes are converted to
+float32 (one copy); integer, bool and complex inputs raise ``TypeError``. CUDA tensors raise a
+``ValueError`` naming the device instead of being copied silently. NaN or infinite values raise
+``ValueError``.
+
+Each call releases the GIL, runs on ``n_threads`` threads (default: ``torch.get_num_threads()``)
+and stops within about a second on Ctrl-C (``KeyboardInterrupt``).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+from anomalox import _core
+from anomalox._convert import as_float32, as_int64, positive_int, resolve_threads, same_kind
+
+__all__ = [
+    "GaussianAccumulator",
+    "coreset",
+    "coreset_coverage",
+    "gaussian_blur",
+    "gaussian_fit",
+    "knn",
+    "mahalanobis",
+    "upsample",
+]
+
+
+def knn(queries: Any, bank: Any, k: int, metric: str = "euclidean", n_threads: int | None = None):
+    """Exact k nearest neighbours of each query row in ``bank``.
+
+    Parameters
+    ----------
+    queries : array (M, D), float32
+    bank : array (N, D), float32
+    k : int
+        Neighbours per query, ``1 <= k <= N``.
+    metric : {"euclidean", "sqeuclidean"}
+    n_threads : int, optional
+
+    Returns
+    -------
+    distances : (M, k) float32, ascending per row
+    indices : (M, k) int64 into ``bank``; ties go to the lower index
+
+    Notes
+    -----
+    Blocked: the full M×N distance matrix is never formed. Memory beyond the inputs is
+    O(N + threads · block²) plus a packed copy of ``bank`` when it is not C-contiguous.
+    Candidates are ranked with ‖q‖² + ‖b‖² − 2 q·b; the returned distances of the k winners are
+    recomputed directly as Σ(q − b)², so they do not suffer that expansion's cancellation.
+    """
+    q, q_torch = as_float32(queries, "queries", "(M, D)")
+    b, _ = as_float32(bank, "bank", "(N, D)")
+    k = positive_int(k, "k")
+    dist, idx = _core.knn(q, b, k, metric, resolve_threads(n_threads))
+    return same_kind(dist, q_torch), same_kind(idx, q_torch)
+
+
+def _coreset_count(size: Any, n: int) -> int:
+    if isinstance(size, bool):
+        raise TypeError(f"size: expected an int count or a float ratio, got {size!r}")
+    if isinstance(size, numbers.Integral):
+        if not 1 <= size <= n:
+            raise ValueError(f"size: expected a count in [1, {n}] (the number of features), got {size}")
+        return int(size)
+    if isinstance(size, numbers.Real):
+        if not 0.0 < size <= 1.0:
+            raise ValueError(f"size: expected a ratio in (0, 1], got {size}")
+        return max(1, int(float(size) * n))
+    raise TypeError(f"size: expected an int count or a float ratio, got {type(size).__name__}")
+
+
+def coreset(
+    features: Any,
+    size: int | float,
+    projection_dim: int | None = 128,
+    seed: int = 0,
+    n_threads: int | None = None,
+):
+    """Greedy k-center (farthest point) coreset selection, as in PatchCore.
+
+    Parameters
+    ----------
+    features : array (N, D), float32
+    size : int or float
+        A count in [1, N], or a ratio in (0, 1] giving ``max(1, int(ratio * N))``.
+    projection_dim : int or None
+        Select on a seeded Gaussian random projection to this many dimensions (faster, as in
+        PatchCore); ``None`` selects in the original space.
+    seed : int
+        Seeds the projection and the starting point.
+
+    Returns
+    -------
+    indices : (size,) int64, in selection order, starting point first, no duplicates.
+
+    Notes
+    -----
+    Deterministic for a seed, whatever ``n_threads``. Memory: N × projection_dim float32 for the
+    projected features plus O(N); time O(size · N · projection_dim).
+    """
+    x, as_torch = as_float32(features, "features", "(N, D)")
+    count = _coreset_count(size, x.shape[0])
+    if projection_dim is not None:
+        projection_dim = positive_int(projection_dim, "projection_dim")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    idx = _core.coreset(x, count, projection_dim, int(seed) % 2**64, resolve_threads(n_threads))
+    return same_kind(idx, as_torch)
+
+
+def coreset_coverage(features: Any, indices: Any, n_threads: int | None = None) -> float:
+    """Max over rows of ``features`` of the Euclidean distance to the nearest selected row."""
+    x, _ = as_float32(features, "features", "(N, D)")
+    idx = as_int64(indices, "indices")
+    return float(_core.coreset_coverage(x, idx, resolve_threads(n_threads)))
+
+
+def gaussian_fit(features: Any, eps: float = 0.01, n_threads: int | None = None):
+    """Per-position Gaussian of feature maps (PaDiM): mean and inverse covariance.
+
+    Parameters
+    ----------
+    features : array (B, C, H, W), float32, B >= 2
+    eps : float
+        Added to the covariance diagonal (regularisation), as in PaDiM.
+
+    Returns
+    -------
+    mean : (H·W, C) float32
+    inv_cov : (H·W, C, C) float32, inverse of the covariance (ddof=1) + eps·I
+
+    Notes
+    -----
+    Accumulated in float64 and inverted through a Cholesky factorisation, in parallel over
+    positions. Memory: H·W·C·(C+1)·8 bytes of float64 state plus the float32 outputs. For data
+    that does not fit in one array, use :class:`GaussianAccumulator`.
+    """
+    x, as_torch = as_float32(features, "features", "(B, C, H, W)")
+    mean, inv_cov = _core.gaussian_fit(x, _eps(eps), resolve_threads(n_threads))
+    return same_kind(mean, as_torch), same_kind(inv_cov, as_torch)
+
+
+def _eps(eps: Any) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+class GaussianAccumulator:
+    """Streaming version of :func:`gaussian_fit`: feed batches with ``partial_fit``.
+
+    The shape (C, H, W) is fixed by the first batch. Memory: H·W·C·(C+1)·8 bytes (float64 mean
+    and centred scatter per position, merged batch by batch with Chan's pairwise update).
+
+    Examples
+    --------
+    >>> acc = GaussianAccumulator()
+    >>> for batch in loader:                        # doctest: +SKIP
+    ...     acc.partial_fit(backbone(batch))
+    >>> mean, inv_cov = acc.finalize(eps=0.01)      # doctest: +SKIP
+    """
+
+    def __init__(self, n_threads: int | None = None):
+        self.n_threads = n_threads
+        self._acc = None
+        self._torch = False
+
+    @property
+    def n_samples(self) -> int:
+        return 0 if self._acc is None else self._acc.n_samples
+
+    def partial_fit(self, features: Any) -> GaussianAccumulator:
+        x, as_torch = as_float32(features, "features", "(B, C, H, W)")
+        if self._acc is None:
+            _, c, h, w = x.shape
+            self._acc = _core.GaussianAccumulator(c, h, w)
+            self._torch = as_torch
+        elif tuple(x.shape[1:]) != self._acc.shape:
+            raise ValueError(
+                f"features: expected batches of shape (B, {', '.join(map(str, self._acc.shape))}) "
+                f"like the first batch, got {tuple(x.shape)}"
+            )
+        self._acc.update(x, resolve_threads(self.n_threads))
+        return self
+
+    def finalize(self, eps: float = 0.01):
+        """``(mean (H·W, C), inv_cov (H·W, C, C))`` of everything seen so far."""
+        if self._acc is None:
+            raise ValueError("features: no batch was given to partial_fit; need at least 2 samples")
+        mean, inv_cov = self._acc.finalize(_eps(eps), resolve_threads(self.n_threads))
+        return same_kind(mean, self._torch), same_kind(inv_cov, self._torch)
+
+
+def mahalanobis(features: Any, mean: Any, inv_cov: Any, n_threads: int | None = None):
+    """Mahalanobis distance map ``sqrt((x − μ)ᵀ Σ⁻¹ (x − μ))`` at every position.
+
+    Parameters
+    ----------
+    features : (B, C, H, W) float32
+    mean : (H·W, C) float32
+    inv_cov : (H·W, C, C) float32
+
+    Returns
+    -------
+    (B, H, W) float32
+    """
+    x, as_torch = as_float32(features, "features", "(B, C, H, W)")
+    mu, _ = as_float32(mean, "mean", "(H*W, C)")
+    prec, _ = as_float32(inv_cov, "inv_cov", "(H*W, C, C)")
+    return same_kind(_core.mahalanobis(x, mu, prec, resolve_threads(n_threads)), as_torch)
+
+
+def upsample(maps: Any, size: int | tuple[int, int], mode: str = "bilinear", n_threads: int | None = None):
+    """Resize anomaly maps (B, h, w) to ``size`` = (H, W) (or H for a square).
+
+    ``"bilinear"`` equals ``torch.nn.functional.interpolate(..., mode="bilinear",
+    align_corners=False)``; ``"nearest"`` equals its ``mode="nearest"``.
+    """
+    m, as_torch = as_float32(maps, "maps", "(B, h, w)")
+    if isinstance(size, numbers.Integral):
+        size = (size, size)
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
+        raise TypeError(f"size: expected an int or a pair of ints (H, W), got {size!r}")
+    height, width = (positive_int(s, "size") for s in size)
+    return same_kind(_core.upsample(m, height, width, mode, resolve_threads(n_threads)), as_torch)
+
+
+def gaussian_blur(maps: Any, sigma: float = 4.0, n_threads: int | None = None):
+    """Gaussian smoothing of each map (B, H, W).
+
+    Separable, kernel radius ``int(4·sigma + 0.5)``, reflect padding: equal to
+    ``scipy.ndimage.gaussian_filter(map, sigma, mode="reflect", truncate=4.0)``.
+    """
+    m, as_torch = as_float32(maps, "maps", "(B, H, W)")
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not np.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"sigma: expected a finite number > 0, got {sigma!r}")
+    return same_kind(_core.gaussian_blur(m, float(sigma), resolve_threads(n_threads)), as_torch)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine. Creates or reuses the project venv (.venv, or
+# $ANOMALOX_VENV), installs torch==2.13.0 and the other requirements, builds the Rust extension
+# into it, then:
+#   scripts/run.sh demo    the main job (for now: a smoke run of every kernel)
+#   scripts/run.sh test    the whole test suite: cargo test (kernels) and pytest
+#   scripts/run.sh setup   only the set-up
+set -euo pipefail
+cd "$(dirname "$0")/.."
+task="${1:-demo}"
+shift || true
+
+venv="${ANOMALOX_VENV:-.venv}"
+if [ ! -x "$venv/bin/python" ]; then
+    echo "==> creating $venv"
+    python3 -m venv "$venv"
+fi
+# torch-sys's build script runs `python` from PATH: the venv must be active.
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+
+stamp="$venv/.anomalox-requirements"
+if ! cmp -s requirements-dev.txt "$stamp" 2>/dev/null; then
+    echo "==> installing requirements (torch==2.13.0 is large: a minute or two)"
+    python -m pip install --quiet --upgrade pip
+    python -m pip install --quiet -r requirements-dev.txt
+    cp requirements-dev.txt "$stamp"
+fi
+
+echo "==> building the extension (release; a clean build takes a few minutes)"
+LIBTORCH_USE_PYTORCH=1 maturin develop --release --quiet
+
+case "$task" in
+    setup) ;;
+    demo) python -m anomalox.smoke "$@" ;;
+    test)
+        echo "==> cargo test (kernels, no Python or libtorch)"
+        cargo test --quiet
+        echo "==> pytest"
+        python -m pytest -q "$@"
+        ;;
+    *) echo "usage: scripts/run.sh [demo|test|setup] [args...]" >&2; exit 2 ;;
+esac

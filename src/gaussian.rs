@@ -1,0 +1,1318 @@
+//! Per-position multivariate Gaussian statistics (PaDiM) and Mahalanobis scoring.
+//!
+//! Feature maps are (B, C, H, W); position p = h·W + w (row-major over H, W), which matches
+//! `features.reshape(B, C, H*W)` in numpy/torch: `mean[p, c]`, `inv_cov[p, :, :]`.
+//! All work is split into fixed blocks of positions, each computed by one rayon task in a
+//! fixed order, so results are bit-identical for any number of threads.
+
+use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
+use faer::linalg::cholesky::llt;
+use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
+use faer::{Accum, MatMut, MatRef, Par};
+use ndarray::{s, Array2, Array3, ArrayView2, ArrayView3, ArrayView4, Axis};
+use rayon::prelude::*;
+
+use crate::error::{KernelError, KernelResult};
+use crate::interrupt::Interrupt;
+
+/// Target size of one task's gathered (positions, C, B) f32 block. Long runs along w amortise
+/// the strided reads of NCHW inputs (one run per (b, c) plane and row).
+const GATHER_BLOCK_BYTES: usize = 1 << 20;
+/// Most positions per task, which also bounds interrupt latency.
+const MAX_POSITIONS_PER_BLOCK: usize = 64;
+/// Fewest blocks we aim for, so that the work spreads over many threads.
+const MIN_BLOCKS: usize = 48;
+
+/// Streams batches of feature maps (B,C,H,W) and accumulates, per spatial position, the count,
+/// mean and centred scatter matrix in f64 (Chan et al. pairwise merge of batch statistics).
+///
+/// Memory: H·W·C·(C+1)·8 bytes for the state (mean (H·W, C) and scatter (H·W, C, C), both f64),
+/// plus one (positions-per-block, B, C) f64 gather buffer per busy thread during `update`.
+/// `update` costs O(H·W·B·C²) flops; `finalize` O(H·W·C³).
+///
+/// If `update` is interrupted, part of the positions have already absorbed the batch; the
+/// accumulator is then marked invalid and later `update`/`finalize` calls return an error.
+#[derive(Debug, Clone)]
+pub struct GaussianAccumulator {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    /// (H·W, C), standard layout.
+    mean: Array2<f64>,
+    /// (H·W, C, C), standard layout, kept exactly symmetric.
+    scatter: Array3<f64>,
+    /// Set when an `update` stopped half-way; the state is then inconsistent.
+    poisoned: bool,
+}
+
+/// Allocates `len` zeros, returning an error instead of aborting when memory is short.
+fn try_zeros(len: usize, arg: &'static str) -> KernelResult<Vec<f64>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        KernelError::invalid(
+            arg,
+            format!(
+                "could not allocate {} bytes for the Gaussian statistics",
+                len.saturating_mul(8)
+            ),
+        )
+    })?;
+    v.resize(len, 0.0);
+    Ok(v)
+}
+
+/// Positions per task for a gather of `row_len` = B·C values per position; independent of the
+/// thread count so that results are too.
+fn positions_per_block(hw: usize, row_len: usize) -> usize {
+    let by_cache = GATHER_BLOCK_BYTES / (row_len.max(1) * 4);
+    let by_balance = hw / MIN_BLOCKS;
+    by_cache.min(by_balance).clamp(1, MAX_POSITIONS_PER_BLOCK)
+}
+
+/// Copies positions `p0..p0+np` of `features` (B,C,H,W; any strides) into `buf` laid out
+/// (np, C, B), i.e. per position a column-major B×C matrix. Reads runs along w, the contiguous
+/// axis of NCHW tensors.
+fn gather_block(features: &ArrayView4<f32>, p0: usize, np: usize, buf: &mut [f32]) {
+    let (b_count, c_count, _, w_count) = features.dim();
+    let row_len = b_count * c_count;
+    let mut p = p0;
+    while p < p0 + np {
+        let (h, w0) = (p / w_count, p % w_count);
+        let len = (w_count - w0).min(p0 + np - p);
+        let seg = features.slice(s![.., .., h, w0..w0 + len]);
+        let dst0 = (p - p0) * row_len;
+        // c outer, b inner: consecutive runs fill adjacent slots of the same np cache lines.
+        for (c, seg_c) in seg.axis_iter(Axis(1)).enumerate() {
+            for (b, run) in seg_c.outer_iter().enumerate() {
+                let mut dst = dst0 + c * b_count + b;
+                for &v in run.iter() {
+                    buf[dst] = v;
+                    dst += row_len;
+                }
+            }
+        }
+        p += len;
+    }
+}
+
+/// Returns an error if any element of `features` is NaN or infinite.
+fn check_finite(features: &ArrayView4<f32>) -> KernelResult<()> {
+    let all_finite = match features.as_slice_memory_order() {
+        Some(s) => s
+            .par_chunks(1 << 16)
+            .all(|ch| ch.iter().all(|v| v.is_finite())),
+        None => features.into_par_iter().all(|v| v.is_finite()),
+    };
+    if all_finite {
+        Ok(())
+    } else {
+        Err(KernelError::invalid(
+            "features",
+            "expected finite values, found NaN or infinity",
+        ))
+    }
+}
+
+fn shape_str(shape: &[usize]) -> String {
+    let parts: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    format!("({})", parts.join(", "))
+}
+
+impl GaussianAccumulator {
+    /// Empty accumulator for feature maps of `channels` × `height` × `width` (all >= 1).
+    ///
+    /// Memory: height·width·channels·(channels+1)·8 bytes, allocated up front.
+    pub fn new(channels: usize, height: usize, width: usize) -> KernelResult<Self> {
+        if channels == 0 {
+            return Err(KernelError::invalid("channels", "expected >= 1, got 0"));
+        }
+        if height == 0 {
+            return Err(KernelError::invalid("height", "expected >= 1, got 0"));
+        }
+        if width == 0 {
+            return Err(KernelError::invalid("width", "expected >= 1, got 0"));
+        }
+        let too_big = || {
+            KernelError::invalid(
+                "channels",
+                format!(
+                    "statistics for {channels} channels at {height}x{width} positions do not fit in memory"
+                ),
+            )
+        };
+        let hw = height.checked_mul(width).ok_or_else(too_big)?;
+        let mean_len = hw.checked_mul(channels).ok_or_else(too_big)?;
+        let scatter_len = mean_len.checked_mul(channels).ok_or_else(too_big)?;
+        scatter_len.checked_mul(8).ok_or_else(too_big)?;
+        let mean = Array2::from_shape_vec((hw, channels), try_zeros(mean_len, "channels")?)
+            .map_err(|_| too_big())?;
+        let scatter = Array3::from_shape_vec(
+            (hw, channels, channels),
+            try_zeros(scatter_len, "channels")?,
+        )
+        .map_err(|_| too_big())?;
+        Ok(GaussianAccumulator {
+            n: 0,
+            c: channels,
+            h: height,
+            w: width,
+            mean,
+            scatter,
+            poisoned: false,
+        })
+    }
+
+    fn check_usable(&self) -> KernelResult<()> {
+        if self.poisoned {
+            Err(KernelError::invalid(
+                "accumulator",
+                "a previous update was interrupted and left the statistics incomplete; start a new accumulator",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Adds a batch of feature maps (B, C, H, W), B >= 1, any strides; C, H, W must match.
+    ///
+    /// Per position: batch mean and centred scatter Xcᵀ·Xc in f64 (faer, lower triangle), then the
+    /// pairwise merge M2 = M2a + M2b + δδᵀ·na·nb/n, mean = mean_a + δ·nb/n.
+    /// Memory: one (≤16 positions, B, C) f64 buffer per busy thread. Rejects non-finite values.
+    pub fn update(&mut self, features: ArrayView4<f32>, intr: &Interrupt) -> KernelResult<()> {
+        self.check_usable()?;
+        let (b_count, c, h, w) = features.dim();
+        if b_count == 0 {
+            return Err(KernelError::invalid(
+                "features",
+                format!(
+                    "expected a batch of at least 1 sample, got shape {}",
+                    shape_str(features.shape())
+                ),
+            ));
+        }
+        if (c, h, w) != (self.c, self.h, self.w) {
+            return Err(KernelError::invalid(
+                "features",
+                format!(
+                    "expected shape (B, {}, {}, {}), got {}",
+                    self.c,
+                    self.h,
+                    self.w,
+                    shape_str(features.shape())
+                ),
+            ));
+        }
+        let n_new = self
+            .n
+            .checked_add(b_count)
+            .ok_or_else(|| KernelError::invalid("features", "sample count overflows usize"))?;
+        intr.check()?;
+        // Validate before touching the state so that a bad batch leaves it intact.
+        check_finite(&features)?;
+        intr.check()?;
+
+        let hw = h * w;
+        let row_len = b_count * c;
+        let pb = positions_per_block(hw, row_len);
+        let na = self.n as f64;
+        let nb = b_count as f64;
+        let n = n_new as f64;
+        let coef = na * nb / n;
+        let mean_step = nb / n;
+        let features = &features;
+
+        let mean = self
+            .mean
+            .as_slice_mut()
+            .expect("mean is kept in standard layout");
+        let scatter = self
+            .scatter
+            .as_slice_mut()
+            .expect("scatter is kept in standard layout");
+        let result = mean
+            .par_chunks_mut(pb * c)
+            .zip(scatter.par_chunks_mut(pb * c * c))
+            .enumerate()
+            .try_for_each_init(
+                || (Vec::<f32>::new(), vec![0.0f64; row_len], vec![0.0f64; c]),
+                |(buf, x, delta), (blk, (mean_blk, scat_blk))| -> KernelResult<()> {
+                    let p0 = blk * pb;
+                    let np = mean_blk.len() / c;
+                    buf.resize(np * row_len, 0.0);
+                    gather_block(features, p0, np, buf);
+                    for k in 0..np {
+                        if intr.is_set() {
+                            return Err(KernelError::Interrupted);
+                        }
+                        let mu = &mut mean_blk[k * c..(k + 1) * c];
+                        let s = &mut scat_blk[k * c * c..(k + 1) * c * c];
+                        // x: column-major B×C (one contiguous column of B samples per channel),
+                        // centred on the batch mean; delta = batch mean − running mean.
+                        let src = &buf[k * row_len..(k + 1) * row_len];
+                        for (((xcol, scol), d), &m) in x
+                            .chunks_exact_mut(b_count)
+                            .zip(src.chunks_exact(b_count))
+                            .zip(delta.iter_mut())
+                            .zip(mu.iter())
+                        {
+                            let mut sum = 0.0f64;
+                            for (xv, &sv) in xcol.iter_mut().zip(scol) {
+                                *xv = f64::from(sv);
+                                sum += *xv;
+                            }
+                            let bm = sum / nb;
+                            for xv in xcol.iter_mut() {
+                                *xv -= bm;
+                            }
+                            *d = bm - m;
+                        }
+                        // Upper triangle of s (row-major) += Xcᵀ Xc, the batch's centred scatter:
+                        // the lower triangle of s viewed column-major.
+                        let xc = MatRef::from_column_major_slice(&x[..], b_count, c);
+                        triangular::matmul(
+                            MatMut::from_column_major_slice_mut(&mut *s, c, c),
+                            BlockStructure::TriangularLower,
+                            Accum::Add,
+                            xc.transpose(),
+                            BlockStructure::Rectangular,
+                            xc,
+                            BlockStructure::Rectangular,
+                            1.0f64,
+                            Par::Seq,
+                        );
+                        // Merge correction on the upper triangle, then mirror it to the lower.
+                        for i in 0..c {
+                            let di = delta[i] * coef;
+                            let row = &mut s[i * c + i..(i + 1) * c];
+                            for (v, &dj) in row.iter_mut().zip(&delta[i..]) {
+                                *v += di * dj;
+                            }
+                        }
+                        for i in 0..c {
+                            for j in i + 1..c {
+                                s[j * c + i] = s[i * c + j];
+                            }
+                        }
+                        for (m, &d) in mu.iter_mut().zip(delta.iter()) {
+                            *m += d * mean_step;
+                        }
+                    }
+                    Ok(())
+                },
+            );
+        match result {
+            Ok(()) => {
+                self.n = n_new;
+                Ok(())
+            }
+            Err(e) => {
+                // Some positions may already hold the new batch: the state is inconsistent.
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Number of samples absorbed so far.
+    pub fn n_samples(&self) -> usize {
+        self.n
+    }
+
+    pub fn channels(&self) -> usize {
+        self.c
+    }
+
+    pub fn height(&self) -> usize {
+        self.h
+    }
+
+    pub fn width(&self) -> usize {
+        self.w
+    }
+
+    /// Mean (H·W, C) f32 and inverse covariance (H·W, C, C) f32.
+    ///
+    /// Covariance = M2/(n−1) + eps·I (symmetrised), inverted through a Cholesky factorisation
+    /// (faer llt) in f64, in parallel over positions. Needs n_samples >= 2 and finite eps >= 0;
+    /// a covariance that is not positive definite gives `KernelError::Numerical` naming the
+    /// first such position. Memory: the outputs, H·W·C·(C+1)·4 bytes, plus 2·C² f64 per thread.
+    pub fn finalize(&self, eps: f64, intr: &Interrupt) -> KernelResult<(Array2<f32>, Array3<f32>)> {
+        self.check_usable()?;
+        if self.n < 2 {
+            return Err(KernelError::invalid(
+                "features",
+                format!(
+                    "need at least 2 samples to estimate a covariance, got {}",
+                    self.n
+                ),
+            ));
+        }
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(KernelError::invalid(
+                "eps",
+                format!("expected a finite value >= 0, got {eps}"),
+            ));
+        }
+        intr.check()?;
+        let c = self.c;
+        let hw = self.h * self.w;
+        let width = self.w;
+        let inv_dof = 1.0 / (self.n as f64 - 1.0);
+        let scatter = self
+            .scatter
+            .as_slice()
+            .expect("scatter is kept in standard layout");
+        let mut inv_out = Array3::<f32>::zeros((hw, c, c));
+        let out = inv_out
+            .as_slice_mut()
+            .expect("freshly allocated array is contiguous");
+
+        let scratch = StackReq::or(
+            llt::factor::cholesky_in_place_scratch::<f64>(c, Par::Seq, Default::default()),
+            llt::inverse::inverse_scratch::<f64>(c, Par::Seq),
+        );
+        let results: Vec<KernelResult<()>> = out
+            .par_chunks_mut(c * c)
+            .enumerate()
+            .map_init(
+                || (vec![0.0f64; c * c], vec![0.0f64; c * c], MemBuffer::new(scratch)),
+                |(fac, inv, mem), (p, out_p)| -> KernelResult<()> {
+                    if intr.is_set() {
+                        return Err(KernelError::Interrupted);
+                    }
+                    let s = &scatter[p * c * c..(p + 1) * c * c];
+                    // Column-major L in `fac`; only the lower triangle is read by faer.
+                    for i in 0..c {
+                        for j in 0..=i {
+                            fac[j * c + i] = 0.5 * (s[i * c + j] + s[j * c + i]) * inv_dof;
+                        }
+                        fac[i * c + i] += eps;
+                    }
+                    let stack = MemStack::new(mem);
+                    let mut l = MatMut::from_column_major_slice_mut(&mut fac[..], c, c);
+                    if let Err(llt::factor::LltError::NonPositivePivot { index }) =
+                        llt::factor::cholesky_in_place(
+                            l.as_mut(),
+                            Default::default(),
+                            Par::Seq,
+                            stack,
+                            Default::default(),
+                        )
+                    {
+                        return Err(KernelError::Numerical(format!(
+                            "covariance at position {p} (h={}, w={}) is not positive definite \
+                             (Cholesky failed at pivot {index}); increase eps or provide more samples",
+                            p / width,
+                            p % width
+                        )));
+                    }
+                    let stack = MemStack::new(mem);
+                    llt::inverse::inverse(
+                        MatMut::from_column_major_slice_mut(&mut inv[..], c, c),
+                        l.as_ref(),
+                        Par::Seq,
+                        stack,
+                    );
+                    // faer fills the lower triangle (column-major: inv[j*c + i], i >= j).
+                    for i in 0..c {
+                        for j in 0..=i {
+                            let v = inv[j * c + i] as f32;
+                            out_p[i * c + j] = v;
+                            out_p[j * c + i] = v;
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .collect();
+        if intr.is_set() {
+            return Err(KernelError::Interrupted);
+        }
+        // First failure in position order, so the message does not depend on scheduling.
+        for r in results {
+            r?;
+        }
+        Ok((self.mean.mapv(|v| v as f32), inv_out))
+    }
+
+    /// Raw state for save/restore: mean f64 (H·W, C), scatter f64 (H·W, C, C), sample count.
+    pub fn state(&self) -> (ArrayView2<'_, f64>, ArrayView3<'_, f64>, usize) {
+        (self.mean.view(), self.scatter.view(), self.n)
+    }
+
+    /// Rebuilds an accumulator from `state()`; `height·width` must equal the number of positions.
+    ///
+    /// Values must be finite; the scatter matrices are used through their symmetric part.
+    pub fn from_state(
+        mean: Array2<f64>,
+        scatter: Array3<f64>,
+        n: usize,
+        height: usize,
+        width: usize,
+    ) -> KernelResult<Self> {
+        if height == 0 {
+            return Err(KernelError::invalid("height", "expected >= 1, got 0"));
+        }
+        if width == 0 {
+            return Err(KernelError::invalid("width", "expected >= 1, got 0"));
+        }
+        let (hw, c) = mean.dim();
+        if c == 0 {
+            return Err(KernelError::invalid(
+                "mean",
+                format!(
+                    "expected shape (H*W, C) with C >= 1, got {}",
+                    shape_str(mean.shape())
+                ),
+            ));
+        }
+        if height.checked_mul(width) != Some(hw) {
+            return Err(KernelError::invalid(
+                "mean",
+                format!(
+                    "expected {} rows (height {height} x width {width}), got shape {}",
+                    height.saturating_mul(width),
+                    shape_str(mean.shape())
+                ),
+            ));
+        }
+        if scatter.dim() != (hw, c, c) {
+            return Err(KernelError::invalid(
+                "scatter",
+                format!(
+                    "expected shape ({hw}, {c}, {c}) to match mean {}, got {}",
+                    shape_str(mean.shape()),
+                    shape_str(scatter.shape())
+                ),
+            ));
+        }
+        if !mean.iter().all(|v| v.is_finite()) {
+            return Err(KernelError::invalid(
+                "mean",
+                "expected finite values, found NaN or infinity",
+            ));
+        }
+        if !scatter.iter().all(|v| v.is_finite()) {
+            return Err(KernelError::invalid(
+                "scatter",
+                "expected finite values, found NaN or infinity",
+            ));
+        }
+        let mean = if mean.is_standard_layout() {
+            mean
+        } else {
+            mean.as_standard_layout().into_owned()
+        };
+        let scatter = if scatter.is_standard_layout() {
+            scatter
+        } else {
+            scatter.as_standard_layout().into_owned()
+        };
+        Ok(GaussianAccumulator {
+            n,
+            c,
+            h: height,
+            w: width,
+            mean,
+            scatter,
+            poisoned: false,
+        })
+    }
+}
+
+/// One-shot fit of a single (B, C, H, W) array: `GaussianAccumulator` update + finalize.
+///
+/// Memory as for `GaussianAccumulator` (f64 state H·W·C·(C+1)·8 bytes) plus the f32 outputs.
+pub fn gaussian_fit(
+    features: ArrayView4<f32>,
+    eps: f64,
+    intr: &Interrupt,
+) -> KernelResult<(Array2<f32>, Array3<f32>)> {
+    let (b, c, h, w) = features.dim();
+    if b == 0 || c == 0 || h == 0 || w == 0 {
+        return Err(KernelError::invalid(
+            "features",
+            format!(
+                "expected a non-empty (B, C, H, W) array, got shape {}",
+                shape_str(features.shape())
+            ),
+        ));
+    }
+    if b < 2 {
+        return Err(KernelError::invalid(
+            "features",
+            format!("need at least 2 samples to estimate a covariance, got {b}"),
+        ));
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(KernelError::invalid(
+            "eps",
+            format!("expected a finite value >= 0, got {eps}"),
+        ));
+    }
+    let mut acc = GaussianAccumulator::new(c, h, w)?;
+    acc.update(features, intr)?;
+    acc.finalize(eps, intr)
+}
+
+/// Mahalanobis distance map (B, H, W): sqrt((x−μ_p)ᵀ Σ_p⁻¹ (x−μ_p)) at every position p = h·W + w.
+///
+/// `mean` is (H·W, C) and `inv_cov` (H·W, C, C), as returned by `finalize`; any strides.
+/// Computed in f64 per block of positions (Δ·Σ⁻¹ with faer, then a row-wise dot with Δ),
+/// clamped at 0 before the square root. Non-finite inputs give non-finite distances.
+/// Cost O(H·W·B·C²); memory: the output plus one (≤16 positions, B, C) f64 block and
+/// C² + B·C f64 per busy thread (no full transposed copy of the features).
+pub fn mahalanobis(
+    features: ArrayView4<f32>,
+    mean: ArrayView2<f32>,
+    inv_cov: ArrayView3<f32>,
+    intr: &Interrupt,
+) -> KernelResult<Array3<f32>> {
+    let (b_count, c, h, w) = features.dim();
+    if b_count == 0 || c == 0 || h == 0 || w == 0 {
+        return Err(KernelError::invalid(
+            "features",
+            format!(
+                "expected a non-empty (B, C, H, W) array, got shape {}",
+                shape_str(features.shape())
+            ),
+        ));
+    }
+    let hw = h * w;
+    if mean.dim() != (hw, c) {
+        return Err(KernelError::invalid(
+            "mean",
+            format!(
+                "expected shape ({hw}, {c}) to match features {} (H*W, C), got {}",
+                shape_str(features.shape()),
+                shape_str(mean.shape())
+            ),
+        ));
+    }
+    if inv_cov.dim() != (hw, c, c) {
+        return Err(KernelError::invalid(
+            "inv_cov",
+            format!(
+                "expected shape ({hw}, {c}, {c}) to match features {} (H*W, C, C), got {}",
+                shape_str(features.shape()),
+                shape_str(inv_cov.shape())
+            ),
+        ));
+    }
+    intr.check()?;
+
+    let row_len = b_count * c;
+    let pb = positions_per_block(hw, row_len);
+    let n_blocks = hw.div_ceil(pb);
+    let features = &features;
+    let blocks: Vec<KernelResult<Vec<f32>>> = (0..n_blocks)
+        .into_par_iter()
+        .map_init(
+            || {
+                (
+                    Vec::<f32>::new(),
+                    vec![0.0f64; row_len],
+                    vec![0.0f64; c * c],
+                    vec![0.0f64; row_len],
+                    vec![0.0f64; b_count],
+                )
+            },
+            |(buf, delta, sigma, t, d2), blk| -> KernelResult<Vec<f32>> {
+                if intr.is_set() {
+                    return Err(KernelError::Interrupted);
+                }
+                let p0 = blk * pb;
+                let np = pb.min(hw - p0);
+                buf.resize(np * row_len, 0.0);
+                gather_block(features, p0, np, buf);
+                // Distances for this block, laid out (np, B).
+                let mut dist = Vec::with_capacity(np * b_count);
+                for k in 0..np {
+                    if intr.is_set() {
+                        return Err(KernelError::Interrupted);
+                    }
+                    let p = p0 + k;
+                    // delta: column-major B×C, x − μ_p in f64.
+                    let src = &buf[k * row_len..(k + 1) * row_len];
+                    for ((dcol, scol), &m) in delta
+                        .chunks_exact_mut(b_count)
+                        .zip(src.chunks_exact(b_count))
+                        .zip(mean.row(p).iter())
+                    {
+                        let m = f64::from(m);
+                        for (dv, &sv) in dcol.iter_mut().zip(scol) {
+                            *dv = f64::from(sv) - m;
+                        }
+                    }
+                    for (dst, &v) in sigma.iter_mut().zip(inv_cov.index_axis(Axis(0), p).iter()) {
+                        *dst = f64::from(v);
+                    }
+                    // t = Δ Σ⁻¹ (B × C, column-major).
+                    matmul(
+                        MatMut::from_column_major_slice_mut(&mut t[..], b_count, c),
+                        Accum::Replace,
+                        MatRef::from_column_major_slice(&delta[..], b_count, c),
+                        MatRef::from_row_major_slice(&sigma[..], c, c),
+                        1.0f64,
+                        Par::Seq,
+                    );
+                    // Row-wise dot of t and Δ, summed over channels in order for every sample.
+                    d2.fill(0.0);
+                    for (tcol, dcol) in t.chunks_exact(b_count).zip(delta.chunks_exact(b_count)) {
+                        for ((acc, &tv), &dv) in d2.iter_mut().zip(tcol).zip(dcol) {
+                            *acc += tv * dv;
+                        }
+                    }
+                    dist.extend(d2.iter().map(|&v| v.max(0.0).sqrt() as f32));
+                }
+                Ok(dist)
+            },
+        )
+        .collect();
+    if intr.is_set() {
+        return Err(KernelError::Interrupted);
+    }
+    let mut out = Array3::<f32>::zeros((b_count, h, w));
+    {
+        let o = out
+            .as_slice_mut()
+            .expect("freshly allocated array is contiguous");
+        for (blk, res) in blocks.into_iter().enumerate() {
+            let dist = res?;
+            let p0 = blk * pb;
+            for (k, drow) in dist.chunks_exact(b_count).enumerate() {
+                for (b, &d) in drow.iter().enumerate() {
+                    o[b * hw + p0 + k] = d;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{s, Array4};
+    use std::sync::atomic::AtomicBool;
+
+    /// Deterministic pseudo-random features with some cross-channel correlation.
+    fn features(b: usize, c: usize, h: usize, w: usize, seed: u64) -> Array4<f32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 11) as f64 / (1u64 << 53) as f64) as f32 - 0.5
+        };
+        let mut x = Array4::<f32>::zeros((b, c, h, w));
+        for bi in 0..b {
+            for hi in 0..h {
+                for wi in 0..w {
+                    let shared = next();
+                    for ci in 0..c {
+                        x[[bi, ci, hi, wi]] =
+                            3.0 + ci as f32 * 0.5 + shared * (ci as f32 + 1.0) + next();
+                    }
+                }
+            }
+        }
+        x
+    }
+
+    /// Naive per-position mean (HW, C) and covariance (HW, C, C) with ddof = 1, plus eps·I.
+    fn naive_mean_cov(x: &Array4<f32>, eps: f64) -> (Array2<f64>, Array3<f64>) {
+        let (b, c, h, w) = x.dim();
+        let mut mean = Array2::<f64>::zeros((h * w, c));
+        let mut cov = Array3::<f64>::zeros((h * w, c, c));
+        for hi in 0..h {
+            for wi in 0..w {
+                let p = hi * w + wi;
+                for ci in 0..c {
+                    let mut sum = 0.0;
+                    for bi in 0..b {
+                        sum += x[[bi, ci, hi, wi]] as f64;
+                    }
+                    mean[[p, ci]] = sum / b as f64;
+                }
+                for i in 0..c {
+                    for j in 0..c {
+                        let mut sum = 0.0;
+                        for bi in 0..b {
+                            sum += (x[[bi, i, hi, wi]] as f64 - mean[[p, i]])
+                                * (x[[bi, j, hi, wi]] as f64 - mean[[p, j]]);
+                        }
+                        cov[[p, i, j]] = sum / (b as f64 - 1.0) + if i == j { eps } else { 0.0 };
+                    }
+                }
+            }
+        }
+        (mean, cov)
+    }
+
+    /// Gauss–Jordan inverse with partial pivoting.
+    fn gauss_jordan(a: ArrayView2<f64>) -> Array2<f64> {
+        let n = a.nrows();
+        let mut m = a.to_owned();
+        let mut inv = Array2::<f64>::eye(n);
+        for col in 0..n {
+            let piv = (col..n)
+                .max_by(|&i, &j| m[[i, col]].abs().partial_cmp(&m[[j, col]].abs()).unwrap())
+                .unwrap();
+            for k in 0..n {
+                m.swap([col, k], [piv, k]);
+                inv.swap([col, k], [piv, k]);
+            }
+            let d = m[[col, col]];
+            for k in 0..n {
+                m[[col, k]] /= d;
+                inv[[col, k]] /= d;
+            }
+            for r in 0..n {
+                if r != col {
+                    let f = m[[r, col]];
+                    for k in 0..n {
+                        m[[r, k]] -= f * m[[col, k]];
+                        inv[[r, k]] -= f * inv[[col, k]];
+                    }
+                }
+            }
+        }
+        inv
+    }
+
+    fn naive_inv_cov(cov: &Array3<f64>) -> Array3<f64> {
+        let mut out = cov.clone();
+        for p in 0..cov.shape()[0] {
+            out.index_axis_mut(Axis(0), p)
+                .assign(&gauss_jordan(cov.index_axis(Axis(0), p)));
+        }
+        out
+    }
+
+    fn naive_mahalanobis(x: &Array4<f32>, mean: &Array2<f32>, inv: &Array3<f32>) -> Array3<f64> {
+        let (b, c, h, w) = x.dim();
+        let mut out = Array3::<f64>::zeros((b, h, w));
+        for bi in 0..b {
+            for hi in 0..h {
+                for wi in 0..w {
+                    let p = hi * w + wi;
+                    let d: Vec<f64> = (0..c)
+                        .map(|ci| x[[bi, ci, hi, wi]] as f64 - mean[[p, ci]] as f64)
+                        .collect();
+                    let mut q = 0.0;
+                    for i in 0..c {
+                        for j in 0..c {
+                            q += d[i] * inv[[p, i, j]] as f64 * d[j];
+                        }
+                    }
+                    out[[bi, hi, wi]] = q.max(0.0).sqrt();
+                }
+            }
+        }
+        out
+    }
+
+    fn max_rel_err<D: ndarray::Dimension>(
+        got: &ndarray::Array<f64, D>,
+        want: &ndarray::Array<f64, D>,
+    ) -> f64 {
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-300);
+        got.iter()
+            .zip(want.iter())
+            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+            / scale
+    }
+
+    fn never() -> Interrupt<'static> {
+        Interrupt::never()
+    }
+
+    fn pool(n: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn fit_matches_naive_mean_and_inverse_covariance() {
+        let x = features(23, 5, 3, 4, 1);
+        let eps = 0.01;
+        let (mean, inv) = gaussian_fit(x.view(), eps, &never()).unwrap();
+        let (ref_mean, ref_cov) = naive_mean_cov(&x, eps);
+        let ref_inv = naive_inv_cov(&ref_cov);
+        assert_eq!(mean.dim(), (12, 5));
+        assert_eq!(inv.dim(), (12, 5, 5));
+        assert!(max_rel_err(&mean.mapv(f64::from), &ref_mean) < 1e-6);
+        assert!(max_rel_err(&inv.mapv(f64::from), &ref_inv) < 1e-5);
+        // Exactly symmetric output.
+        for p in 0..12 {
+            let m = inv.index_axis(Axis(0), p);
+            assert_eq!(m, m.t());
+        }
+    }
+
+    #[test]
+    fn accumulator_state_matches_naive_mean_and_scatter() {
+        let x = features(9, 4, 2, 3, 2);
+        let mut acc = GaussianAccumulator::new(4, 2, 3).unwrap();
+        acc.update(x.slice(s![..4, .., .., ..]), &never()).unwrap();
+        acc.update(x.slice(s![4.., .., .., ..]), &never()).unwrap();
+        assert_eq!(acc.n_samples(), 9);
+        let (ref_mean, ref_cov) = naive_mean_cov(&x, 0.0);
+        let (mean, scatter, n) = acc.state();
+        assert_eq!(n, 9);
+        assert!(max_rel_err(&mean.to_owned(), &ref_mean) < 1e-12);
+        assert!(max_rel_err(&(scatter.to_owned() / 8.0), &ref_cov) < 1e-12);
+    }
+
+    #[test]
+    fn streaming_uneven_batches_equals_one_shot() {
+        let x = features(23, 6, 4, 5, 3);
+        let eps = 1e-3;
+        let (m1, i1) = gaussian_fit(x.view(), eps, &never()).unwrap();
+        let mut acc = GaussianAccumulator::new(6, 4, 5).unwrap();
+        let mut start = 0;
+        for size in [1, 7, 2, 13] {
+            acc.update(x.slice(s![start..start + size, .., .., ..]), &never())
+                .unwrap();
+            start += size;
+        }
+        assert_eq!(acc.n_samples(), 23);
+        let (m2, i2) = acc.finalize(eps, &never()).unwrap();
+        let d_mean = max_rel_err(&m2.mapv(f64::from), &m1.mapv(f64::from));
+        let d_inv = max_rel_err(&i2.mapv(f64::from), &i1.mapv(f64::from));
+        assert!(d_mean < 1e-6, "mean differs by {d_mean}");
+        assert!(d_inv < 1e-5, "inverse differs by {d_inv}");
+    }
+
+    #[test]
+    fn strided_and_permuted_input_gives_identical_results() {
+        let x = features(11, 3, 4, 5, 4);
+        // Same logical (B,C,H,W) array stored as (H, B, W, C), then viewed through permuted axes.
+        let stored = x
+            .view()
+            .permuted_axes([2, 0, 3, 1])
+            .as_standard_layout()
+            .into_owned();
+        let permuted = stored.view().permuted_axes([1, 3, 0, 2]);
+        assert_eq!(permuted, x.view());
+        assert!(!permuted.is_standard_layout());
+        // And a step-2 slice of a bigger array.
+        let mut big = Array4::<f32>::zeros((22, 3, 8, 5));
+        big.slice_mut(s![..;2, .., ..;2, ..]).assign(&x);
+        let stepped = big.slice(s![..;2, .., ..;2, ..]);
+
+        let (m, i) = gaussian_fit(x.view(), 0.0, &never()).unwrap();
+        for v in [permuted, stepped] {
+            let (mv, iv) = gaussian_fit(v, 0.0, &never()).unwrap();
+            assert_eq!(mv, m);
+            assert_eq!(iv, i);
+            let d_ref = mahalanobis(x.view(), m.view(), i.view(), &never()).unwrap();
+            let d = mahalanobis(v, m.view(), i.view(), &never()).unwrap();
+            assert_eq!(d, d_ref);
+        }
+        // Strided mean and inverse covariance too.
+        let m_t = m.t().as_standard_layout().into_owned();
+        let i_perm = i
+            .view()
+            .permuted_axes([1, 2, 0])
+            .as_standard_layout()
+            .into_owned();
+        let d_ref = mahalanobis(x.view(), m.view(), i.view(), &never()).unwrap();
+        let d = mahalanobis(
+            x.view(),
+            m_t.t(),
+            i_perm.view().permuted_axes([2, 0, 1]),
+            &never(),
+        )
+        .unwrap();
+        assert_eq!(d, d_ref);
+    }
+
+    #[test]
+    fn mahalanobis_matches_naive() {
+        let train = features(30, 7, 3, 3, 5);
+        let test = features(4, 7, 3, 3, 6).mapv(|v| v * 1.5);
+        let (mean, inv) = gaussian_fit(train.view(), 0.01, &never()).unwrap();
+        let d = mahalanobis(test.view(), mean.view(), inv.view(), &never()).unwrap();
+        assert_eq!(d.dim(), (4, 3, 3));
+        let want = naive_mahalanobis(&test, &mean, &inv);
+        let err = max_rel_err(&d.mapv(f64::from), &want);
+        assert!(err < 1e-6, "relative error {err}");
+        assert!(d.iter().all(|&v| v > 0.0));
+    }
+
+    #[test]
+    fn mahalanobis_of_the_mean_is_zero() {
+        let train = features(12, 4, 2, 3, 7);
+        let (mean, inv) = gaussian_fit(train.view(), 0.01, &never()).unwrap();
+        // Feature maps equal to the per-position mean.
+        let mut x = Array4::<f32>::zeros((2, 4, 2, 3));
+        for b in 0..2 {
+            for c in 0..4 {
+                for h in 0..2 {
+                    for w in 0..3 {
+                        x[[b, c, h, w]] = mean[[h * 3 + w, c]];
+                    }
+                }
+            }
+        }
+        let d = mahalanobis(x.view(), mean.view(), inv.view(), &never()).unwrap();
+        assert!(d.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn single_channel_is_scaled_distance() {
+        let x = features(10, 1, 2, 2, 8);
+        let (mean, inv) = gaussian_fit(x.view(), 0.0, &never()).unwrap();
+        let (ref_mean, ref_cov) = naive_mean_cov(&x, 0.0);
+        for p in 0..4 {
+            let want = 1.0 / ref_cov[[p, 0, 0]];
+            assert!((inv[[p, 0, 0]] as f64 - want).abs() < 1e-5 * want);
+            assert!((mean[[p, 0]] as f64 - ref_mean[[p, 0]]).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_thread_count() {
+        let x = features(40, 9, 9, 10, 9);
+        let run = |threads: usize| {
+            pool(threads).install(|| {
+                let mut acc = GaussianAccumulator::new(9, 9, 10).unwrap();
+                acc.update(x.slice(s![..17, .., .., ..]), &never()).unwrap();
+                acc.update(x.slice(s![17.., .., .., ..]), &never()).unwrap();
+                let (m, i) = acc.finalize(0.01, &never()).unwrap();
+                let d = mahalanobis(x.view(), m.view(), i.view(), &never()).unwrap();
+                let (sm, ss, _) = acc.state();
+                (sm.to_owned(), ss.to_owned(), m, i, d)
+            })
+        };
+        let a = run(1);
+        let b = run(3);
+        assert_eq!(a.0, b.0);
+        assert_eq!(a.1, b.1);
+        assert_eq!(a.2, b.2);
+        assert_eq!(a.3, b.3);
+        assert_eq!(a.4, b.4);
+    }
+
+    #[test]
+    fn from_state_round_trip_continues_identically() {
+        let x = features(20, 4, 3, 2, 10);
+        let mut acc = GaussianAccumulator::new(4, 3, 2).unwrap();
+        acc.update(x.slice(s![..8, .., .., ..]), &never()).unwrap();
+        let (m, s, n) = acc.state();
+        let mut restored =
+            GaussianAccumulator::from_state(m.to_owned(), s.to_owned(), n, 3, 2).unwrap();
+        assert_eq!(
+            (restored.channels(), restored.height(), restored.width()),
+            (4, 3, 2)
+        );
+        assert_eq!(restored.n_samples(), 8);
+        acc.update(x.slice(s![8.., .., .., ..]), &never()).unwrap();
+        restored
+            .update(x.slice(s![8.., .., .., ..]), &never())
+            .unwrap();
+        assert_eq!(acc.state().0, restored.state().0);
+        assert_eq!(acc.state().1, restored.state().1);
+        assert_eq!(
+            acc.finalize(0.1, &never()).unwrap(),
+            restored.finalize(0.1, &never()).unwrap()
+        );
+        // Non-standard-layout state is accepted too.
+        let (m, s, n) = acc.state();
+        let m_f = m.t().as_standard_layout().into_owned().reversed_axes();
+        let r2 = GaussianAccumulator::from_state(m_f, s.to_owned(), n, 3, 2).unwrap();
+        assert_eq!(
+            r2.finalize(0.1, &never()).unwrap(),
+            acc.finalize(0.1, &never()).unwrap()
+        );
+    }
+
+    #[test]
+    fn eps_regularises_a_singular_covariance() {
+        // Constant features: zero covariance, singular without eps.
+        let x = Array4::<f32>::from_elem((5, 3, 2, 2), 1.5);
+        let err = gaussian_fit(x.view(), 0.0, &never()).unwrap_err();
+        match err {
+            KernelError::Numerical(msg) => {
+                assert!(msg.contains("position 0"), "{msg}");
+                assert!(msg.contains("not positive definite"), "{msg}");
+            }
+            e => panic!("expected Numerical, got {e:?}"),
+        }
+        let (mean, inv) = gaussian_fit(x.view(), 0.5, &never()).unwrap();
+        assert!(mean.iter().all(|&v| v == 1.5));
+        for p in 0..4 {
+            for i in 0..3 {
+                for j in 0..3 {
+                    assert_eq!(inv[[p, i, j]], if i == j { 2.0 } else { 0.0 });
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn non_pd_error_names_first_failing_position() {
+        let mut x = features(6, 3, 2, 3, 11);
+        // Make positions 2 and 4 constant across samples.
+        for b in 0..6 {
+            for c in 0..3 {
+                x[[b, c, 0, 2]] = 0.25;
+                x[[b, c, 1, 1]] = 0.25;
+            }
+        }
+        for threads in [1, 3] {
+            let err = pool(threads).install(|| gaussian_fit(x.view(), 0.0, &never()).unwrap_err());
+            match err {
+                KernelError::Numerical(msg) => {
+                    assert!(msg.contains("position 2 (h=0, w=2)"), "{msg}")
+                }
+                e => panic!("expected Numerical, got {e:?}"),
+            }
+        }
+    }
+
+    fn arg_of(e: KernelError) -> &'static str {
+        match e {
+            KernelError::InvalidArgument { arg, .. } => arg,
+            e => panic!("expected InvalidArgument, got {e:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_arguments_are_rejected() {
+        let i = never();
+        assert_eq!(
+            arg_of(GaussianAccumulator::new(0, 2, 2).unwrap_err()),
+            "channels"
+        );
+        assert_eq!(
+            arg_of(GaussianAccumulator::new(2, 0, 2).unwrap_err()),
+            "height"
+        );
+        assert_eq!(
+            arg_of(GaussianAccumulator::new(2, 2, 0).unwrap_err()),
+            "width"
+        );
+        assert_eq!(
+            arg_of(GaussianAccumulator::new(usize::MAX, 2, 2).unwrap_err()),
+            "channels"
+        );
+
+        let mut acc = GaussianAccumulator::new(3, 2, 2).unwrap();
+        // n < 2
+        let e = acc.finalize(0.0, &i).unwrap_err();
+        assert_eq!(arg_of(e.clone()), "features");
+        assert!(e.to_string().contains("at least 2 samples"), "{e}");
+        acc.update(features(1, 3, 2, 2, 1).view(), &i).unwrap();
+        assert_eq!(arg_of(acc.finalize(0.0, &i).unwrap_err()), "features");
+        // Wrong shapes and empty batch; the state stays usable.
+        let e = acc.update(features(2, 4, 2, 2, 1).view(), &i).unwrap_err();
+        assert!(
+            e.to_string().contains("(B, 3, 2, 2)") && e.to_string().contains("(2, 4, 2, 2)"),
+            "{e}"
+        );
+        assert_eq!(
+            arg_of(acc.update(features(2, 3, 2, 3, 1).view(), &i).unwrap_err()),
+            "features"
+        );
+        assert_eq!(
+            arg_of(
+                acc.update(Array4::<f32>::zeros((0, 3, 2, 2)).view(), &i)
+                    .unwrap_err()
+            ),
+            "features"
+        );
+        let mut bad = features(2, 3, 2, 2, 1);
+        bad[[1, 2, 1, 0]] = f32::NAN;
+        assert_eq!(arg_of(acc.update(bad.view(), &i).unwrap_err()), "features");
+        assert_eq!(acc.n_samples(), 1);
+        acc.update(features(3, 3, 2, 2, 2).view(), &i).unwrap();
+        assert_eq!(arg_of(acc.finalize(-1.0, &i).unwrap_err()), "eps");
+        assert_eq!(arg_of(acc.finalize(f64::NAN, &i).unwrap_err()), "eps");
+        assert!(acc.finalize(0.0, &i).is_ok());
+
+        // gaussian_fit
+        assert_eq!(
+            arg_of(gaussian_fit(features(1, 3, 2, 2, 1).view(), 0.0, &i).unwrap_err()),
+            "features"
+        );
+        assert_eq!(
+            arg_of(gaussian_fit(Array4::<f32>::zeros((4, 0, 2, 2)).view(), 0.0, &i).unwrap_err()),
+            "features"
+        );
+        assert_eq!(
+            arg_of(gaussian_fit(features(4, 3, 2, 2, 1).view(), -0.1, &i).unwrap_err()),
+            "eps"
+        );
+
+        // mahalanobis shapes
+        let x = features(2, 3, 2, 2, 1);
+        let mean = Array2::<f32>::zeros((4, 3));
+        let inv = Array3::<f32>::zeros((4, 3, 3));
+        assert!(mahalanobis(x.view(), mean.view(), inv.view(), &i).is_ok());
+        let e = mahalanobis(
+            x.view(),
+            Array2::<f32>::zeros((4, 2)).view(),
+            inv.view(),
+            &i,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("mean:")
+                && e.to_string().contains("(4, 3)")
+                && e.to_string().contains("(4, 2)"),
+            "{e}"
+        );
+        let e = mahalanobis(
+            x.view(),
+            mean.view(),
+            Array3::<f32>::zeros((5, 3, 3)).view(),
+            &i,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("inv_cov:")
+                && e.to_string().contains("(4, 3, 3)")
+                && e.to_string().contains("(5, 3, 3)"),
+            "{e}"
+        );
+        assert_eq!(
+            arg_of(
+                mahalanobis(features(2, 3, 3, 1, 1).view(), mean.view(), inv.view(), &i)
+                    .unwrap_err()
+            ),
+            "mean"
+        );
+        assert_eq!(
+            arg_of(
+                mahalanobis(
+                    Array4::<f32>::zeros((0, 3, 2, 2)).view(),
+                    mean.view(),
+                    inv.view(),
+                    &i
+                )
+                .unwrap_err()
+            ),
+            "features"
+        );
+
+        // from_state
+        let m = Array2::<f64>::zeros((4, 3));
+        let sc = Array3::<f64>::zeros((4, 3, 3));
+        assert!(GaussianAccumulator::from_state(m.clone(), sc.clone(), 0, 2, 2).is_ok());
+        assert_eq!(
+            arg_of(GaussianAccumulator::from_state(m.clone(), sc.clone(), 0, 3, 2).unwrap_err()),
+            "mean"
+        );
+        assert_eq!(
+            arg_of(GaussianAccumulator::from_state(m.clone(), sc.clone(), 0, 0, 2).unwrap_err()),
+            "height"
+        );
+        assert_eq!(
+            arg_of(
+                GaussianAccumulator::from_state(m.clone(), Array3::zeros((4, 3, 2)), 0, 2, 2)
+                    .unwrap_err()
+            ),
+            "scatter"
+        );
+        assert_eq!(
+            arg_of(
+                GaussianAccumulator::from_state(
+                    Array2::zeros((4, 0)),
+                    Array3::zeros((4, 0, 0)),
+                    0,
+                    2,
+                    2
+                )
+                .unwrap_err()
+            ),
+            "mean"
+        );
+        let mut sc_nan = sc.clone();
+        sc_nan[[1, 1, 1]] = f64::INFINITY;
+        assert_eq!(
+            arg_of(GaussianAccumulator::from_state(m, sc_nan, 0, 2, 2).unwrap_err()),
+            "scatter"
+        );
+    }
+
+    #[test]
+    fn interrupt_stops_every_kernel_and_poisons_an_interrupted_update() {
+        let flag = AtomicBool::new(true);
+        let intr = Interrupt::new(&flag);
+        let x = features(4, 3, 2, 2, 1);
+        let mut acc = GaussianAccumulator::new(3, 2, 2).unwrap();
+        acc.update(x.view(), &never()).unwrap();
+        assert_eq!(
+            acc.finalize(0.0, &intr).unwrap_err(),
+            KernelError::Interrupted
+        );
+        let (mean, inv) = acc.finalize(0.0, &never()).unwrap();
+        assert_eq!(
+            mahalanobis(x.view(), mean.view(), inv.view(), &intr).unwrap_err(),
+            KernelError::Interrupted
+        );
+        assert_eq!(
+            gaussian_fit(x.view(), 0.0, &intr).unwrap_err(),
+            KernelError::Interrupted
+        );
+        // An update that is interrupted before any work leaves the state intact.
+        assert_eq!(
+            acc.update(x.view(), &intr).unwrap_err(),
+            KernelError::Interrupted
+        );
+        assert_eq!(acc.n_samples(), 4);
+        assert!(acc.finalize(0.0, &never()).is_ok());
+        // One interrupted mid-way poisons the accumulator.
+        acc.poisoned = true;
+        assert_eq!(
+            arg_of(acc.update(x.view(), &never()).unwrap_err()),
+            "accumulator"
+        );
+        assert_eq!(
+            arg_of(acc.finalize(0.0, &never()).unwrap_err()),
+            "accumulator"
+        );
+    }
+
+    /// PaDiM-sized fit: 200 images × 100 channels × 56 × 56, batches of 32, on 2 threads.
+    /// Run with `cargo test --release -- --ignored --nocapture padim_sized_fit_timing`.
+    #[test]
+    #[ignore]
+    fn padim_sized_fit_timing() {
+        use std::time::Instant;
+        let (c, h, w) = (100, 56, 56);
+        let batches: Vec<Array4<f32>> = (0..7)
+            .map(|k| features(if k < 6 { 32 } else { 8 }, c, h, w, 100 + k as u64))
+            .collect();
+        pool(2).install(|| {
+            let t0 = Instant::now();
+            let mut acc = GaussianAccumulator::new(c, h, w).unwrap();
+            for b in &batches {
+                acc.update(b.view(), &never()).unwrap();
+            }
+            let t1 = Instant::now();
+            let (mean, inv) = acc.finalize(0.01, &never()).unwrap();
+            let t2 = Instant::now();
+            let d = mahalanobis(batches[0].view(), mean.view(), inv.view(), &never()).unwrap();
+            let t3 = Instant::now();
+            assert_eq!(acc.n_samples(), 200);
+            assert!(d.iter().all(|v| v.is_finite()));
+            eprintln!(
+                "2 threads: update 200 imgs {:.3}s, finalize {:.3}s, fit total {:.3}s, mahalanobis 32 imgs {:.3}s",
+                (t1 - t0).as_secs_f64(),
+                (t2 - t1).as_secs_f64(),
+                (t2 - t0).as_secs_f64(),
+                (t3 - t2).as_secs_f64()
+            );
+        });
+    }
+}

@@ -1,0 +1,37 @@
+//! anomalox: kernels for visual anomaly detection, and (feature `python`) their Python bindings.
+//!
+//! Every kernel module is plain Rust (ndarray, rayon, faer) and is tested with `cargo test`
+//! without Python or libtorch. This file only declares the modules and registers the bindings.
+
+pub mod blur;
+pub mod coreset;
+pub mod error;
+pub mod gaussian;
+pub mod interrupt;
+pub mod knn;
+pub mod rng;
+pub mod upsample;
+pub mod validate;
+
+#[cfg(feature = "python")]
+mod py;
+
+#[cfg(feature = "python")]
+#[pyo3::pymodule]
+fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+    use pyo3::prelude::*;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("__torch_version__", env!("ANOMALOX_TORCH_VERSION"))?;
+    m.add("InternalError", m.py().get_type::<py::runtime::InternalError>())?;
+    m.add_function(wrap_pyfunction!(py::ops::knn, m)?)?;
+    m.add_function(wrap_pyfunction!(py::ops::coreset, m)?)?;
+    m.add_function(wrap_pyfunction!(py::ops::coreset_coverage, m)?)?;
+    m.add_function(wrap_pyfunction!(py::ops::gaussian_fit, m)?)?;
+    m.add_function(wrap_pyfunction!(py::ops::mahalanobis, m)?)?;
+    m.add_function(wrap_pyfunction!(py::ops::upsample, m)?)?;
+    m.add_function(wrap_pyfunction!(py::ops::gaussian_blur, m)?)?;
+    m.add_function(wrap_pyfunction!(py::ops::libtorch_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(py::ops::_debug_panic, m)?)?;
+    m.add_class::<py::ops::GaussianAccumulator>()?;
+    Ok(())
+}

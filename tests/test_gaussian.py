@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+from anomalox import ops
+
+
+def numpy_reference(x: np.ndarray, eps: float):
+    b, c, h, w = x.shape
+    e = x.astype(np.float64).reshape(b, c, h * w).transpose(2, 0, 1)  # (HW, B, C)
+    mean = e.mean(1)
+    cov = np.stack([np.cov(e[p], rowvar=False, ddof=1) for p in range(h * w)]) + eps * np.eye(c)
+    return mean, np.linalg.inv(cov)
+
+
+def test_gaussian_fit_equals_numpy_float64(rng):
+    x = (rng.standard_normal((40, 6, 5, 7)) * 2 + 3).astype(np.float32)
+    mean, inv_cov = ops.gaussian_fit(x, eps=0.01)
+    ref_mean, ref_inv = numpy_reference(x, 0.01)
+    assert mean.shape == (35, 6) and inv_cov.shape == (35, 6, 6)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(inv_cov, ref_inv, rtol=1e-4, atol=1e-5 * np.abs(ref_inv).max())
+
+
+def test_streaming_accumulator_equals_one_shot(rng):
+    x = (rng.standard_normal((23, 5, 3, 4)) + 10).astype(np.float32)
+    acc = ops.GaussianAccumulator()
+    for lo, hi in [(0, 1), (1, 8), (8, 9), (9, 23)]:
+        acc.partial_fit(x[lo:hi])
+    assert acc.n_samples == 23
+    m1, p1 = acc.finalize(eps=0.01)
+    m2, p2 = ops.gaussian_fit(x, eps=0.01)
+    np.testing.assert_allclose(m1, m2, rtol=1e-6)
+    np.testing.assert_allclose(p1, p2, rtol=1e-5, atol=1e-6)
+
+
+def test_mahalanobis_equals_numpy_float64(rng):
+    train = rng.standard_normal((30, 4, 3, 3)).astype(np.float32)
+    test = rng.standard_normal((5, 4, 3, 3)).astype(np.float32) * 2
+    mean, inv_cov = ops.gaussian_fit(train)
+    got = ops.mahalanobis(test, mean, inv_cov)
+    e = test.astype(np.float64).reshape(5, 4, 9).transpose(0, 2, 1) - mean.astype(np.float64)
+    ref = np.sqrt(np.einsum("bpc,pcd,bpd->bp", e, inv_cov.astype(np.float64), e)).reshape(5, 3, 3)
+    assert got.shape == (5, 3, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+
+
+def test_mahalanobis_of_the_mean_is_zero_and_torch_round_trips(rng):
+    train = torch.from_numpy(rng.standard_normal((10, 3, 2, 2)).astype(np.float32))
+    mean, inv_cov = ops.gaussian_fit(train)
+    assert isinstance(mean, torch.Tensor)
+    at_mean = mean.T.reshape(1, 3, 2, 2)
+    assert float(ops.mahalanobis(at_mean, mean, inv_cov).abs().max()) < 1e-3
+
+
+def test_gaussian_inputs_with_permuted_axes_are_read_correctly(rng):
+    x = rng.standard_normal((12, 4, 3, 2)).astype(np.float32)
+    strided = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    assert not strided.flags.c_contiguous
+    for a, b in zip(ops.gaussian_fit(strided), ops.gaussian_fit(x)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gaussian_errors_name_the_argument(rng):
+    with pytest.raises(ValueError, match="features"):
+        ops.gaussian_fit(np.zeros((1, 2, 3, 3), np.float32))  # one sample: no covariance
+    with pytest.raises(ValueError, match="features: expected a 4-D"):
+        ops.gaussian_fit(np.zeros((5, 2, 3), np.float32))
+    with pytest.raises(ValueError, match="eps"):
+        ops.gaussian_fit(np.zeros((5, 2, 3, 3), np.float32), eps=-1)
+    mean, inv_cov = ops.gaussian_fit(rng.standard_normal((5, 2, 3, 3)).astype(np.float32))
+    with pytest.raises(ValueError, match="mean"):
+        ops.mahalanobis(np.zeros((1, 3, 3, 3), np.float32), mean, inv_cov)
+    acc = ops.GaussianAccumulator().partial_fit(np.zeros((2, 2, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=r"features: expected batches of shape \(B, 2, 3, 3\)"):
+        acc.partial_fit(np.zeros((2, 2, 3, 4), np.float32))
