@@ -663,6 +663,9 @@ def bench_padim(env: Env, cfg: dict, pairs: int, args) -> dict:
         note = ""
         if name.startswith("anomalib"):
             note = "python loop of H*W torch covs, +0.01 I +1e-5 I, batched torch.linalg.inv"
+        elif name.startswith("anomalox GaussianAccumulator"):
+            peer_med = statistics.median(times["anomalib MultiVariateGaussian.forward"])
+            note = f"streaming; anomalib median / this = {peer_med / statistics.median(ts):.2f}×"
         out["rows"].append(_rows_row("padim-fit", size, name, summarize(ts), ref_med, note))
 
     mean_b, inv_b = results["anomalib MultiVariateGaussian.forward"][-1]

@@ -85,7 +85,7 @@ pub fn knn(
     if db != d {
         return Err(KernelError::invalid(
             "bank",
-            format!("expected D={d} columns like queries, got bank with D={db} (queries D={d})"),
+            format!("expected as many columns as queries (D={d}), got bank with D={db}"),
         ));
     }
     if d == 0 {
@@ -102,8 +102,9 @@ pub fn knn(
     }
     intr.check()?;
 
-    // Row-major contiguous bank, packed once if the view is strided.
-    let bank_owned;
+    // Row-major contiguous copies, made once (O((M + N)·D)) only for strided views: gemm
+    // blocks and the exact re-scoring then read plain slices.
+    let (bank_owned, queries_owned);
     let bank_rows: &[f32] = match bank.as_slice() {
         Some(s) => s,
         None => {
@@ -111,21 +112,15 @@ pub fn knn(
             &bank_owned
         }
     };
-    let bank_norms: Vec<f32> = bank_rows.par_chunks(d).map(sq_norm).collect();
-    let queries_slice = queries.to_slice();
-    let query_norms: Vec<f32> = match queries_slice {
-        Some(s) => s.par_chunks(d).map(sq_norm).collect(),
-        None => (0..m)
-            .into_par_iter()
-            .map_init(
-                || vec![0f32; d],
-                |buf, i| {
-                    copy_row(queries, i, buf);
-                    sq_norm(buf)
-                },
-            )
-            .collect(),
+    let query_rows: &[f32] = match queries.as_slice() {
+        Some(s) => s,
+        None => {
+            queries_owned = pack_rows(queries);
+            &queries_owned
+        }
     };
+    let bank_norms: Vec<f32> = bank_rows.par_chunks(d).map(sq_norm).collect();
+    let query_norms: Vec<f32> = query_rows.par_chunks(d).map(sq_norm).collect();
     intr.check()?;
     let n_qblocks = m.div_ceil(QUERY_BLOCK);
     let n_bblocks = n.div_ceil(BANK_BLOCK);
@@ -138,13 +133,11 @@ pub fn knn(
     let n_segments = n_bblocks.div_ceil(blocks_per_segment);
 
     let ctx = SearchCtx {
-        queries,
-        queries_slice,
+        query_rows,
         bank_rows,
         bank_norms: &bank_norms,
         query_norms: &query_norms,
         d,
-        n,
         k,
         intr: *intr,
     };
@@ -176,7 +169,6 @@ pub fn knn(
                 return Err(KernelError::Interrupted);
             }
             let mut merged: Vec<Cand> = Vec::with_capacity(n_segments * k);
-            let mut qbuf = vec![0f32; d];
             for (local, (drow, irow)) in dists.chunks_mut(k).zip(idxs.chunks_mut(k)).enumerate() {
                 merged.clear();
                 for seg in 0..n_segments {
@@ -189,13 +181,7 @@ pub fn knn(
                     fill_missing(&mut merged, k);
                 }
                 let qi = qb * QUERY_BLOCK + local;
-                let q: &[f32] = match queries_slice {
-                    Some(s) => &s[qi * d..(qi + 1) * d],
-                    None => {
-                        copy_row(queries, qi, &mut qbuf);
-                        &qbuf
-                    }
-                };
+                let q = &query_rows[qi * d..(qi + 1) * d];
                 for c in merged.iter_mut() {
                     let sq = exact_sq_dist(q, &bank_rows[c.j * d..(c.j + 1) * d]);
                     c.d = match metric {
@@ -232,32 +218,23 @@ fn cmp_cand(a: &Cand, b: &Cand) -> Ordering {
 }
 
 /// Inputs shared by all search tasks.
-struct SearchCtx<'q, 'a, 'i> {
-    queries: ArrayView2<'q, f32>,
-    queries_slice: Option<&'q [f32]>,
+struct SearchCtx<'a, 'i> {
+    query_rows: &'a [f32],
     bank_rows: &'a [f32],
     bank_norms: &'a [f32],
     query_norms: &'a [f32],
     d: usize,
-    n: usize,
     k: usize,
     intr: Interrupt<'i>,
 }
 
-impl SearchCtx<'_, '_, '_> {
+impl SearchCtx<'_, '_> {
     /// The k best (approximate distance) bank rows in `b0..b1` for queries `q0..q1`,
     /// as `(q1 - q0) * k` candidates, row by row, sorted, padded with sentinels.
     fn search_block(&self, q0: usize, q1: usize, b0: usize, b1: usize) -> KernelResult<Vec<Cand>> {
         let d = self.d;
         let mq = q1 - q0;
-        let q_owned;
-        let q_rows: &[f32] = match self.queries_slice {
-            Some(s) => &s[q0 * d..q1 * d],
-            None => {
-                q_owned = pack_rows(self.queries.slice(ndarray::s![q0..q1, ..]));
-                &q_owned
-            }
-        };
+        let q_rows = &self.query_rows[q0 * d..q1 * d];
         let mut top = TopK::new(mq, self.k);
         // Column-major (query fastest) so the filter loop runs over contiguous queries;
         // private-gemm is also faster with this destination layout for this shape.
@@ -271,7 +248,8 @@ impl SearchCtx<'_, '_, '_> {
             let j1 = (j0 + BANK_BLOCK).min(b1);
             let nb = j1 - j0;
             let g = &mut g[..mq * nb];
-            let rhs = MatRef::from_row_major_slice(&self.bank_rows[j0 * d..j1 * d], nb, d).transpose();
+            let rhs =
+                MatRef::from_row_major_slice(&self.bank_rows[j0 * d..j1 * d], nb, d).transpose();
             // g = -2 q·b
             faer::linalg::matmul::matmul(
                 MatMut::from_column_major_slice_mut(g, mq, nb),
@@ -281,18 +259,30 @@ impl SearchCtx<'_, '_, '_> {
                 -2.0f32,
                 Par::Seq,
             );
-            filter_block(g, &self.query_norms[q0..q1], &self.bank_norms[j0..j1], j0, &mut top);
+            filter_block(
+                g,
+                &self.query_norms[q0..q1],
+                &self.bank_norms[j0..j1],
+                j0,
+                &mut top,
+            );
             j0 = j1;
         }
-        debug_assert!(self.n >= b1);
         Ok(top.finish())
     }
 }
 
-/// Clamps negative round-off to 0; NaN stays NaN so it is never selected.
+/// `s[i0..i0 + LANES]` as a fixed-size array, so the lane loop has no bounds checks.
+#[inline(always)]
+fn lanes(s: &[f32], i0: usize) -> &[f32; LANES] {
+    const ZERO: [f32; LANES] = [0.0; LANES];
+    s[i0..i0 + LANES].try_into().unwrap_or(&ZERO)
+}
+
+/// Clamps negative round-off (and -0.0) to +0.0; NaN stays NaN so it is never selected.
 #[inline(always)]
 fn clamp0(x: f32) -> f32 {
-    if x < 0.0 {
+    if x <= 0.0 {
         0.0
     } else {
         x
@@ -320,7 +310,13 @@ impl TopK {
         TopK {
             k,
             thr: vec![f32::INFINITY; mq],
-            buf: vec![Cand { d: f32::INFINITY, j: NO_INDEX }; mq * cap],
+            buf: vec![
+                Cand {
+                    d: f32::INFINITY,
+                    j: NO_INDEX
+                };
+                mq * cap
+            ],
             len: vec![0; mq],
             insertion,
         }
@@ -363,7 +359,13 @@ impl TopK {
         for (row, &len) in self.buf.chunks_exact(cap).zip(&self.len) {
             let mut row = row[..len].to_vec();
             row.sort_unstable_by(cmp_cand);
-            row.resize(k, Cand { d: f32::INFINITY, j: NO_INDEX });
+            row.resize(
+                k,
+                Cand {
+                    d: f32::INFINITY,
+                    j: NO_INDEX,
+                },
+            );
             out.extend_from_slice(&row[..k]);
         }
         out
@@ -378,28 +380,27 @@ fn fill_missing(merged: &mut Vec<Cand>, k: usize) {
     let mut j = 0;
     while merged.len() < k {
         if used.binary_search(&j).is_err() {
-            merged.push(Cand { d: f32::INFINITY, j });
+            merged.push(Cand {
+                d: f32::INFINITY,
+                j,
+            });
         }
         j += 1;
     }
 }
 
-/// Copies a strided 2-D view into a row-major contiguous buffer.
+/// Copies a strided 2-D view (with at least one column) into a row-major contiguous buffer.
 fn pack_rows(a: ArrayView2<f32>) -> Vec<f32> {
     let (r, c) = a.dim();
     let mut out = vec![0f32; r * c];
-    if c == 0 {
-        return out;
-    }
-    out.par_chunks_mut(c).enumerate().for_each(|(i, dst)| copy_row(a, i, dst));
+    out.par_chunks_mut(c)
+        .zip(a.outer_iter())
+        .for_each(|(dst, row)| {
+            for (x, &v) in dst.iter_mut().zip(row.iter()) {
+                *x = v;
+            }
+        });
     out
-}
-
-/// Copies row `i` of `a` into `dst` (of length `a.ncols()`).
-fn copy_row(a: ArrayView2<f32>, i: usize, dst: &mut [f32]) {
-    for (x, &v) in dst.iter_mut().zip(a.row(i).iter()) {
-        *x = v;
-    }
 }
 
 /// Runs `$body` (a block using only safe code) compiled for AVX2 when the CPU has it.
@@ -438,9 +439,7 @@ avx2_dispatch! {
             let j = j0 + jj;
             for c in 0..n_full {
                 let i0 = c * LANES;
-                let cc: &[f32; LANES] = col[i0..i0 + LANES].try_into().unwrap_or(&[0.0; LANES]);
-                let qc: &[f32; LANES] = q_norms[i0..i0 + LANES].try_into().unwrap_or(&[0.0; LANES]);
-                let tc: &[f32; LANES] = top.thr[i0..i0 + LANES].try_into().unwrap_or(&[0.0; LANES]);
+                let (cc, qc, tc) = (lanes(col, i0), lanes(q_norms, i0), lanes(&top.thr, i0));
                 let mut ds = [0f32; LANES];
                 let mut hit = false;
                 for l in 0..LANES {
@@ -526,7 +525,12 @@ mod tests {
     }
 
     /// Naive f64 brute force: all distances, sorted by (distance, index), first k.
-    fn brute(q: ArrayView2<f32>, b: ArrayView2<f32>, k: usize, metric: Metric) -> (Vec<Vec<f64>>, Vec<Vec<i64>>) {
+    fn brute(
+        q: ArrayView2<f32>,
+        b: ArrayView2<f32>,
+        k: usize,
+        metric: Metric,
+    ) -> (Vec<Vec<f64>>, Vec<Vec<i64>>) {
         let mut dists = Vec::new();
         let mut idxs = Vec::new();
         for qi in 0..q.nrows() {
@@ -537,7 +541,14 @@ mod tests {
                         let t = q[[qi, c]] as f64 - b[[j, c]] as f64;
                         s += t * t;
                     }
-                    (if metric == Metric::Euclidean { s.sqrt() } else { s }, j)
+                    (
+                        if metric == Metric::Euclidean {
+                            s.sqrt()
+                        } else {
+                            s
+                        },
+                        j,
+                    )
                 })
                 .collect();
             all.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap().then(a.1.cmp(&b.1)));
@@ -547,7 +558,12 @@ mod tests {
         (dists, idxs)
     }
 
-    fn run(q: ArrayView2<f32>, b: ArrayView2<f32>, k: usize, metric: Metric) -> (Array2<f32>, Array2<i64>) {
+    fn run(
+        q: ArrayView2<f32>,
+        b: ArrayView2<f32>,
+        k: usize,
+        metric: Metric,
+    ) -> (Array2<f32>, Array2<i64>) {
         knn(q, b, k, metric, &Interrupt::never()).expect("knn failed")
     }
 
@@ -563,7 +579,10 @@ mod tests {
             for c in 0..k {
                 let want = rd[qi][c];
                 let got = d[[qi, c]] as f64;
-                assert!((got - want).abs() <= 1e-6 * want.max(1e-30), "query {qi} slot {c}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.max(1e-30),
+                    "query {qi} slot {c}: {got} vs {want}"
+                );
             }
         }
     }
@@ -603,7 +622,12 @@ mod tests {
         bf.assign(&big_b.slice(s![..200, ..25]));
         check(big_q.slice(s![.., ..25]), bf.view(), 3, Metric::Euclidean);
         // Negative strides.
-        check(big_q.slice(s![..;-1, ..]), big_b.slice(s![..;-2, ..]), 2, Metric::SqEuclidean);
+        check(
+            big_q.slice(s![..;-1, ..]),
+            big_b.slice(s![..;-2, ..]),
+            2,
+            Metric::SqEuclidean,
+        );
     }
 
     #[test]
@@ -619,6 +643,20 @@ mod tests {
     }
 
     #[test]
+    fn large_k_spanning_several_bank_blocks() {
+        // k above MAX_K_FOR_SEGMENTS: a single segment with the pruned buffer over 2 blocks.
+        let q = rand_matrix(13, 5, 29);
+        let b = rand_matrix(BANK_BLOCK + 476, 5, 30);
+        check(
+            q.view(),
+            b.view(),
+            MAX_K_FOR_SEGMENTS + 1,
+            Metric::SqEuclidean,
+        );
+        check(q.view(), b.view(), BANK_BLOCK + 476, Metric::Euclidean);
+    }
+
+    #[test]
     fn each_row_sorted_by_distance_then_index() {
         let q = rand_matrix(30, 4, 12);
         let b = rand_matrix(500, 4, 13);
@@ -628,7 +666,10 @@ mod tests {
                 for c in 1..k {
                     let prev = (d[[r, c - 1]], i[[r, c - 1]]);
                     let cur = (d[[r, c]], i[[r, c]]);
-                    assert!(prev.0 < cur.0 || (prev.0 == cur.0 && prev.1 < cur.1), "row {r}: {prev:?} then {cur:?}");
+                    assert!(
+                        prev.0 < cur.0 || (prev.0 == cur.0 && prev.1 < cur.1),
+                        "row {r}: {prev:?} then {cur:?}"
+                    );
                 }
             }
         }
@@ -662,8 +703,8 @@ mod tests {
         }
         let (_, i) = run(q.view(), b.view(), 100, Metric::SqEuclidean);
         let (_, ri) = brute(q.view(), b.view(), 100, Metric::SqEuclidean);
-        for r in 0..8 {
-            assert_eq!(i.row(r).to_vec(), ri[r]);
+        for (r, want) in ri.iter().enumerate() {
+            assert_eq!(&i.row(r).to_vec(), want);
         }
     }
 
@@ -699,7 +740,12 @@ mod tests {
     fn output_is_independent_of_thread_count() {
         let q = rand_matrix(QUERY_BLOCK * 2 + 5, 33, 19);
         let b = rand_matrix(BANK_BLOCK + 1000, 33, 20);
-        let pool = |t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+        let pool = |t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        };
         for &k in &[9, 80] {
             let one = pool(1).install(|| run(q.view(), b.view(), k, Metric::Euclidean));
             let three = pool(3).install(|| run(q.view(), b.view(), k, Metric::Euclidean));
@@ -718,12 +764,30 @@ mod tests {
             other => panic!("expected InvalidArgument, got {other:?}"),
         };
         let never = Interrupt::never();
-        let (a, msg) = arg(knn(q.view(), rand_matrix(6, 4, 1).view(), 1, Metric::Euclidean, &never));
+        let (a, msg) = arg(knn(
+            q.view(),
+            rand_matrix(6, 4, 1).view(),
+            1,
+            Metric::Euclidean,
+            &never,
+        ));
         assert_eq!(a, "bank");
         assert!(msg.contains('3') && msg.contains('4'), "{msg}");
-        let (a, _) = arg(knn(Array2::<f32>::zeros((0, 3)).view(), b.view(), 1, Metric::Euclidean, &never));
+        let (a, _) = arg(knn(
+            Array2::<f32>::zeros((0, 3)).view(),
+            b.view(),
+            1,
+            Metric::Euclidean,
+            &never,
+        ));
         assert_eq!(a, "queries");
-        let (a, _) = arg(knn(q.view(), Array2::<f32>::zeros((0, 3)).view(), 1, Metric::Euclidean, &never));
+        let (a, _) = arg(knn(
+            q.view(),
+            Array2::<f32>::zeros((0, 3)).view(),
+            1,
+            Metric::Euclidean,
+            &never,
+        ));
         assert_eq!(a, "bank");
         let (a, _) = arg(knn(q.view(), b.view(), 0, Metric::Euclidean, &never));
         assert_eq!(a, "k");
@@ -741,7 +805,13 @@ mod tests {
         let flag = AtomicBool::new(true);
         let q = rand_matrix(4, 3, 23);
         let b = rand_matrix(6, 3, 24);
-        let r = knn(q.view(), b.view(), 2, Metric::Euclidean, &Interrupt::new(&flag));
+        let r = knn(
+            q.view(),
+            b.view(),
+            2,
+            Metric::Euclidean,
+            &Interrupt::new(&flag),
+        );
         assert_eq!(r.unwrap_err(), KernelError::Interrupted);
     }
 
@@ -773,11 +843,25 @@ mod tests {
     #[test]
     #[ignore]
     fn timing() {
-        let env = |name: &str, dflt: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(dflt);
-        let (m, n, d, k, t) = (env("KNN_M", 2048), env("KNN_N", 8192), env("KNN_D", 1536), env("KNN_K", 9), env("KNN_THREADS", 2));
+        let env = |name: &str, dflt: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(dflt)
+        };
+        let (m, n, d, k, t) = (
+            env("KNN_M", 2048),
+            env("KNN_N", 8192),
+            env("KNN_D", 1536),
+            env("KNN_K", 9),
+            env("KNN_THREADS", 2),
+        );
         let q = rand_matrix(m, d, 27);
         let b = rand_matrix(n, d, 28);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .unwrap();
         let mut best = f64::INFINITY;
         for _ in 0..2 {
             let start = std::time::Instant::now();
