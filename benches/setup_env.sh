@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the benchmark venv .venv-bench and install the peers
-# (anomalib 2.7.0, faiss-cpu) and then anomalox itself into it.
+# (anomalib 2.7.0, faiss-cpu) and then anomalox itself into it (built with scripts/run.sh setup first).
 #
 #   bash benches/setup_env.sh              # peers + anomalox
 #   bash benches/setup_env.sh --peers-only # peers only (anomalox not buildable yet)
@@ -39,6 +39,15 @@ if [[ "$PEERS_ONLY" == 1 ]]; then
     exit 0
 fi
 
-python -m pip install maturin
-LIBTORCH_USE_PYTORCH=1 python -m pip install --no-build-isolation "$ROOT"
+# Install the wheel built from the project venv's target/ (same Python and torch as here), so
+# the bench venv needs no second Rust build.
+(
+    deactivate
+    # shellcheck disable=SC1091
+    . "$ROOT/.venv/bin/activate"
+    cd "$ROOT"
+    rm -rf target/bench-wheel
+    LIBTORCH_USE_PYTORCH=1 maturin build --release --quiet --out target/bench-wheel
+)
+python -m pip install --force-reinstall --no-deps "$ROOT"/target/bench-wheel/anomalox-*.whl
 python -c "import anomalox.ops as ops; print('anomalox OK:', ops.__name__)"

@@ -2,94 +2,95 @@
 //!
 //! Feature maps are (B, C, H, W); position p = h·W + w (row-major over H, W), which matches
 //! `features.reshape(B, C, H*W)` in numpy/torch: `mean[p, c]`, `inv_cov[p, :, :]`.
-//! All work is split into fixed blocks of positions, each computed by one rayon task in a
-//! fixed order, so results are bit-identical for any number of threads.
+//! Work is split into blocks of positions whose size depends only on the shapes; each position
+//! is computed by one rayon task in a fixed order, so results are bit-identical for any number
+//! of threads.
 
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
 use faer::linalg::cholesky::llt;
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, MatMut, MatRef, Par};
-use ndarray::{s, Array2, Array3, ArrayView2, ArrayView3, ArrayView4, Axis};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayView4, Axis};
 use rayon::prelude::*;
 
 use crate::error::{KernelError, KernelResult};
 use crate::interrupt::Interrupt;
 
-/// Target size of one task's gathered (positions, C, B) f32 block. Long runs along w amortise
-/// the strided reads of NCHW inputs (one run per (b, c) plane and row).
-const GATHER_BLOCK_BYTES: usize = 1 << 20;
+/// Target size of one task's gathered (positions, C, B) f32 block, about an L2 cache.
+const GATHER_BLOCK_BYTES: usize = 2 << 20;
 /// Most positions per task, which also bounds interrupt latency.
 const MAX_POSITIONS_PER_BLOCK: usize = 64;
 /// Fewest blocks we aim for, so that the work spreads over many threads.
 const MIN_BLOCKS: usize = 48;
 
-/// Streams batches of feature maps (B,C,H,W) and accumulates, per spatial position, the count,
-/// mean and centred scatter matrix in f64 (Chan et al. pairwise merge of batch statistics).
-///
-/// Memory: H·W·C·(C+1)·8 bytes for the state (mean (H·W, C) and scatter (H·W, C, C), both f64),
-/// plus one (positions-per-block, B, C) f64 gather buffer per busy thread during `update`.
-/// `update` costs O(H·W·B·C²) flops; `finalize` O(H·W·C³).
-///
-/// If `update` is interrupted, part of the positions have already absorbed the batch; the
-/// accumulator is then marked invalid and later `update`/`finalize` calls return an error.
-#[derive(Debug, Clone)]
-pub struct GaussianAccumulator {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    /// (H·W, C), standard layout.
-    mean: Array2<f64>,
-    /// (H·W, C, C), standard layout, kept exactly symmetric.
-    scatter: Array3<f64>,
-    /// Set when an `update` stopped half-way; the state is then inconsistent.
-    poisoned: bool,
-}
-
-/// Allocates `len` zeros, returning an error instead of aborting when memory is short.
-fn try_zeros(len: usize, arg: &'static str) -> KernelResult<Vec<f64>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| {
-        KernelError::invalid(
-            arg,
-            format!(
-                "could not allocate {} bytes for the Gaussian statistics",
-                len.saturating_mul(8)
-            ),
-        )
-    })?;
-    v.resize(len, 0.0);
-    Ok(v)
-}
-
-/// Positions per task for a gather of `row_len` = B·C values per position; independent of the
-/// thread count so that results are too.
-fn positions_per_block(hw: usize, row_len: usize) -> usize {
-    let by_cache = GATHER_BLOCK_BYTES / (row_len.max(1) * 4);
+/// Positions per task for gathered rows of `ld` floats; a multiple of 16 (whole cache lines
+/// of an NCHW plane) when possible. Depends only on the shapes, so results do not depend on
+/// the thread count.
+fn positions_per_block(hw: usize, ld: usize) -> usize {
+    let mut by_cache = GATHER_BLOCK_BYTES / (ld.max(1) * 4);
+    if by_cache >= 16 {
+        by_cache -= by_cache % 16;
+    }
     let by_balance = hw / MIN_BLOCKS;
     by_cache.min(by_balance).clamp(1, MAX_POSITIONS_PER_BLOCK)
 }
 
+/// Distance in f32 between consecutive positions of a gather buffer: `row_len` rounded up to
+/// whole cache lines, and an odd number of them, so that the up to 64 rows written together
+/// fall in distinct L1 sets (an 80 KB stride, B=200 and C=100, would alias them all).
+fn gather_stride(row_len: usize) -> usize {
+    let lines = row_len.div_ceil(16);
+    16 * (lines | 1)
+}
+
 /// Copies positions `p0..p0+np` of `features` (B,C,H,W; any strides) into `buf` laid out
-/// (np, C, B), i.e. per position a column-major B×C matrix. Reads runs along w, the contiguous
-/// axis of NCHW tensors.
+/// (np, C, B) with a distance of `gather_stride(B·C)` between positions, i.e. per position a
+/// column-major B×C matrix.
+///
+/// The input is read in runs along the positions of each (b, c) plane: whole blocks when rows
+/// are adjacent in memory (NCHW tensors), otherwise one run per row. Sixteen planes are read
+/// side by side so that their cache misses overlap (several times faster in a micro-benchmark
+/// than one run at a time, which waits on memory at the start of every run), and each step
+/// writes 16 adjacent floats.
+/// Elements are read through raw offsets because per-element view indexing costs far more.
 fn gather_block(features: &ArrayView4<f32>, p0: usize, np: usize, buf: &mut [f32]) {
+    const GROUP: usize = 16;
     let (b_count, c_count, _, w_count) = features.dim();
     let row_len = b_count * c_count;
+    let ld = gather_stride(row_len);
+    assert!(buf.len() >= np * ld && p0 + np <= features.len() / row_len.max(1));
+    let st = features.strides();
+    let (sb, sc, sh, sw) = (st[0], st[1], st[2], st[3]);
+    // Positions h·W + w are evenly spaced (by sw) across row ends when sh == W·sw.
+    let rows_merge = sh == sw * w_count as isize;
+    let base = features.as_ptr();
+    let mut offs = [0isize; GROUP];
     let mut p = p0;
     while p < p0 + np {
         let (h, w0) = (p / w_count, p % w_count);
-        let len = (w_count - w0).min(p0 + np - p);
-        let seg = features.slice(s![.., .., h, w0..w0 + len]);
-        let dst0 = (p - p0) * row_len;
-        // c outer, b inner: consecutive runs fill adjacent slots of the same np cache lines.
-        for (c, seg_c) in seg.axis_iter(Axis(1)).enumerate() {
-            for (b, run) in seg_c.outer_iter().enumerate() {
-                let mut dst = dst0 + c * b_count + b;
-                for &v in run.iter() {
-                    buf[dst] = v;
-                    dst += row_len;
+        let len = if rows_merge {
+            p0 + np - p
+        } else {
+            (w_count - w0).min(p0 + np - p)
+        };
+        let run_off = h as isize * sh + w0 as isize * sw;
+        let dst0 = (p - p0) * ld;
+        // Planes j = c·B + b, in groups of GROUP consecutive j (adjacent in `buf`).
+        for j0 in (0..row_len).step_by(GROUP) {
+            let g = GROUP.min(row_len - j0);
+            for (i, o) in offs[..g].iter_mut().enumerate() {
+                let j = j0 + i;
+                *o = (j % b_count) as isize * sb + (j / b_count) as isize * sc + run_off;
+            }
+            for k in 0..len {
+                let dst = &mut buf[dst0 + k * ld + j0..][..g];
+                let step = k as isize * sw;
+                for (d, &o) in dst.iter_mut().zip(&offs[..g]) {
+                    // SAFETY: positions p..p+len are (h, w0+k) within one row, or, when rows
+                    // merge, (h', w') with h'·sh + w'·sw = run_off + k·sw; either way
+                    // (b, c, h', w') is a valid index of `features`, so the offset is in bounds.
+                    *d = unsafe { *base.offset(o + step) };
                 }
             }
         }
@@ -118,6 +119,239 @@ fn check_finite(features: &ArrayView4<f32>) -> KernelResult<()> {
 fn shape_str(shape: &[usize]) -> String {
     let parts: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     format!("({})", parts.join(", "))
+}
+
+fn check_eps(eps: f64) -> KernelResult<()> {
+    if eps.is_finite() && eps >= 0.0 {
+        Ok(())
+    } else {
+        Err(KernelError::invalid(
+            "eps",
+            format!("expected a finite value >= 0, got {eps}"),
+        ))
+    }
+}
+
+/// Allocates `len` zeros, returning an error instead of aborting when memory is short.
+fn try_zeros<T: Clone + Default>(len: usize, arg: &'static str) -> KernelResult<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        KernelError::invalid(
+            arg,
+            format!(
+                "could not allocate {} bytes for the Gaussian statistics",
+                len.saturating_mul(std::mem::size_of::<T>())
+            ),
+        )
+    })?;
+    v.resize(len, T::default());
+    Ok(v)
+}
+
+/// Copies the upper triangle of the row-major c×c matrix `m` onto its lower triangle, in
+/// 16×16 tiles so that the strided writes stay in a few cache lines.
+fn mirror_upper_to_lower<T: Copy>(m: &mut [T], c: usize) {
+    const T_: usize = 16;
+    for ib in (0..c).step_by(T_) {
+        let ie = (ib + T_).min(c);
+        for jb in (ib..c).step_by(T_) {
+            let je = (jb + T_).min(c);
+            for i in ib..ie {
+                for j in jb.max(i + 1)..je {
+                    m[j * c + i] = m[i * c + j];
+                }
+            }
+        }
+    }
+}
+
+/// Merges one position's batch into its running statistics (Chan et al.).
+///
+/// `src` is the gathered (C, B) f32 block; `mu` (C) and `s` (C×C row-major; only the upper
+/// triangle is read and written) are the running mean and scatter of `na` samples;
+/// `coef` = na·nb/(na+nb), `mean_step` = nb/(na+nb). `x` (B·C) and `delta` (C) are scratch.
+#[allow(clippy::too_many_arguments)]
+fn absorb_position(
+    src: &[f32],
+    b_count: usize,
+    coef: f64,
+    mean_step: f64,
+    x: &mut [f64],
+    delta: &mut [f64],
+    mu: &mut [f64],
+    s: &mut [f64],
+) {
+    let c = mu.len();
+    let nb = b_count as f64;
+    // x: column-major B×C (one contiguous column of B samples per channel), centred on the
+    // batch mean; delta = batch mean − running mean.
+    for (((xcol, scol), d), &m) in x
+        .chunks_exact_mut(b_count)
+        .zip(src.chunks_exact(b_count))
+        .zip(delta.iter_mut())
+        .zip(mu.iter())
+    {
+        let mut sum = 0.0f64;
+        for (xv, &sv) in xcol.iter_mut().zip(scol) {
+            *xv = f64::from(sv);
+            sum += *xv;
+        }
+        let bm = sum / nb;
+        for xv in xcol.iter_mut() {
+            *xv -= bm;
+        }
+        *d = bm - m;
+    }
+    // Upper triangle of s (row-major) += Xcᵀ Xc, i.e. the lower triangle of s read as
+    // column-major: the batch's centred scatter, half the flops of a full product.
+    let xc = MatRef::from_column_major_slice(&x[..], b_count, c);
+    triangular::matmul(
+        MatMut::from_column_major_slice_mut(&mut *s, c, c),
+        BlockStructure::TriangularLower,
+        Accum::Add,
+        xc.transpose(),
+        BlockStructure::Rectangular,
+        xc,
+        BlockStructure::Rectangular,
+        1.0f64,
+        Par::Seq,
+    );
+    // Merge correction δδᵀ·na·nb/n on the upper triangle.
+    for i in 0..c {
+        let di = delta[i] * coef;
+        let row = &mut s[i * c + i..(i + 1) * c];
+        for (v, &dj) in row.iter_mut().zip(&delta[i..]) {
+            *v += di * dj;
+        }
+    }
+    for (m, &d) in mu.iter_mut().zip(delta.iter()) {
+        *m += d * mean_step;
+    }
+}
+
+/// Per-thread buffers for `invert_position`.
+struct InvScratch {
+    c: usize,
+    fac: Vec<f64>,
+    inv: Vec<f64>,
+    mem: MemBuffer,
+}
+
+impl InvScratch {
+    fn new(c: usize) -> Self {
+        let req = StackReq::or(
+            llt::factor::cholesky_in_place_scratch::<f64>(c, Par::Seq, Default::default()),
+            llt::inverse::inverse_scratch::<f64>(c, Par::Seq),
+        );
+        InvScratch {
+            c,
+            fac: vec![0.0; c * c],
+            inv: vec![0.0; c * c],
+            mem: MemBuffer::new(req),
+        }
+    }
+}
+
+/// Why a covariance could not be inverted.
+enum InvertError {
+    /// Cholesky met a non-positive pivot at this index.
+    NotPositiveDefinite(usize),
+    /// The inverse has entries beyond the f32 range.
+    Overflow,
+}
+
+/// Writes (s/dof + eps·I)⁻¹ as f32 into `out` (row-major c×c, exactly symmetric), reading only
+/// the upper triangle of the row-major scatter `s`.
+fn invert_position(
+    s: &[f64],
+    inv_dof: f64,
+    eps: f64,
+    scr: &mut InvScratch,
+    out: &mut [f32],
+) -> Result<(), InvertError> {
+    let c = scr.c;
+    // `fac` column-major: its lower triangle is the row-major upper triangle of s, contiguous.
+    for j in 0..c {
+        let col = &mut scr.fac[j * c..(j + 1) * c];
+        col[..j].fill(0.0);
+        for (f, &v) in col[j..].iter_mut().zip(&s[j * c + j..(j + 1) * c]) {
+            *f = v * inv_dof;
+        }
+        col[j] += eps;
+    }
+    let mut l = MatMut::from_column_major_slice_mut(&mut scr.fac[..], c, c);
+    if let Err(llt::factor::LltError::NonPositivePivot { index }) = llt::factor::cholesky_in_place(
+        l.as_mut(),
+        Default::default(),
+        Par::Seq,
+        MemStack::new(&mut scr.mem),
+        Default::default(),
+    ) {
+        return Err(InvertError::NotPositiveDefinite(index));
+    }
+    llt::inverse::inverse(
+        MatMut::from_column_major_slice_mut(&mut scr.inv[..], c, c),
+        l.as_ref(),
+        Par::Seq,
+        MemStack::new(&mut scr.mem),
+    );
+    // faer fills the lower triangle (column-major), i.e. the row-major upper triangle of out.
+    for j in 0..c {
+        for (o, &v) in out[j * c + j..(j + 1) * c]
+            .iter_mut()
+            .zip(&scr.inv[j * c + j..(j + 1) * c])
+        {
+            *o = v as f32;
+        }
+    }
+    if !out.iter().all(|v| v.is_finite()) {
+        return Err(InvertError::Overflow);
+    }
+    mirror_upper_to_lower(out, c);
+    Ok(())
+}
+
+fn invert_error(e: InvertError, p: usize, width: usize) -> KernelError {
+    let (h, w) = (p / width, p % width);
+    KernelError::Numerical(match e {
+        InvertError::NotPositiveDefinite(pivot) => format!(
+            "covariance at position {p} (h={h}, w={w}) is not positive definite (Cholesky failed \
+             at pivot {pivot}); increase eps or provide more samples"
+        ),
+        InvertError::Overflow => format!(
+            "inverse covariance at position {p} (h={h}, w={w}) overflows float32; increase eps"
+        ),
+    })
+}
+
+/// Returns the first error in position order (Interrupted if the flag is set), so the outcome
+/// does not depend on scheduling.
+fn first_error(results: Vec<KernelResult<()>>, intr: &Interrupt) -> KernelResult<()> {
+    intr.check()?;
+    results.into_iter().collect()
+}
+
+/// Streams batches of feature maps (B,C,H,W) and accumulates, per spatial position, the count,
+/// mean and centred scatter matrix in f64 (Chan et al. pairwise merge of batch statistics).
+///
+/// Memory: H·W·C·(C+1)·8 bytes for the state (mean (H·W, C) and scatter (H·W, C, C), both f64);
+/// each `update` reads and writes the whole scatter once, so fewer, larger batches are faster.
+/// `update` costs O(H·W·B·C²) flops, `finalize` O(H·W·C³).
+///
+/// If `update` is interrupted, part of the positions have already absorbed the batch; the
+/// accumulator is then marked invalid and later `update`/`finalize` calls return an error.
+#[derive(Debug, Clone)]
+pub struct GaussianAccumulator {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    /// (H·W, C), standard layout.
+    mean: Array2<f64>,
+    /// (H·W, C, C), standard layout, kept exactly symmetric.
+    scatter: Array3<f64>,
+    /// Set when an `update` stopped half-way; the state is then inconsistent.
+    poisoned: bool,
 }
 
 impl GaussianAccumulator {
@@ -177,9 +411,10 @@ impl GaussianAccumulator {
 
     /// Adds a batch of feature maps (B, C, H, W), B >= 1, any strides; C, H, W must match.
     ///
-    /// Per position: batch mean and centred scatter Xcᵀ·Xc in f64 (faer, lower triangle), then the
-    /// pairwise merge M2 = M2a + M2b + δδᵀ·na·nb/n, mean = mean_a + δ·nb/n.
-    /// Memory: one (≤16 positions, B, C) f64 buffer per busy thread. Rejects non-finite values.
+    /// Per position: batch mean and centred scatter Xcᵀ·Xc in f64 (faer), then the pairwise
+    /// merge M2 = M2a + M2b + δδᵀ·na·nb/n, mean = mean_a + δ·nb/n. Rejects non-finite values
+    /// before touching the state. Memory: one (≤64 positions, B, C) f32 block and B·C + C f64
+    /// per busy thread.
     pub fn update(&mut self, features: ArrayView4<f32>, intr: &Interrupt) -> KernelResult<()> {
         self.check_usable()?;
         let (b_count, c, h, w) = features.dim();
@@ -196,7 +431,7 @@ impl GaussianAccumulator {
             return Err(KernelError::invalid(
                 "features",
                 format!(
-                    "expected shape (B, {}, {}, {}), got {}",
+                    "expected batches of shape (B, {}, {}, {}), got {}",
                     self.c,
                     self.h,
                     self.w,
@@ -209,20 +444,16 @@ impl GaussianAccumulator {
             .checked_add(b_count)
             .ok_or_else(|| KernelError::invalid("features", "sample count overflows usize"))?;
         intr.check()?;
-        // Validate before touching the state so that a bad batch leaves it intact.
         check_finite(&features)?;
         intr.check()?;
 
-        let hw = h * w;
         let row_len = b_count * c;
-        let pb = positions_per_block(hw, row_len);
-        let na = self.n as f64;
-        let nb = b_count as f64;
-        let n = n_new as f64;
+        let ld = gather_stride(row_len);
+        let pb = positions_per_block(h * w, ld);
+        let (na, nb, n) = (self.n as f64, b_count as f64, n_new as f64);
         let coef = na * nb / n;
         let mean_step = nb / n;
         let features = &features;
-
         let mean = self
             .mean
             .as_slice_mut()
@@ -238,66 +469,19 @@ impl GaussianAccumulator {
             .try_for_each_init(
                 || (Vec::<f32>::new(), vec![0.0f64; row_len], vec![0.0f64; c]),
                 |(buf, x, delta), (blk, (mean_blk, scat_blk))| -> KernelResult<()> {
-                    let p0 = blk * pb;
                     let np = mean_blk.len() / c;
-                    buf.resize(np * row_len, 0.0);
-                    gather_block(features, p0, np, buf);
-                    for k in 0..np {
+                    buf.resize(np * ld, 0.0);
+                    gather_block(features, blk * pb, np, buf);
+                    for ((src, mu), s) in buf
+                        .chunks_exact(ld)
+                        .zip(mean_blk.chunks_exact_mut(c))
+                        .zip(scat_blk.chunks_exact_mut(c * c))
+                    {
                         if intr.is_set() {
                             return Err(KernelError::Interrupted);
                         }
-                        let mu = &mut mean_blk[k * c..(k + 1) * c];
-                        let s = &mut scat_blk[k * c * c..(k + 1) * c * c];
-                        // x: column-major B×C (one contiguous column of B samples per channel),
-                        // centred on the batch mean; delta = batch mean − running mean.
-                        let src = &buf[k * row_len..(k + 1) * row_len];
-                        for (((xcol, scol), d), &m) in x
-                            .chunks_exact_mut(b_count)
-                            .zip(src.chunks_exact(b_count))
-                            .zip(delta.iter_mut())
-                            .zip(mu.iter())
-                        {
-                            let mut sum = 0.0f64;
-                            for (xv, &sv) in xcol.iter_mut().zip(scol) {
-                                *xv = f64::from(sv);
-                                sum += *xv;
-                            }
-                            let bm = sum / nb;
-                            for xv in xcol.iter_mut() {
-                                *xv -= bm;
-                            }
-                            *d = bm - m;
-                        }
-                        // Upper triangle of s (row-major) += Xcᵀ Xc, the batch's centred scatter:
-                        // the lower triangle of s viewed column-major.
-                        let xc = MatRef::from_column_major_slice(&x[..], b_count, c);
-                        triangular::matmul(
-                            MatMut::from_column_major_slice_mut(&mut *s, c, c),
-                            BlockStructure::TriangularLower,
-                            Accum::Add,
-                            xc.transpose(),
-                            BlockStructure::Rectangular,
-                            xc,
-                            BlockStructure::Rectangular,
-                            1.0f64,
-                            Par::Seq,
-                        );
-                        // Merge correction on the upper triangle, then mirror it to the lower.
-                        for i in 0..c {
-                            let di = delta[i] * coef;
-                            let row = &mut s[i * c + i..(i + 1) * c];
-                            for (v, &dj) in row.iter_mut().zip(&delta[i..]) {
-                                *v += di * dj;
-                            }
-                        }
-                        for i in 0..c {
-                            for j in i + 1..c {
-                                s[j * c + i] = s[i * c + j];
-                            }
-                        }
-                        for (m, &d) in mu.iter_mut().zip(delta.iter()) {
-                            *m += d * mean_step;
-                        }
+                        absorb_position(&src[..row_len], b_count, coef, mean_step, x, delta, mu, s);
+                        mirror_upper_to_lower(s, c);
                     }
                     Ok(())
                 },
@@ -334,10 +518,10 @@ impl GaussianAccumulator {
 
     /// Mean (H·W, C) f32 and inverse covariance (H·W, C, C) f32.
     ///
-    /// Covariance = M2/(n−1) + eps·I (symmetrised), inverted through a Cholesky factorisation
-    /// (faer llt) in f64, in parallel over positions. Needs n_samples >= 2 and finite eps >= 0;
-    /// a covariance that is not positive definite gives `KernelError::Numerical` naming the
-    /// first such position. Memory: the outputs, H·W·C·(C+1)·4 bytes, plus 2·C² f64 per thread.
+    /// Covariance = M2/(n−1) + eps·I, inverted through a Cholesky factorisation (faer llt) in
+    /// f64, in parallel over positions. Needs n_samples >= 2 and finite eps >= 0; a covariance
+    /// that is not positive definite gives `KernelError::Numerical` naming the first such
+    /// position. Memory: the outputs, H·W·C·(C+1)·4 bytes, plus 2·C² f64 per thread.
     pub fn finalize(&self, eps: f64, intr: &Interrupt) -> KernelResult<(Array2<f32>, Array3<f32>)> {
         self.check_usable()?;
         if self.n < 2 {
@@ -349,91 +533,37 @@ impl GaussianAccumulator {
                 ),
             ));
         }
-        if !(eps.is_finite() && eps >= 0.0) {
-            return Err(KernelError::invalid(
-                "eps",
-                format!("expected a finite value >= 0, got {eps}"),
-            ));
-        }
+        check_eps(eps)?;
         intr.check()?;
         let c = self.c;
-        let hw = self.h * self.w;
-        let width = self.w;
+        let (hw, width) = (self.h * self.w, self.w);
         let inv_dof = 1.0 / (self.n as f64 - 1.0);
         let scatter = self
             .scatter
             .as_slice()
             .expect("scatter is kept in standard layout");
-        let mut inv_out = Array3::<f32>::zeros((hw, c, c));
+        let mut inv_out =
+            Array3::from_shape_vec((hw, c, c), try_zeros::<f32>(hw * c * c, "channels")?)
+                .expect("length matches the shape");
         let out = inv_out
             .as_slice_mut()
             .expect("freshly allocated array is contiguous");
-
-        let scratch = StackReq::or(
-            llt::factor::cholesky_in_place_scratch::<f64>(c, Par::Seq, Default::default()),
-            llt::inverse::inverse_scratch::<f64>(c, Par::Seq),
-        );
         let results: Vec<KernelResult<()>> = out
             .par_chunks_mut(c * c)
+            .zip(scatter.par_chunks(c * c))
             .enumerate()
             .map_init(
-                || (vec![0.0f64; c * c], vec![0.0f64; c * c], MemBuffer::new(scratch)),
-                |(fac, inv, mem), (p, out_p)| -> KernelResult<()> {
+                || InvScratch::new(c),
+                |scr, (p, (out_p, s))| -> KernelResult<()> {
                     if intr.is_set() {
                         return Err(KernelError::Interrupted);
                     }
-                    let s = &scatter[p * c * c..(p + 1) * c * c];
-                    // Column-major L in `fac`; only the lower triangle is read by faer.
-                    for i in 0..c {
-                        for j in 0..=i {
-                            fac[j * c + i] = 0.5 * (s[i * c + j] + s[j * c + i]) * inv_dof;
-                        }
-                        fac[i * c + i] += eps;
-                    }
-                    let stack = MemStack::new(mem);
-                    let mut l = MatMut::from_column_major_slice_mut(&mut fac[..], c, c);
-                    if let Err(llt::factor::LltError::NonPositivePivot { index }) =
-                        llt::factor::cholesky_in_place(
-                            l.as_mut(),
-                            Default::default(),
-                            Par::Seq,
-                            stack,
-                            Default::default(),
-                        )
-                    {
-                        return Err(KernelError::Numerical(format!(
-                            "covariance at position {p} (h={}, w={}) is not positive definite \
-                             (Cholesky failed at pivot {index}); increase eps or provide more samples",
-                            p / width,
-                            p % width
-                        )));
-                    }
-                    let stack = MemStack::new(mem);
-                    llt::inverse::inverse(
-                        MatMut::from_column_major_slice_mut(&mut inv[..], c, c),
-                        l.as_ref(),
-                        Par::Seq,
-                        stack,
-                    );
-                    // faer fills the lower triangle (column-major: inv[j*c + i], i >= j).
-                    for i in 0..c {
-                        for j in 0..=i {
-                            let v = inv[j * c + i] as f32;
-                            out_p[i * c + j] = v;
-                            out_p[j * c + i] = v;
-                        }
-                    }
-                    Ok(())
+                    invert_position(s, inv_dof, eps, scr, out_p)
+                        .map_err(|e| invert_error(e, p, width))
                 },
             )
             .collect();
-        if intr.is_set() {
-            return Err(KernelError::Interrupted);
-        }
-        // First failure in position order, so the message does not depend on scheduling.
-        for r in results {
-            r?;
-        }
+        first_error(results, intr)?;
         Ok((self.mean.mapv(|v| v as f32), inv_out))
     }
 
@@ -444,7 +574,8 @@ impl GaussianAccumulator {
 
     /// Rebuilds an accumulator from `state()`; `height·width` must equal the number of positions.
     ///
-    /// Values must be finite; the scatter matrices are used through their symmetric part.
+    /// Values must be finite; each scatter matrix is replaced by its symmetric part (a no-op for
+    /// a saved state).
     pub fn from_state(
         mean: Array2<f64>,
         scatter: Array3<f64>,
@@ -505,11 +636,25 @@ impl GaussianAccumulator {
         } else {
             mean.as_standard_layout().into_owned()
         };
-        let scatter = if scatter.is_standard_layout() {
+        let mut scatter = if scatter.is_standard_layout() {
             scatter
         } else {
             scatter.as_standard_layout().into_owned()
         };
+        // The kernels read one triangle; keep the state exactly symmetric.
+        scatter
+            .as_slice_mut()
+            .expect("standard layout")
+            .par_chunks_mut(c * c)
+            .for_each(|m| {
+                for i in 0..c {
+                    for j in i + 1..c {
+                        let v = 0.5 * (m[i * c + j] + m[j * c + i]);
+                        m[i * c + j] = v;
+                        m[j * c + i] = v;
+                    }
+                }
+            });
         Ok(GaussianAccumulator {
             n,
             c,
@@ -522,16 +667,18 @@ impl GaussianAccumulator {
     }
 }
 
-/// One-shot fit of a single (B, C, H, W) array: `GaussianAccumulator` update + finalize.
+/// One-shot fit of a single (B, C, H, W) array (B >= 2, any strides): mean (H·W, C) and inverse
+/// covariance (H·W, C, C), bit-identical to `GaussianAccumulator` new + update + finalize.
 ///
-/// Memory as for `GaussianAccumulator` (f64 state H·W·C·(C+1)·8 bytes) plus the f32 outputs.
+/// Fits and inverts each position in one pass without the f64 H·W·C² state: memory is the f32
+/// outputs plus one (≤64 positions, B, C) f32 block and a few C² f64 buffers per busy thread.
 pub fn gaussian_fit(
     features: ArrayView4<f32>,
     eps: f64,
     intr: &Interrupt,
 ) -> KernelResult<(Array2<f32>, Array3<f32>)> {
-    let (b, c, h, w) = features.dim();
-    if b == 0 || c == 0 || h == 0 || w == 0 {
+    let (b_count, c, h, w) = features.dim();
+    if b_count == 0 || c == 0 || h == 0 || w == 0 {
         return Err(KernelError::invalid(
             "features",
             format!(
@@ -540,30 +687,94 @@ pub fn gaussian_fit(
             ),
         ));
     }
-    if b < 2 {
+    if b_count < 2 {
         return Err(KernelError::invalid(
             "features",
-            format!("need at least 2 samples to estimate a covariance, got {b}"),
+            format!("need at least 2 samples to estimate a covariance, got {b_count}"),
         ));
     }
-    if !(eps.is_finite() && eps >= 0.0) {
-        return Err(KernelError::invalid(
-            "eps",
-            format!("expected a finite value >= 0, got {eps}"),
-        ));
-    }
-    let mut acc = GaussianAccumulator::new(c, h, w)?;
-    acc.update(features, intr)?;
-    acc.finalize(eps, intr)
+    check_eps(eps)?;
+    let hw = h
+        .checked_mul(w)
+        .and_then(|hw| hw.checked_mul(c))
+        .and_then(|v| v.checked_mul(c));
+    let inv_len =
+        hw.ok_or_else(|| KernelError::invalid("features", "output size overflows usize"))?;
+    intr.check()?;
+    check_finite(&features)?;
+    intr.check()?;
+
+    let hw = h * w;
+    let row_len = b_count * c;
+    let ld = gather_stride(row_len);
+    let pb = positions_per_block(hw, ld);
+    let inv_dof = 1.0 / (b_count as f64 - 1.0);
+    let mut mean_out = Array2::from_shape_vec((hw, c), try_zeros::<f32>(hw * c, "features")?)
+        .expect("length matches the shape");
+    let mut inv_out = Array3::from_shape_vec((hw, c, c), try_zeros::<f32>(inv_len, "features")?)
+        .expect("length matches the shape");
+    let features = &features;
+    let results: Vec<KernelResult<()>> = mean_out
+        .as_slice_mut()
+        .expect("freshly allocated array is contiguous")
+        .par_chunks_mut(pb * c)
+        .zip(
+            inv_out
+                .as_slice_mut()
+                .expect("freshly allocated array is contiguous")
+                .par_chunks_mut(pb * c * c),
+        )
+        .enumerate()
+        .map_init(
+            || {
+                (
+                    Vec::<f32>::new(),
+                    vec![0.0f64; row_len],
+                    vec![0.0f64; c],
+                    vec![0.0f64; c],
+                    vec![0.0f64; c * c],
+                    InvScratch::new(c),
+                )
+            },
+            |(buf, x, delta, mu, s, scr), (blk, (mean_blk, inv_blk))| -> KernelResult<()> {
+                let p0 = blk * pb;
+                let np = mean_blk.len() / c;
+                buf.resize(np * ld, 0.0);
+                gather_block(features, p0, np, buf);
+                for (k, ((src, mean_p), inv_p)) in buf
+                    .chunks_exact(ld)
+                    .zip(mean_blk.chunks_exact_mut(c))
+                    .zip(inv_blk.chunks_exact_mut(c * c))
+                    .enumerate()
+                {
+                    if intr.is_set() {
+                        return Err(KernelError::Interrupted);
+                    }
+                    // Same operations as an empty accumulator absorbing the whole batch.
+                    mu.fill(0.0);
+                    s.fill(0.0);
+                    absorb_position(&src[..row_len], b_count, 0.0, 1.0, x, delta, mu, s);
+                    for (o, &m) in mean_p.iter_mut().zip(mu.iter()) {
+                        *o = m as f32;
+                    }
+                    invert_position(s, inv_dof, eps, scr, inv_p)
+                        .map_err(|e| invert_error(e, p0 + k, w))?;
+                }
+                Ok(())
+            },
+        )
+        .collect();
+    first_error(results, intr)?;
+    Ok((mean_out, inv_out))
 }
 
 /// Mahalanobis distance map (B, H, W): sqrt((x−μ_p)ᵀ Σ_p⁻¹ (x−μ_p)) at every position p = h·W + w.
 ///
 /// `mean` is (H·W, C) and `inv_cov` (H·W, C, C), as returned by `finalize`; any strides.
-/// Computed in f64 per block of positions (Δ·Σ⁻¹ with faer, then a row-wise dot with Δ),
-/// clamped at 0 before the square root. Non-finite inputs give non-finite distances.
-/// Cost O(H·W·B·C²); memory: the output plus one (≤16 positions, B, C) f64 block and
-/// C² + B·C f64 per busy thread (no full transposed copy of the features).
+/// Computed in f64 per position (Δ·Σ⁻¹ with faer, then a row-wise dot with Δ), clamped at 0
+/// before the square root. Non-finite inputs give non-finite distances. Cost O(H·W·B·C²);
+/// memory: the output plus one (≤64 positions, B, C) f32 block and C² + 2·B·C f64 per busy
+/// thread (no full transposed copy of the features).
 pub fn mahalanobis(
     features: ArrayView4<f32>,
     mean: ArrayView2<f32>,
@@ -604,7 +815,8 @@ pub fn mahalanobis(
     intr.check()?;
 
     let row_len = b_count * c;
-    let pb = positions_per_block(hw, row_len);
+    let ld = gather_stride(row_len);
+    let pb = positions_per_block(hw, ld);
     let n_blocks = hw.div_ceil(pb);
     let features = &features;
     let blocks: Vec<KernelResult<Vec<f32>>> = (0..n_blocks)
@@ -620,22 +832,19 @@ pub fn mahalanobis(
                 )
             },
             |(buf, delta, sigma, t, d2), blk| -> KernelResult<Vec<f32>> {
-                if intr.is_set() {
-                    return Err(KernelError::Interrupted);
-                }
                 let p0 = blk * pb;
                 let np = pb.min(hw - p0);
-                buf.resize(np * row_len, 0.0);
+                buf.resize(np * ld, 0.0);
                 gather_block(features, p0, np, buf);
                 // Distances for this block, laid out (np, B).
                 let mut dist = Vec::with_capacity(np * b_count);
-                for k in 0..np {
+                for (k, src) in buf.chunks_exact(ld).enumerate() {
                     if intr.is_set() {
                         return Err(KernelError::Interrupted);
                     }
+                    let src = &src[..row_len];
                     let p = p0 + k;
                     // delta: column-major B×C, x − μ_p in f64.
-                    let src = &buf[k * row_len..(k + 1) * row_len];
                     for ((dcol, scol), &m) in delta
                         .chunks_exact_mut(b_count)
                         .zip(src.chunks_exact(b_count))
@@ -671,21 +880,17 @@ pub fn mahalanobis(
             },
         )
         .collect();
-    if intr.is_set() {
-        return Err(KernelError::Interrupted);
-    }
+    intr.check()?;
     let mut out = Array3::<f32>::zeros((b_count, h, w));
-    {
-        let o = out
-            .as_slice_mut()
-            .expect("freshly allocated array is contiguous");
-        for (blk, res) in blocks.into_iter().enumerate() {
-            let dist = res?;
-            let p0 = blk * pb;
-            for (k, drow) in dist.chunks_exact(b_count).enumerate() {
-                for (b, &d) in drow.iter().enumerate() {
-                    o[b * hw + p0 + k] = d;
-                }
+    let o = out
+        .as_slice_mut()
+        .expect("freshly allocated array is contiguous");
+    for (blk, res) in blocks.into_iter().enumerate() {
+        let dist = res?;
+        let p0 = blk * pb;
+        for (k, drow) in dist.chunks_exact(b_count).enumerate() {
+            for (b, &d) in drow.iter().enumerate() {
+                o[b * hw + p0 + k] = d;
             }
         }
     }
@@ -858,6 +1063,20 @@ mod tests {
     }
 
     #[test]
+    fn gaussian_fit_is_bit_identical_to_the_accumulator() {
+        // One-position blocks, then 12×9 positions in blocks of 2.
+        for (b, c, h, w) in [(13, 5, 3, 4), (9, 3, 12, 9)] {
+            let x = features(b, c, h, w, 21);
+            let mut acc = GaussianAccumulator::new(c, h, w).unwrap();
+            acc.update(x.view(), &never()).unwrap();
+            let (m1, i1) = acc.finalize(0.05, &never()).unwrap();
+            let (m2, i2) = gaussian_fit(x.view(), 0.05, &never()).unwrap();
+            assert_eq!(m1, m2);
+            assert_eq!(i1, i2);
+        }
+    }
+
+    #[test]
     fn accumulator_state_matches_naive_mean_and_scatter() {
         let x = features(9, 4, 2, 3, 2);
         let mut acc = GaussianAccumulator::new(4, 2, 3).unwrap();
@@ -917,6 +1136,17 @@ mod tests {
             let d = mahalanobis(v, m.view(), i.view(), &never()).unwrap();
             assert_eq!(d, d_ref);
         }
+        // Negative strides (flipped batch and width axes).
+        let flipped = x.slice(s![..;-1, .., .., ..;-1]);
+        let flipped_copy = flipped.as_standard_layout().into_owned();
+        let (mf, i_f) = gaussian_fit(flipped, 0.0, &never()).unwrap();
+        let (mc, ic) = gaussian_fit(flipped_copy.view(), 0.0, &never()).unwrap();
+        assert_eq!(mf, mc);
+        assert_eq!(i_f, ic);
+        assert_eq!(
+            mahalanobis(flipped, mf.view(), i_f.view(), &never()).unwrap(),
+            mahalanobis(flipped_copy.view(), mf.view(), i_f.view(), &never()).unwrap()
+        );
         // Strided mean and inverse covariance too.
         let m_t = m.t().as_standard_layout().into_owned();
         let i_perm = i
@@ -946,6 +1176,36 @@ mod tests {
         let err = max_rel_err(&d.mapv(f64::from), &want);
         assert!(err < 1e-6, "relative error {err}");
         assert!(d.iter().all(|&v| v > 0.0));
+        // A single image (B = 1) gives the same distances as inside the batch.
+        let one = mahalanobis(
+            test.slice(s![2..3, .., .., ..]),
+            mean.view(),
+            inv.view(),
+            &never(),
+        )
+        .unwrap();
+        for (a, b) in one.iter().zip(d.index_axis(Axis(0), 2).iter()) {
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn large_position_blocks_spanning_rows_match_naive() {
+        // 50×63 positions with few channels: blocks of 64 positions, straddling rows, last partial.
+        let (h, w) = (50, 63);
+        let x = features(7, 3, h, w, 12);
+        assert_eq!(positions_per_block(h * w, gather_stride(7 * 3)), 64);
+        let mut acc = GaussianAccumulator::new(3, h, w).unwrap();
+        acc.update(x.slice(s![..3, .., .., ..]), &never()).unwrap();
+        acc.update(x.slice(s![3.., .., .., ..]), &never()).unwrap();
+        let (mean, inv) = acc.finalize(0.01, &never()).unwrap();
+        let (ref_mean, ref_cov) = naive_mean_cov(&x, 0.01);
+        assert!(max_rel_err(&mean.mapv(f64::from), &ref_mean) < 1e-6);
+        assert!(max_rel_err(&inv.mapv(f64::from), &naive_inv_cov(&ref_cov)) < 1e-5);
+        let test = features(2, 3, h, w, 13);
+        let d = mahalanobis(test.view(), mean.view(), inv.view(), &never()).unwrap();
+        let err = max_rel_err(&d.mapv(f64::from), &naive_mahalanobis(&test, &mean, &inv));
+        assert!(err < 1e-6, "relative error {err}");
     }
 
     #[test]
@@ -981,10 +1241,11 @@ mod tests {
 
     #[test]
     fn results_do_not_depend_on_thread_count() {
-        let x = features(40, 9, 9, 10, 9);
+        // 10×13 positions: blocks of 2 positions that straddle rows.
+        let x = features(40, 9, 10, 13, 9);
         let run = |threads: usize| {
             pool(threads).install(|| {
-                let mut acc = GaussianAccumulator::new(9, 9, 10).unwrap();
+                let mut acc = GaussianAccumulator::new(9, 10, 13).unwrap();
                 acc.update(x.slice(s![..17, .., .., ..]), &never()).unwrap();
                 acc.update(x.slice(s![17.., .., .., ..]), &never()).unwrap();
                 let (m, i) = acc.finalize(0.01, &never()).unwrap();
@@ -1077,6 +1338,24 @@ mod tests {
                 e => panic!("expected Numerical, got {e:?}"),
             }
         }
+    }
+
+    #[test]
+    fn inverse_beyond_f32_range_is_a_numerical_error() {
+        // Variances around 1e-60: positive definite in f64, inverse ~1e60 overflows f32.
+        let x = features(10, 2, 2, 2, 14).mapv(|v| (v - 3.0) * 1e-30);
+        match gaussian_fit(x.view(), 0.0, &never()) {
+            Err(KernelError::Numerical(msg)) => {
+                assert!(
+                    msg.contains("position 0") && msg.contains("overflows float32"),
+                    "{msg}"
+                )
+            }
+            r => panic!("expected Numerical, got {r:?}"),
+        }
+        // Enough eps makes it representable.
+        let (_, inv) = gaussian_fit(x.view(), 1e-3, &never()).unwrap();
+        assert!(inv.iter().all(|v| v.is_finite()));
     }
 
     fn arg_of(e: KernelError) -> &'static str {
@@ -1289,29 +1568,79 @@ mod tests {
     #[ignore]
     fn padim_sized_fit_timing() {
         use std::time::Instant;
+        // On-CPU seconds of all threads of this process (the wall clock is unreliable on a
+        // shared machine).
+        fn cpu_secs() -> f64 {
+            let mut ns = 0u64;
+            for e in std::fs::read_dir("/proc/self/task")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
+                    ns += s
+                        .split_whitespace()
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                }
+            }
+            ns as f64 * 1e-9
+        }
         let (c, h, w) = (100, 56, 56);
         let batches: Vec<Array4<f32>> = (0..7)
             .map(|k| features(if k < 6 { 32 } else { 8 }, c, h, w, 100 + k as u64))
             .collect();
+        let views: Vec<_> = batches.iter().map(|b| b.view()).collect();
+        let all = ndarray::concatenate(Axis(0), &views).unwrap();
         pool(2).install(|| {
-            let t0 = Instant::now();
+            let (t0, c0) = (Instant::now(), cpu_secs());
             let mut acc = GaussianAccumulator::new(c, h, w).unwrap();
             for b in &batches {
                 acc.update(b.view(), &never()).unwrap();
             }
-            let t1 = Instant::now();
+            let (t1, c1) = (Instant::now(), cpu_secs());
             let (mean, inv) = acc.finalize(0.01, &never()).unwrap();
-            let t2 = Instant::now();
+            let (t2, c2) = (Instant::now(), cpu_secs());
+            let (mean1, inv1) = gaussian_fit(all.view(), 0.01, &never()).unwrap();
+            let (t3, c3) = (Instant::now(), cpu_secs());
             let d = mahalanobis(batches[0].view(), mean.view(), inv.view(), &never()).unwrap();
-            let t3 = Instant::now();
+            let (t4, c4) = (Instant::now(), cpu_secs());
             assert_eq!(acc.n_samples(), 200);
             assert!(d.iter().all(|v| v.is_finite()));
+            let rel = |a: &Array3<f32>, b: &Array3<f32>| {
+                let m = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                a.iter().zip(b).fold(0f32, |e, (x, y)| e.max((x - y).abs())) / m
+            };
+            assert!(rel(&inv, &inv1) < 1e-4);
+            assert!(mean.iter().zip(&mean1).all(|(a, b)| (a - b).abs() < 1e-4));
             eprintln!(
-                "2 threads: update 200 imgs {:.3}s, finalize {:.3}s, fit total {:.3}s, mahalanobis 32 imgs {:.3}s",
+                "200 x 100 x 56 x 56 on a 2-thread pool (wall s / on-CPU s of both threads):"
+            );
+            eprintln!(
+                "  accumulator update, 7 batches (6x32 + 8): {:.3} / {:.3}",
                 (t1 - t0).as_secs_f64(),
+                c1 - c0
+            );
+            eprintln!(
+                "  finalize:                                  {:.3} / {:.3}",
                 (t2 - t1).as_secs_f64(),
+                c2 - c1
+            );
+            eprintln!(
+                "  streamed fit total:                        {:.3} / {:.3}",
                 (t2 - t0).as_secs_f64(),
-                (t3 - t2).as_secs_f64()
+                c2 - c0
+            );
+            eprintln!(
+                "  gaussian_fit one-shot (200 at once):       {:.3} / {:.3}",
+                (t3 - t2).as_secs_f64(),
+                c3 - c2
+            );
+            eprintln!(
+                "  mahalanobis, 32 images:                    {:.3} / {:.3}",
+                (t4 - t3).as_secs_f64(),
+                c4 - c3
             );
         });
     }

@@ -85,10 +85,8 @@ pub fn gaussian_fit<'py>(
     n_threads: usize,
 ) -> PyResult<Pair<'py, PyArray2<f32>, PyArray3<f32>>> {
     let x = features.as_array();
-    let (mean, inv_cov) = run(py, n_threads, |intr| {
-        ensure_finite(&x, "features")?;
-        gaussian::gaussian_fit(x, eps, intr)
-    })?;
+    // The kernel checks finiteness itself, before touching any state.
+    let (mean, inv_cov) = run(py, n_threads, |intr| gaussian::gaussian_fit(x, eps, intr))?;
     Ok((mean.into_pyarray(py), inv_cov.into_pyarray(py)))
 }
 
@@ -164,10 +162,7 @@ impl GaussianAccumulator {
     fn update(&mut self, py: Python<'_>, features: PyReadonlyArray4<'_, f32>, n_threads: usize) -> PyResult<()> {
         let x = features.as_array();
         let inner = &mut self.inner;
-        run(py, n_threads, |intr| {
-            ensure_finite(&x, "features")?;
-            inner.update(x, intr)
-        })
+        run(py, n_threads, |intr| inner.update(x, intr))
     }
 
     #[pyo3(signature = (eps, n_threads))]
