@@ -3,6 +3,7 @@
 //! Every kernel module is plain Rust (ndarray, rayon, faer) and is tested with `cargo test`
 //! without Python or libtorch. This file only declares the modules and registers the bindings.
 
+pub mod aupro;
 pub mod blur;
 pub mod coreset;
 pub mod error;
@@ -10,6 +11,7 @@ pub mod gaussian;
 pub mod interrupt;
 pub mod knn;
 pub mod rng;
+pub mod roc;
 pub mod upsample;
 pub mod validate;
 
@@ -33,5 +35,13 @@ fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     m.add_function(wrap_pyfunction!(py::ops::libtorch_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::_debug_panic, m)?)?;
     m.add_class::<py::ops::GaussianAccumulator>()?;
+    m.add_function(wrap_pyfunction!(py::metrics::auroc, m)?)?;
+    m.add_function(wrap_pyfunction!(py::metrics::aupr, m)?)?;
+    m.add_function(wrap_pyfunction!(py::metrics::f1_max, m)?)?;
+    m.add_function(wrap_pyfunction!(py::metrics::roc_curve, m)?)?;
+    m.add_function(wrap_pyfunction!(py::metrics::pro_curve, m)?)?;
+    m.add_function(wrap_pyfunction!(py::metrics::aupro, m)?)?;
+    m.add_function(wrap_pyfunction!(py::metrics::pro_at_threshold, m)?)?;
+    m.add_class::<py::backbone::BackboneModel>()?;
     Ok(())
 }

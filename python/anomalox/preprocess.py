@@ -1,0 +1,254 @@
+"""Image loading and preprocessing shared by the backbones and every estimator.
+
+Accepted images (one, or a list/tuple of any mix of them):
+
+- a path (``str`` or ``os.PathLike``) to an image file, read with Pillow;
+- a ``PIL.Image``; 16-bit modes (``I;16``, and ``I`` with values up to 65535) keep their depth,
+  ``F`` is taken as floats in [0, 1], every other mode is converted to RGB;
+- a numpy array: 2-D is one grayscale image (H, W); 3-D is one image (H, W, C) when the last axis
+  is 1, 3 or 4, otherwise a batch of grayscale images (N, H, W); 4-D is a batch (N, H, W, C);
+- a torch tensor: (C, H, W) or (N, C, H, W), C in {1, 3, 4}.
+
+Values: ``uint8`` is divided by 255, ``uint16`` by 65535, floating point is taken as already in
+[0, 1]; other dtypes raise ``TypeError``. Grayscale is replicated to 3 channels and a 4th (alpha)
+channel is dropped.
+
+Then, in this order: resize to ``image_size`` (bilinear with antialiasing, as torchvision's
+``Resize(antialias=True)`` on tensors), optional center crop, and the normalisation the backbone
+was trained with. The result is a float32 batch (N, 3, H, W) on the requested device.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# [0, 1] -> [-1, 1]: what the TensorFlow EfficientNet-Lite checkpoints were trained with.
+SYMMETRIC_MEAN = (0.5, 0.5, 0.5)
+SYMMETRIC_STD = (0.5, 0.5, 0.5)
+
+_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+_TORCH_SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0}
+_CHANNELS = (1, 3, 4)
+
+
+def _size_pair(value: Any, name: str) -> tuple[int, int]:
+    """An int or an (h, w) pair of positive ints as (h, w)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        pair: tuple[Any, ...] = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        pair = tuple(value)
+    else:
+        raise ValueError(f"{name}: expected an int or an (height, width) pair, got {value!r}")
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in pair):
+        raise ValueError(f"{name}: expected positive integers, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _from_pil(image: Any) -> np.ndarray:
+    mode = image.mode
+    if mode.startswith("I;16"):
+        return np.asarray(image).astype(np.uint16)
+    if mode == "I":
+        arr = np.asarray(image)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(
+                f"images: a 32-bit integer PIL image (mode 'I') must hold 16-bit values, "
+                f"got values in [{arr.min()}, {arr.max()}]"
+            )
+        return arr.astype(np.uint16)
+    if mode == "F":
+        return np.asarray(image, dtype=np.float32)
+    if mode not in ("L", "RGB"):
+        image = image.convert("RGB")
+    return np.asarray(image)
+
+
+def _read_path(path: str | os.PathLike) -> np.ndarray:
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as exc:  # pragma: no cover - pillow is installed with the test extras
+        raise ImportError("images: reading image files needs Pillow: pip install pillow") from exc
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"images: no such image file: {os.fspath(path)!r}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _from_pil(image)
+    except UnidentifiedImageError as exc:
+        raise ValueError(f"images: could not read {os.fspath(path)!r} as an image: {exc}") from exc
+
+
+def _is_pil(x: Any) -> bool:
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(x, pil.Image)
+
+
+def _numpy_batch(arr: np.ndarray) -> tuple[torch.Tensor, float]:
+    """(N, C, H, W) tensor sharing `arr`'s memory where possible, and the divisor to [0, 1]."""
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if arr.dtype.kind == "f":
+        scale = 1.0
+    elif arr.dtype in _SCALE:
+        scale = _SCALE[arr.dtype]
+    else:
+        raise TypeError(f"images: expected uint8, uint16 or floating-point pixels, got dtype {arr.dtype}")
+    if arr.dtype == np.uint16:
+        arr = arr.astype(np.float32)  # torch has few kernels for uint16
+    elif arr.dtype.kind == "f" and arr.dtype != np.float32:
+        arr = arr.astype(np.float32)
+    if arr.ndim == 2:
+        arr = arr[None, :, :, None]
+    elif arr.ndim == 3:
+        arr = arr[None] if arr.shape[-1] in _CHANNELS else arr[..., None]
+    elif arr.ndim == 4:
+        if arr.shape[-1] not in _CHANNELS:
+            raise ValueError(
+                f"images: a 4-D array must be (N, H, W, C) with C in {_CHANNELS}, got shape {arr.shape}"
+            )
+    else:
+        raise ValueError(
+            f"images: expected a 2-D (H, W), 3-D (H, W, C) / (N, H, W) or 4-D (N, H, W, C) array, "
+            f"got shape {arr.shape}"
+        )
+    if not arr.flags.writeable:
+        arr = arr.copy()  # torch refuses to wrap read-only memory (Pillow's arrays are read-only)
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2), scale
+
+
+def _torch_batch(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    if x.dtype.is_floating_point:
+        scale = 1.0
+    elif x.dtype in _TORCH_SCALE:
+        scale = _TORCH_SCALE[x.dtype]
+    else:
+        raise TypeError(f"images: expected uint8, uint16 or floating-point pixels, got dtype {x.dtype}")
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4 or x.shape[1] not in _CHANNELS:
+        raise ValueError(
+            f"images: a tensor must be (C, H, W) or (N, C, H, W) with C in {_CHANNELS}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    return x.detach(), scale
+
+
+def _as_batch(image: Any) -> tuple[torch.Tensor, float]:
+    """One input item as an (N, C, H, W) tensor of raw pixels and the divisor bringing it to [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        return _torch_batch(image)
+    if isinstance(image, (str, os.PathLike)):
+        return _numpy_batch(_read_path(image))
+    if _is_pil(image):
+        return _numpy_batch(_from_pil(image))
+    if isinstance(image, np.ndarray):
+        return _numpy_batch(image)
+    raise TypeError(
+        f"images: expected paths, PIL images, numpy arrays or torch tensors, got {type(image).__name__}"
+    )
+
+
+def to_float_batches(images: Any, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The input as float32 batches (n, 3, H, W) in [0, 1] on `device`, one per item.
+
+    A list or tuple gives one batch per element (their sizes may differ); anything else gives one.
+    """
+    items: Sequence[Any] = images if isinstance(images, (list, tuple)) else [images]
+    if len(items) == 0:
+        raise ValueError("images: expected at least one image, got an empty sequence")
+    batches = []
+    for item in items:
+        raw, scale = _as_batch(item)
+        if raw.shape[0] == 0 or raw.shape[2] == 0 or raw.shape[3] == 0:
+            raise ValueError(f"images: expected non-empty images, got shape {tuple(raw.shape)}")
+        # Move the raw pixels (often uint8, 4x smaller) before converting.
+        x = raw.to(device, non_blocking=True).to(torch.float32)
+        if scale != 1.0:
+            x = x / scale
+        channels = x.shape[1]
+        if channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif channels == 4:
+            x = x[:, :3]
+        batches.append(x)
+    return batches
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize with antialiasing (torchvision's tensor ``Resize(antialias=True)``)."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The central (h, w) window, placed as torchvision's ``center_crop`` places it."""
+    height, width = x.shape[-2:]
+    h, w = size
+    if h > height or w > width:
+        raise ValueError(f"center_crop: a {h}x{w} crop does not fit a {height}x{width} image")
+    top = int(round((height - h) / 2.0))
+    left = int(round((width - w) / 2.0))
+    return x[..., top : top + h, left : left + w]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize, optional center crop and per-channel normalisation.
+
+    Parameters
+    ----------
+    image_size : int or (height, width)
+        Every image is resized to exactly this size (an int gives a square).
+    center_crop : int or (height, width), optional
+        Crop this central window after resizing.
+    mean, std : 3 floats
+        Normalisation applied to pixels in [0, 1]: ``(x - mean) / std``.
+    """
+
+    image_size: int | tuple[int, int]
+    center_crop: int | tuple[int, int] | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        _size_pair(self.image_size, "image_size")
+        if self.center_crop is not None:
+            crop = _size_pair(self.center_crop, "center_crop")
+            size = _size_pair(self.image_size, "image_size")
+            if crop[0] > size[0] or crop[1] > size[1]:
+                raise ValueError(f"center_crop: {crop} does not fit in image_size {size}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if len(value) != 3:
+                raise ValueError(f"{name}: expected 3 values (one per RGB channel), got {value!r}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std: expected positive values, got {self.std!r}")
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the batches this produces."""
+        if self.center_crop is not None:
+            return _size_pair(self.center_crop, "center_crop")
+        return _size_pair(self.image_size, "image_size")
+
+    def __call__(self, images: Any, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A normalised float32 batch (N, 3, H, W) on `device`."""
+        size = _size_pair(self.image_size, "image_size")
+        batches = [resize(b, size) for b in to_float_batches(images, device)]
+        x = torch.cat(batches) if len(batches) > 1 else batches[0]
+        if self.center_crop is not None:
+            x = center_crop(x, _size_pair(self.center_crop, "center_crop"))
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        return ((x - mean) / std).contiguous()

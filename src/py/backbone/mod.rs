@@ -1,0 +1,324 @@
+//! Backbones run with tch inside Rust: `anomalox._core.BackboneModel`, behind `anomalox.Backbone`.
+//!
+//! Weights arrive as tensors (read in Python with `torch.load(weights_only=True)`, or read here from
+//! a `.safetensors` file) and are copied into the model on its device. A forward pass stops after the
+//! deepest requested tap and hands the feature maps back as torch tensors without a copy.
+
+mod efficientnet_lite;
+mod params;
+mod resnet;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3_tch::PyTensor;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{KernelError, KernelResult};
+use crate::interrupt::Interrupt;
+use crate::py::runtime::run;
+use params::StateDict;
+
+/// A named intermediate output: its channels and its stride relative to the input.
+pub struct Tap {
+    pub name: String,
+    pub channels: i64,
+    pub stride: i64,
+}
+
+/// A network whose forward pass reports its taps as it reaches them.
+pub trait Backbone: Send {
+    /// Taps in forward order.
+    fn taps(&self) -> &[Tap];
+
+    /// Whether the weights included the classifier, so that `logits` can run.
+    fn has_logits(&self) -> bool;
+
+    /// Run the network on `x` (B, 3, H, W) up to and including tap `last`, calling `emit(i, t)` for
+    /// every tap `i <= last` as it is reached, and stop there. Returns the last tap's output.
+    fn forward(
+        &self,
+        x: &Tensor,
+        last: usize,
+        intr: &Interrupt,
+        emit: &mut dyn FnMut(usize, &Tensor),
+    ) -> KernelResult<Tensor>;
+
+    /// Class scores (B, classes), or None without a classifier.
+    fn logits(&self, x: &Tensor, intr: &Interrupt) -> KernelResult<Option<Tensor>>;
+}
+
+fn architectures() -> Vec<&'static str> {
+    let lite = efficientnet_lite::SPECS.iter().map(|s| s.name);
+    lite.chain(resnet::SPECS.iter().map(|s| s.name)).collect()
+}
+
+fn build(arch: &str, sd: &mut StateDict) -> KernelResult<Box<dyn Backbone>> {
+    if let Some(spec) = efficientnet_lite::SPECS.iter().find(|s| s.name == arch) {
+        return Ok(Box::new(efficientnet_lite::EfficientNetLite::load(
+            spec, sd,
+        )));
+    }
+    if let Some(spec) = resnet::SPECS.iter().find(|s| s.name == arch) {
+        return Ok(Box::new(resnet::ResNet::load(spec, sd)));
+    }
+    Err(KernelError::invalid(
+        "name",
+        format!("expected one of {:?}, got {arch:?}", architectures()),
+    ))
+}
+
+fn parse_device(device: &str) -> PyResult<Device> {
+    if device == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let index = device
+        .strip_prefix("cuda:")
+        .and_then(|i| i.parse::<usize>().ok())
+        .ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "device: expected 'cpu' or 'cuda:N', got {device:?}"
+            ))
+        })?;
+    if !tch::Cuda::is_available() || index >= tch::Cuda::device_count() as usize {
+        return Err(PyValueError::new_err(format!(
+            "device: {device:?} requested, but libtorch sees {} CUDA device(s)",
+            if tch::Cuda::is_available() {
+                tch::Cuda::device_count()
+            } else {
+                0
+            }
+        )));
+    }
+    Ok(Device::Cuda(index))
+}
+
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        Device::Mps => "mps".into(),
+        Device::Vulkan => "vulkan".into(),
+        Device::Cpu => "cpu".into(),
+    }
+}
+
+fn set_threads(n_threads: usize) {
+    // libtorch's intra-op thread count is per calling thread (OpenMP); we run on a pool thread.
+    tch::set_num_threads(n_threads.min(i32::MAX as usize) as i32);
+}
+
+#[pyclass(module = "anomalox._core", frozen)]
+pub struct BackboneModel {
+    net: Mutex<Box<dyn Backbone>>,
+    arch: String,
+    device: Device,
+    taps: Vec<(String, i64, i64)>,
+    has_logits: bool,
+    /// How many taps the last `features` pass reached: lets tests see that it stopped early.
+    taps_reached: AtomicUsize,
+}
+
+impl BackboneModel {
+    fn assemble(
+        py: Python<'_>,
+        arch: &str,
+        entries: Vec<(String, Tensor)>,
+        device: Device,
+        exclusive: bool,
+        n_threads: usize,
+    ) -> PyResult<Self> {
+        let net = run(py, n_threads, move |_| {
+            set_threads(n_threads);
+            let mut sd = StateDict::new(entries, device, exclusive);
+            let net = build(arch, &mut sd)?;
+            sd.finish(arch)?;
+            Ok(net)
+        })?;
+        let taps = net
+            .taps()
+            .iter()
+            .map(|t| (t.name.clone(), t.channels, t.stride))
+            .collect();
+        let has_logits = net.has_logits();
+        Ok(BackboneModel {
+            net: Mutex::new(net),
+            arch: arch.to_string(),
+            device,
+            taps,
+            has_logits,
+            taps_reached: AtomicUsize::new(0),
+        })
+    }
+
+    fn check_input(&self, x: &Tensor) -> PyResult<()> {
+        let size = x.size();
+        if size.len() != 4 || size[1] != 3 || size[0] < 1 || size[2] < 1 || size[3] < 1 {
+            return Err(PyValueError::new_err(format!(
+                "x: expected a batch (B, 3, H, W), got shape {size:?}"
+            )));
+        }
+        if x.kind() != Kind::Float {
+            return Err(PyValueError::new_err(format!(
+                "x: expected float32, got {:?}",
+                x.kind()
+            )));
+        }
+        if x.device() != self.device {
+            return Err(PyValueError::new_err(format!(
+                "x: expected a tensor on {}, the backbone's device, got one on {}",
+                device_name(self.device),
+                device_name(x.device())
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl BackboneModel {
+    /// Build `arch` from (name, tensor) pairs in state_dict order. `exclusive`: the caller holds
+    /// no other reference to these tensors (it read them from a file for this model), so they
+    /// may be used in place instead of copied.
+    #[new]
+    #[pyo3(signature = (arch, state_dict, device, n_threads, exclusive=false))]
+    fn new(
+        py: Python<'_>,
+        arch: &str,
+        state_dict: Vec<(String, PyTensor)>,
+        device: &str,
+        n_threads: usize,
+        exclusive: bool,
+    ) -> PyResult<Self> {
+        let device = parse_device(device)?;
+        let entries = state_dict.into_iter().map(|(k, t)| (k, t.0)).collect();
+        Self::assemble(py, arch, entries, device, exclusive, n_threads)
+    }
+
+    /// Build `arch` from a `.safetensors` file, read here without going through Python.
+    #[staticmethod]
+    #[pyo3(signature = (arch, path, device, n_threads))]
+    fn from_safetensors(
+        py: Python<'_>,
+        arch: &str,
+        path: std::path::PathBuf,
+        device: &str,
+        n_threads: usize,
+    ) -> PyResult<Self> {
+        let device = parse_device(device)?;
+        let entries = Tensor::read_safetensors(&path).map_err(|e| {
+            PyValueError::new_err(format!(
+                "weights: could not read {} as a safetensors file: {e}",
+                path.display()
+            ))
+        })?;
+        Self::assemble(py, arch, entries, device, true, n_threads)
+    }
+
+    #[staticmethod]
+    fn architectures() -> Vec<&'static str> {
+        architectures()
+    }
+
+    #[getter]
+    fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    #[getter]
+    fn device(&self) -> String {
+        device_name(self.device)
+    }
+
+    /// (name, channels, stride) of every tap, in forward order.
+    #[getter]
+    fn taps(&self) -> Vec<(String, i64, i64)> {
+        self.taps.clone()
+    }
+
+    #[getter]
+    fn has_logits(&self) -> bool {
+        self.has_logits
+    }
+
+    /// Taps the last `features` pass went through (a test hook for the early stop).
+    #[getter]
+    fn _taps_reached(&self) -> usize {
+        self.taps_reached.load(Ordering::Relaxed)
+    }
+
+    /// Feature maps (B, C, h, w) at `layers`, in the order given; the pass stops after the deepest.
+    #[pyo3(signature = (x, layers, n_threads))]
+    fn features(
+        &self,
+        py: Python<'_>,
+        x: PyTensor,
+        layers: Vec<String>,
+        n_threads: usize,
+    ) -> PyResult<Vec<PyTensor>> {
+        self.check_input(&x)?;
+        let mut wanted = Vec::with_capacity(layers.len());
+        for name in &layers {
+            let i = self.taps.iter().position(|t| &t.0 == name).ok_or_else(|| {
+                let names: Vec<&str> = self.taps.iter().map(|t| t.0.as_str()).collect();
+                PyValueError::new_err(format!(
+                    "layers: {} has no tap {name:?}; its taps are {names:?}",
+                    self.arch
+                ))
+            })?;
+            wanted.push(i);
+        }
+        let Some(&last) = wanted.iter().max() else {
+            return Err(PyValueError::new_err(
+                "layers: expected at least one tap name, got none",
+            ));
+        };
+        let x = x.0;
+        let (net, reached) = (&self.net, &self.taps_reached);
+        let maps = run(py, n_threads, move |intr| {
+            set_threads(n_threads);
+            let net = net.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut found: Vec<Option<Tensor>> = (0..=last).map(|_| None).collect();
+            reached.store(0, Ordering::Relaxed);
+            let _deepest = tch::no_grad(|| {
+                net.forward(&x, last, intr, &mut |i, t| {
+                    reached.fetch_add(1, Ordering::Relaxed);
+                    if wanted.contains(&i) {
+                        found[i] = Some(t.shallow_clone());
+                    }
+                })
+            })?;
+            Ok(wanted
+                .iter()
+                .map(|&i| {
+                    found[i]
+                        .as_ref()
+                        .expect("every wanted tap was emitted")
+                        .shallow_clone()
+                })
+                .collect::<Vec<_>>())
+        })?;
+        Ok(maps.into_iter().map(PyTensor).collect())
+    }
+
+    /// Class scores (B, classes) from the classifier the weights came with.
+    #[pyo3(signature = (x, n_threads))]
+    fn logits(&self, py: Python<'_>, x: PyTensor, n_threads: usize) -> PyResult<PyTensor> {
+        self.check_input(&x)?;
+        if !self.has_logits {
+            return Err(PyValueError::new_err(format!(
+                "logits: the weights given for {} have no classifier (fc) parameters",
+                self.arch
+            )));
+        }
+        let x = x.0;
+        let net = &self.net;
+        let scores = run(py, n_threads, move |intr| {
+            set_threads(n_threads);
+            let net = net.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            tch::no_grad(|| net.logits(&x, intr)).map(|s| s.expect("has_logits was checked"))
+        })?;
+        Ok(PyTensor(scores))
+    }
+}

@@ -1,0 +1,308 @@
+//! The pieces every backbone is built from: a state_dict being consumed parameter by parameter,
+//! and the three layers (convolution, eval-mode batch norm, linear) with their weights.
+
+use std::collections::HashMap;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{KernelError, KernelResult};
+
+/// How many offending keys an error message names before it only counts the rest.
+const KEYS_SHOWN: usize = 5;
+
+/// A state_dict being taken apart by a model under construction.
+///
+/// Every parameter the model asks for is taken out, checked for shape and copied to the model's
+/// device as float32, so the model never aliases the caller's tensors; tensors nobody else holds
+/// (`exclusive`: read from a file for this model) are used in place when they are already float32,
+/// contiguous and on the device, which spares a copy of the weights. Missing keys, wrong shapes and
+/// keys left over are collected and reported together by `finish`, in the model's order (missing,
+/// mismatched) or the state_dict's order (unexpected).
+pub struct StateDict {
+    tensors: HashMap<String, Tensor>,
+    order: Vec<String>,
+    device: Device,
+    exclusive: bool,
+    missing: Vec<String>,
+    mismatched: Vec<String>,
+}
+
+impl StateDict {
+    pub fn new(entries: Vec<(String, Tensor)>, device: Device, exclusive: bool) -> Self {
+        let order = entries.iter().map(|(k, _)| k.clone()).collect();
+        StateDict {
+            tensors: entries.into_iter().collect(),
+            order,
+            device,
+            exclusive,
+            missing: vec![],
+            mismatched: vec![],
+        }
+    }
+
+    /// The parameter `name`, which must have `shape`. On a problem, records it and returns an
+    /// empty placeholder: `finish` then fails, so the placeholder is never run.
+    pub fn take(&mut self, name: &str, shape: &[i64]) -> Tensor {
+        match self.tensors.remove(name) {
+            None => {
+                self.missing.push(name.to_string());
+                Tensor::zeros([0], (Kind::Float, Device::Cpu))
+            }
+            Some(t) => self.checked(name, t, shape),
+        }
+    }
+
+    /// A linear layer `prefix.weight` (K, in_features) and `prefix.bias` (K) with any K, or None when
+    /// both are absent (a headless backbone checkpoint is fine: only `logits` needs the head).
+    pub fn take_linear(&mut self, prefix: &str, in_features: i64) -> Option<Linear> {
+        let (wk, bk) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
+        if !self.tensors.contains_key(&wk) && !self.tensors.contains_key(&bk) {
+            return None;
+        }
+        let classes = self
+            .tensors
+            .get(&wk)
+            .map(|w| w.size())
+            .filter(|s| s.len() == 2)
+            .map_or(1000, |s| s[0]);
+        let weight = self.take(&wk, &[classes, in_features]);
+        let bias = self.take(&bk, &[classes]);
+        Some(Linear { weight, bias })
+    }
+
+    fn checked(&mut self, name: &str, t: Tensor, shape: &[i64]) -> Tensor {
+        if t.size() != shape {
+            self.mismatched
+                .push(format!("'{name}': expected {shape:?}, got {:?}", t.size()));
+            return Tensor::zeros([0], (Kind::Float, Device::Cpu));
+        }
+        if !matches!(
+            t.kind(),
+            Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+        ) {
+            self.mismatched.push(format!(
+                "'{name}': expected a floating-point tensor, got {:?}",
+                t.kind()
+            ));
+            return Tensor::zeros([0], (Kind::Float, Device::Cpu));
+        }
+        if self.exclusive
+            && t.kind() == Kind::Float
+            && t.device() == self.device
+            && t.is_contiguous()
+            && !t.requires_grad()
+        {
+            return t;
+        }
+        let mut param = Tensor::empty(shape, (Kind::Float, self.device));
+        tch::no_grad(|| param.copy_(&t));
+        param
+    }
+
+    /// Ok when every parameter was found with the right shape and nothing but batch-norm counters
+    /// is left over; otherwise a `weights` error naming the first offending keys of each kind.
+    pub fn finish(self, arch: &str) -> KernelResult<()> {
+        let unexpected: Vec<&String> = self
+            .order
+            .iter()
+            .filter(|k| self.tensors.contains_key(*k) && !k.ends_with(".num_batches_tracked"))
+            .collect();
+        if self.missing.is_empty() && self.mismatched.is_empty() && unexpected.is_empty() {
+            return Ok(());
+        }
+        let mut parts = vec![];
+        if !self.missing.is_empty() {
+            parts.push(listing(
+                "missing key",
+                &self
+                    .missing
+                    .iter()
+                    .map(|k| format!("'{k}'"))
+                    .collect::<Vec<_>>(),
+            ));
+        }
+        if !self.mismatched.is_empty() {
+            parts.push(listing("mismatched parameter", &self.mismatched));
+        }
+        if !unexpected.is_empty() {
+            parts.push(listing(
+                "unexpected key",
+                &unexpected
+                    .iter()
+                    .map(|k| format!("'{k}'"))
+                    .collect::<Vec<_>>(),
+            ));
+        }
+        let mut msg = format!("the state_dict does not fit {arch}: {}", parts.join("; "));
+        if let (Some(miss), Some(extra)) = (self.missing.first(), unexpected.first()) {
+            if let Some(prefix) = extra.strip_suffix(miss.as_str()) {
+                msg.push_str(&format!(
+                    " (the keys carry a prefix {prefix:?}: strip it from every key)"
+                ));
+            }
+        }
+        Err(KernelError::invalid("weights", msg))
+    }
+}
+
+fn listing(what: &str, items: &[String]) -> String {
+    let shown = items
+        .iter()
+        .take(KEYS_SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    let s = if items.len() == 1 { "" } else { "s" };
+    if items.len() > KEYS_SHOWN {
+        format!(
+            "{} {what}{s} (first {KEYS_SHOWN}: {shown}, ...)",
+            items.len()
+        )
+    } else {
+        format!("{} {what}{s} ({shown})", items.len())
+    }
+}
+
+/// Spatial padding of a convolution.
+#[derive(Clone, Copy, Debug)]
+pub enum Padding {
+    /// The same zero padding on every side (PyTorch's `padding=`).
+    Fixed(i64),
+    /// TensorFlow "SAME": computed from each input's size so the output is ceil(input / stride).
+    TfSame,
+}
+
+/// TensorFlow "SAME" padding along one axis: (before, after), the odd pixel going after.
+pub fn tf_same_padding(size: i64, kernel: i64, stride: i64) -> (i64, i64) {
+    let out = (size + stride - 1) / stride;
+    let pad = ((out - 1) * stride + kernel - size).max(0);
+    (pad / 2, pad - pad / 2)
+}
+
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: i64,
+    padding: Padding,
+    groups: i64,
+}
+
+impl Conv2d {
+    /// `prefix.weight` of shape (out, in / groups, k, k), and `prefix.bias` when `bias`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        sd: &mut StateDict,
+        prefix: &str,
+        in_channels: i64,
+        out_channels: i64,
+        kernel: i64,
+        stride: i64,
+        padding: Padding,
+        groups: i64,
+        bias: bool,
+    ) -> Self {
+        let weight = sd.take(
+            &format!("{prefix}.weight"),
+            &[out_channels, in_channels / groups, kernel, kernel],
+        );
+        let bias = bias.then(|| sd.take(&format!("{prefix}.bias"), &[out_channels]));
+        Conv2d {
+            weight,
+            bias,
+            stride,
+            padding,
+            groups,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let s = [self.stride, self.stride];
+        match self.padding {
+            Padding::Fixed(p) => x.conv2d(
+                &self.weight,
+                self.bias.as_ref(),
+                s,
+                [p, p],
+                [1, 1],
+                self.groups,
+            ),
+            Padding::TfSame => {
+                let k = self.weight.size()[2];
+                let size = x.size();
+                let (top, bottom) = tf_same_padding(size[2], k, self.stride);
+                let (left, right) = tf_same_padding(size[3], k, self.stride);
+                if top == bottom && left == right {
+                    // Symmetric: let the convolution pad, which spares a padded copy of the input.
+                    x.conv2d(
+                        &self.weight,
+                        self.bias.as_ref(),
+                        s,
+                        [top, left],
+                        [1, 1],
+                        self.groups,
+                    )
+                } else {
+                    x.constant_pad_nd([left, right, top, bottom]).conv2d(
+                        &self.weight,
+                        self.bias.as_ref(),
+                        s,
+                        [0, 0],
+                        [1, 1],
+                        self.groups,
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// Batch norm with its running statistics (always eval mode: features must not depend on the batch).
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: f64,
+}
+
+impl BatchNorm2d {
+    pub fn load(sd: &mut StateDict, prefix: &str, channels: i64, eps: f64) -> Self {
+        let mut take = |name: &str| sd.take(&format!("{prefix}.{name}"), &[channels]);
+        BatchNorm2d {
+            weight: take("weight"),
+            bias: take("bias"),
+            running_mean: take("running_mean"),
+            running_var: take("running_var"),
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.batch_norm(
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            false,
+            0.0,
+            self.eps,
+            true,
+        )
+    }
+}
+
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, Some(&self.bias))
+    }
+}
+
+/// Global average pooling then the classifier: (B, C, h, w) -> (B, classes).
+pub fn classify(features: &Tensor, fc: &Linear) -> Tensor {
+    fc.forward(&features.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
+}

@@ -1,0 +1,105 @@
+//! `anomalox._core` functions behind `anomalox.metrics`. The Python layer has already converted
+//! labels and masks to bool arrays (checking that they hold only 0 and 1), scores and maps to
+//! float32, checked ranks and matching shapes, and resolved `n_threads`; here we run the kernels
+//! off the GIL and hand the curves back without a copy.
+
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray3};
+use pyo3::prelude::*;
+
+use crate::py::runtime::run;
+use crate::{aupro as aupro_k, roc};
+
+/// (false positive rate, true positive rate or PRO, thresholds).
+type Curve<'py> = (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f32>>);
+
+fn curve(py: Python<'_>, (x, y, t): (Vec<f64>, Vec<f64>, Vec<f32>)) -> Curve<'_> {
+    (x.into_pyarray(py), y.into_pyarray(py), t.into_pyarray(py))
+}
+
+#[pyfunction]
+#[pyo3(signature = (scores, labels, n_threads))]
+pub fn auroc(
+    py: Python<'_>,
+    scores: PyReadonlyArray1<'_, f32>,
+    labels: PyReadonlyArray1<'_, bool>,
+    n_threads: usize,
+) -> PyResult<f64> {
+    let (s, l) = (scores.as_array(), labels.as_array());
+    run(py, n_threads, |_| roc::auroc(s, l))
+}
+
+#[pyfunction]
+#[pyo3(signature = (scores, labels, n_threads))]
+pub fn aupr(
+    py: Python<'_>,
+    scores: PyReadonlyArray1<'_, f32>,
+    labels: PyReadonlyArray1<'_, bool>,
+    n_threads: usize,
+) -> PyResult<f64> {
+    let (s, l) = (scores.as_array(), labels.as_array());
+    run(py, n_threads, |_| roc::aupr(s, l))
+}
+
+#[pyfunction]
+#[pyo3(signature = (scores, labels, n_threads))]
+pub fn f1_max(
+    py: Python<'_>,
+    scores: PyReadonlyArray1<'_, f32>,
+    labels: PyReadonlyArray1<'_, bool>,
+    n_threads: usize,
+) -> PyResult<(f64, f32)> {
+    let (s, l) = (scores.as_array(), labels.as_array());
+    run(py, n_threads, |_| roc::f1_max(s, l))
+}
+
+#[pyfunction]
+#[pyo3(signature = (scores, labels, n_threads))]
+pub fn roc_curve<'py>(
+    py: Python<'py>,
+    scores: PyReadonlyArray1<'py, f32>,
+    labels: PyReadonlyArray1<'py, bool>,
+    n_threads: usize,
+) -> PyResult<Curve<'py>> {
+    let (s, l) = (scores.as_array(), labels.as_array());
+    let out = run(py, n_threads, |_| roc::roc_curve(s, l))?;
+    Ok(curve(py, out))
+}
+
+#[pyfunction]
+#[pyo3(signature = (maps, masks, n_threads))]
+pub fn pro_curve<'py>(
+    py: Python<'py>,
+    maps: PyReadonlyArray3<'py, f32>,
+    masks: PyReadonlyArray3<'py, bool>,
+    n_threads: usize,
+) -> PyResult<Curve<'py>> {
+    let (m, k) = (maps.as_array(), masks.as_array());
+    let out = run(py, n_threads, |intr| aupro_k::pro_curve(m, k, intr))?;
+    Ok(curve(py, out))
+}
+
+#[pyfunction]
+#[pyo3(signature = (maps, masks, fpr_limit, n_threads))]
+pub fn aupro(
+    py: Python<'_>,
+    maps: PyReadonlyArray3<'_, f32>,
+    masks: PyReadonlyArray3<'_, bool>,
+    fpr_limit: f64,
+    n_threads: usize,
+) -> PyResult<f64> {
+    let (m, k) = (maps.as_array(), masks.as_array());
+    run(py, n_threads, |intr| aupro_k::aupro(m, k, fpr_limit, intr))
+}
+
+#[pyfunction]
+#[pyo3(signature = (maps, masks, threshold, n_threads))]
+pub fn pro_at_threshold(
+    py: Python<'_>,
+    maps: PyReadonlyArray3<'_, f32>,
+    masks: PyReadonlyArray3<'_, bool>,
+    threshold: f32,
+    n_threads: usize,
+) -> PyResult<f64> {
+    let (m, k) = (maps.as_array(), masks.as_array());
+    run(py, n_threads, |intr| aupro_k::pro_at_threshold(m, k, threshold, intr))
+}

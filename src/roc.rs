@@ -1,0 +1,1056 @@
+//! Threshold-sweep metrics of binary scores: ROC curve, AUROC, average precision and F1-max,
+//! equal to scikit-learn's `roc_curve(drop_intermediate=False)`, `roc_auc_score`,
+//! `average_precision_score` and the F1 of `precision_recall_curve`.
+//!
+//! One sort of the scores (descending), then one sweep: every distinct score value is a threshold
+//! ("anomalous when score >= t"), and tied scores enter together, as in scikit-learn. Counts are
+//! kept as integers, so the curve points are exact ratios and the AUROC is one rounded division.
+//!
+//! Samples become 8-byte records `order key of the score << 32 | payload` (payload 0 = negative),
+//! generated on the fly from the inputs and sorted by a two-level bucket sort: one parallel
+//! most-significant-digit pass places them into 4096 key intervals (this pass can keep only the
+//! first intervals, which AUPRO uses to sort just the pixels above its FPR limit), then each
+//! interval is sorted in cache by a counting pass on the next key bits. This is several times
+//! faster than a comparison sort of millions of pixels. The sweep runs in parallel over
+//! group-aligned chunks with integer prefix counts. Results do not depend on the thread count:
+//! the records end fully sorted (key, then payload) and every chunking depends on the data only.
+
+use std::ops::Range;
+
+use ndarray::{s, ArrayView1};
+use rayon::prelude::*;
+
+use crate::error::{KernelError, KernelResult};
+use crate::interrupt::Interrupt;
+
+/// Below this many records a plain comparison sort beats the bucket passes.
+const SMALL_SORT: usize = 1 << 13;
+
+/// Records per task of the bucket pass (at least; see `chunk_len`).
+const SORT_CHUNK: usize = 1 << 16;
+
+/// At most about this many tasks (so per-task histograms stay small for huge inputs).
+const MAX_CHUNKS: usize = 1 << 10;
+
+/// Key intervals of the first bucket pass.
+const BUCKETS: usize = 1 << 12;
+
+/// Intervals larger than this are sorted by a parallel bucket sort of their own.
+const PAR_BUCKET: usize = 1 << 17;
+
+/// `desc_key` of the finite floats: +inf and NaNs map below, -inf and negative NaNs above.
+pub(crate) const FINITE_KEYS: std::ops::Range<u32> = 0x0080_0000..0xff80_0000;
+
+/// Records per task of the parallel sweep (rounded up to the next group boundary).
+const SWEEP_CHUNK: usize = 1 << 16;
+
+/// Order-preserving u32 key of a finite f32, in *descending* score order (the larger score gets
+/// the smaller key). -0.0 and +0.0 map to the same key, as `==` (and numpy's ties) treat them.
+#[inline]
+pub(crate) fn desc_key(score: f32) -> u32 {
+    let bits = (score + 0.0).to_bits(); // -0.0 + 0.0 == +0.0
+    let asc = if bits & 0x8000_0000 != 0 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    };
+    !asc
+}
+
+/// Inverse of [`desc_key`].
+#[inline]
+pub(crate) fn key_score(key: u32) -> f32 {
+    let asc = !key;
+    let bits = if asc & 0x8000_0000 != 0 {
+        asc & 0x7fff_ffff
+    } else {
+        !asc
+    };
+    f32::from_bits(bits)
+}
+
+/// Records per chunk for `n` records: at least `SORT_CHUNK`, at most about `MAX_CHUNKS` chunks.
+pub(crate) fn chunk_len(n: usize) -> usize {
+    SORT_CHUNK.max(n.div_ceil(MAX_CHUNKS))
+}
+
+/// A source of records for [`sort_records`], read chunk by chunk, twice (count, then place).
+pub(crate) trait Records: Sync {
+    /// Total number of records.
+    fn len(&self) -> usize;
+    fn n_chunks(&self) -> usize;
+    /// Calls `sink` with batches holding every record of `chunk`, in the same order on every
+    /// call. With `exact = false` (counting pass) only the key and whether the payload is 0
+    /// must be right. Batches (at most `BATCH` records from a stack buffer) keep both the
+    /// producer and the consumer loops tight and vectorisable.
+    fn emit(&self, chunk: usize, exact: bool, sink: impl FnMut(&[u64]));
+}
+
+/// Records per batch handed from a source to the sort.
+pub(crate) const BATCH: usize = 2048;
+
+/// Fills `out` with records `key(score) << 32 | payload(i)` and says whether a score was NaN or
+/// infinite. One call per batch; written so that it vectorises.
+#[inline]
+pub(crate) fn fill_records(
+    out: &mut [u64],
+    scores: &[f32],
+    payload: impl Fn(usize) -> u64,
+) -> bool {
+    let mut bad = false;
+    for (i, (r, &s)) in out.iter_mut().zip(scores).enumerate() {
+        let k = desc_key(s);
+        bad |= !(FINITE_KEYS.start <= k && k < FINITE_KEYS.end);
+        *r = ((k as u64) << 32) | payload(i);
+    }
+    bad
+}
+
+/// Records already in memory.
+pub(crate) struct SliceRecords<'a>(pub &'a [u64]);
+
+impl Records for SliceRecords<'_> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn n_chunks(&self) -> usize {
+        self.0.len().div_ceil(chunk_len(self.0.len()))
+    }
+    fn emit(&self, chunk: usize, _exact: bool, mut sink: impl FnMut(&[u64])) {
+        let c = chunk_len(self.0.len());
+        sink(&self.0[chunk * c..((chunk + 1) * c).min(self.0.len())]);
+    }
+}
+
+/// Smallest and largest key (upper word) of `records`; `(u32::MAX, 0)` when empty.
+fn key_range(records: &[u64]) -> (u32, u32) {
+    records.iter().fold((u32::MAX, 0u32), |(lo, hi), &r| {
+        let k = (r >> 32) as u32;
+        (lo.min(k), hi.max(k))
+    })
+}
+
+/// Wrapper that lets the parallel scatter write disjoint slots of one buffer.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut u64);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// A method (not the field) so that closures capture the Sync wrapper, not the raw pointer.
+    fn get(self) -> *mut u64 {
+        self.0
+    }
+}
+
+fn source_changed() -> KernelError {
+    KernelError::Numerical("internal error: sort records changed between passes".into())
+}
+
+/// The records of `src` sorted ascending as u64 (by descending score, then payload); only a
+/// prefix of them when `needed_negatives` is given.
+///
+/// `key_lo..=key_hi` is the expected key range, used to cut it into intervals; keys outside it
+/// are placed in the first or last interval (still sorted right, only more slowly). With
+/// `needed_negatives = Some(k)` the result is a prefix of the full sort, made of whole key intervals, holding at least `k` records of payload
+/// 0 (or everything when there are fewer): every record whose key is at most that of the k-th
+/// negative is in it, which is all a sweep that stops at its k-th negative needs (AUPRO's FPR
+/// limit). Memory: the output (8 bytes per kept record), 2·4096 counters per chunk and a scratch
+/// interval per thread.
+pub(crate) fn sort_records(
+    src: &impl Records,
+    (key_lo, key_hi): (u32, u32),
+    needed_negatives: Option<u64>,
+    intr: &Interrupt,
+) -> KernelResult<Vec<u64>> {
+    let n = src.len();
+    if n <= SMALL_SORT || key_lo >= key_hi {
+        let mut out = Vec::with_capacity(n);
+        for c in 0..src.n_chunks() {
+            src.emit(c, true, |batch| out.extend_from_slice(batch));
+        }
+        out.sort_unstable();
+        return Ok(out);
+    }
+    let span = (key_hi - key_lo) as u64;
+    let mut shift = 0;
+    while span >> shift >= BUCKETS as u64 {
+        shift += 1;
+    }
+    // Keys outside the given range go to the first or last interval.
+    let bucket = move |r: u64| {
+        ((((r >> 32) as u32).saturating_sub(key_lo) >> shift) as usize).min(BUCKETS - 1)
+    };
+    let count_negatives = needed_negatives.is_some();
+    // Counting pass, per chunk: records per interval, and negatives per interval for a prefix.
+    let hists: Vec<(Vec<u32>, Vec<u32>)> = (0..src.n_chunks())
+        .into_par_iter()
+        .map(|c| {
+            let mut all = vec![0u32; BUCKETS];
+            let mut neg = vec![0u32; if count_negatives { BUCKETS } else { 0 }];
+            if !intr.is_set() {
+                if count_negatives {
+                    src.emit(c, false, |batch| {
+                        let (all, neg) = (&mut all[..], &mut neg[..]);
+                        for &r in batch {
+                            let b = bucket(r);
+                            all[b] += 1;
+                            neg[b] += (r as u32 == 0) as u32;
+                        }
+                    });
+                } else {
+                    src.emit(c, false, |batch| {
+                        let all = &mut all[..];
+                        for &r in batch {
+                            all[bucket(r)] += 1;
+                        }
+                    });
+                }
+            }
+            (all, neg)
+        })
+        .collect();
+    intr.check()?;
+    let mut totals = vec![0usize; BUCKETS];
+    for (all, _) in &hists {
+        for (t, &c) in totals.iter_mut().zip(all) {
+            *t += c as usize;
+        }
+    }
+    let mut last = BUCKETS - 1;
+    if let Some(k) = needed_negatives {
+        let mut negatives = 0u64;
+        for b in 0..BUCKETS {
+            negatives += hists.iter().map(|(_, neg)| neg[b] as u64).sum::<u64>();
+            if negatives >= k {
+                last = b;
+                break;
+            }
+        }
+    }
+    let kept: usize = totals[..=last].iter().sum();
+    // Start of each (interval, chunk) run: intervals in order, chunks in order within one.
+    let mut offsets = vec![vec![0usize; last + 1]; hists.len()];
+    let mut pos = 0usize;
+    for b in 0..=last {
+        for (c, (all, _)) in hists.iter().enumerate() {
+            offsets[c][b] = pos;
+            pos += all[b] as usize;
+        }
+    }
+    let mut out = vec![0u64; kept];
+    let dst = SendPtr(out.as_mut_ptr());
+    let consistent = (0..src.n_chunks())
+        .into_par_iter()
+        .zip(offsets.into_par_iter())
+        .map(|(c, mut off)| {
+            // Records past `last` go to a one-slot trash through an extra interval that never
+            // advances: no unpredictable branch on whether a record is kept.
+            let mut left: Vec<u32> = hists[c].0[..=last].to_vec();
+            left.push(u32::MAX);
+            off.push(0);
+            let mut trash = 0u64;
+            let mut ok = true;
+            if !intr.is_set() {
+                src.emit(c, true, |batch| {
+                    // Local slices, so the loop keeps them in registers across the raw stores.
+                    let (left, off) = (&mut left[..], &mut off[..]);
+                    let (out, bin) = (dst.get(), &mut trash as *mut u64);
+                    for &r in batch {
+                        let b = bucket(r).min(last + 1);
+                        let keep = b <= last;
+                        if left[b] == 0 {
+                            ok = false;
+                            return;
+                        }
+                        left[b] -= 1;
+                        let base = if keep { out } else { bin };
+                        // SAFETY: the (interval, chunk) runs partition 0..kept; this task owns
+                        // the runs of chunk `c` and writes each at most its counted length;
+                        // the trash interval always writes `trash` (its offset stays 0).
+                        unsafe { *base.add(off[b]) = r };
+                        off[b] += keep as usize;
+                    }
+                });
+            }
+            let _ = trash;
+            ok && (intr.is_set() || left[..=last].iter().all(|&l| l == 0))
+        })
+        .reduce(|| true, |a, b| a && b);
+    intr.check()?;
+    if !consistent {
+        return Err(source_changed());
+    }
+    // Second level: every interval sorted in cache, in parallel.
+    let mut slices: Vec<&mut [u64]> = Vec::with_capacity(last + 1);
+    let mut rest = &mut out[..];
+    for &t in &totals[..=last] {
+        let (head, tail) = rest.split_at_mut(t);
+        if t > 1 {
+            slices.push(head);
+        }
+        rest = tail;
+    }
+    slices.into_par_iter().try_for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(scratch, counts), s| sort_interval(s, scratch, counts, intr),
+    )?;
+    Ok(out)
+}
+
+/// Sorts one key interval: a counting pass on the next ~log2(len) key bits, then comparison
+/// sorts of the (mostly single-record) sub-intervals. Huge intervals recurse in parallel.
+fn sort_interval(
+    s: &mut [u64],
+    scratch: &mut Vec<u64>,
+    counts: &mut Vec<u32>,
+    intr: &Interrupt,
+) -> KernelResult<()> {
+    intr.check()?;
+    if s.len() <= 32 {
+        s.sort_unstable();
+        return Ok(());
+    }
+    let (lo, hi) = key_range(s);
+    if lo == hi {
+        s.sort_unstable(); // one score: order by payload
+        return Ok(());
+    }
+    if s.len() > PAR_BUCKET {
+        let sorted = sort_records(&SliceRecords(s), (lo, hi), None, intr)?;
+        s.copy_from_slice(&sorted);
+        return Ok(());
+    }
+    // About one sub-interval per record: most hold zero, one or two records.
+    let bits = (usize::BITS - s.len().leading_zeros()).min(16);
+    let span = (hi - lo) as u64;
+    let mut shift = 0;
+    while span >> shift >= 1u64 << bits {
+        shift += 1;
+    }
+    let sub = |r: u64| (((r >> 32) as u32 - lo) >> shift) as usize;
+    let nb = (span >> shift) as usize + 1;
+    counts.clear();
+    counts.resize(nb, 0);
+    for &r in s.iter() {
+        counts[sub(r)] += 1;
+    }
+    let mut acc = 0u32;
+    for c in counts.iter_mut() {
+        let v = *c;
+        *c = acc; // start of sub-interval
+        acc += v;
+    }
+    scratch.clear();
+    scratch.resize(s.len(), 0);
+    for &r in s.iter() {
+        let b = sub(r);
+        scratch[counts[b] as usize] = r;
+        counts[b] += 1; // ends as the end of sub-interval b
+    }
+    s.copy_from_slice(scratch);
+    let mut start = 0usize;
+    for &end in counts.iter() {
+        let end = end as usize;
+        match end - start {
+            0 | 1 => {}
+            2..=16 => insertion_sort(&mut s[start..end]),
+            _ => s[start..end].sort_unstable(),
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+/// For the many tiny sub-intervals, cheaper than a general sort call.
+fn insertion_sort(s: &mut [u64]) {
+    for i in 1..s.len() {
+        let v = s[i];
+        let mut j = i;
+        while j > 0 && s[j - 1] > v {
+            s[j] = s[j - 1];
+            j -= 1;
+        }
+        s[j] = v;
+    }
+}
+
+/// Chunks of about `SWEEP_CHUNK` sorted records, each starting at a new key (a group boundary).
+pub(crate) fn group_ranges(recs: &[u64]) -> Vec<Range<usize>> {
+    let mut starts = vec![0];
+    let mut pos = SWEEP_CHUNK;
+    while pos < recs.len() {
+        let key = recs[pos - 1] >> 32;
+        while pos < recs.len() && recs[pos] >> 32 == key {
+            pos += 1;
+        }
+        if pos < recs.len() {
+            starts.push(pos);
+        }
+        pos += SWEEP_CHUNK;
+    }
+    starts
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| s..starts.get(i + 1).copied().unwrap_or(recs.len()))
+        .collect()
+}
+
+/// One threshold of the sweep: the counts of positives and negatives with score >= `threshold`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Step {
+    threshold: f32,
+    tp: u64,
+    fp: u64,
+}
+
+/// Validated inputs sorted by descending score, and the class totals.
+struct Sorted {
+    records: Vec<u64>,
+    positives: u64,
+    negatives: u64,
+}
+
+fn validate(scores: &ArrayView1<f32>, labels: &ArrayView1<bool>) -> KernelResult<()> {
+    if scores.len() != labels.len() {
+        return Err(KernelError::invalid(
+            "labels",
+            format!(
+                "expected as many labels as scores, got {} labels for {} scores",
+                labels.len(),
+                scores.len()
+            ),
+        ));
+    }
+    if scores.is_empty() {
+        return Err(KernelError::invalid(
+            "scores",
+            "expected a non-empty array, got 0 scores",
+        ));
+    }
+    Ok(())
+}
+
+/// Scores and labels read as records `key << 32 | label`, in chunks of the flat index.
+struct ScoreRecords<'a, 'b> {
+    scores: ArrayView1<'a, f32>,
+    labels: ArrayView1<'b, bool>,
+    chunk: usize,
+}
+
+impl Records for ScoreRecords<'_, '_> {
+    fn len(&self) -> usize {
+        self.scores.len()
+    }
+    fn n_chunks(&self) -> usize {
+        self.scores.len().div_ceil(self.chunk)
+    }
+    fn emit(&self, chunk: usize, _exact: bool, mut sink: impl FnMut(&[u64])) {
+        let r = chunk * self.chunk..((chunk + 1) * self.chunk).min(self.scores.len());
+        let (sc, lb) = (self.scores.slice(s![r.clone()]), self.labels.slice(s![r]));
+        // Strided inputs are packed first (one chunk at a time).
+        let (sc_own, lb_own): (Vec<f32>, Vec<bool>);
+        let sc = match sc.as_slice() {
+            Some(x) => x,
+            None => {
+                sc_own = sc.iter().copied().collect();
+                &sc_own
+            }
+        };
+        let lb = match lb.as_slice() {
+            Some(x) => x,
+            None => {
+                lb_own = lb.iter().copied().collect();
+                &lb_own
+            }
+        };
+        let mut buf = [0u64; BATCH];
+        for (s, l) in sc.chunks(BATCH).zip(lb.chunks(BATCH)) {
+            let out = &mut buf[..s.len()];
+            // Non-finite scores were refused before any record is read.
+            fill_records(out, s, |i| l[i] as u64);
+            sink(out);
+        }
+    }
+}
+
+fn sorted(scores: ArrayView1<f32>, labels: ArrayView1<bool>) -> KernelResult<Sorted> {
+    validate(&scores, &labels)?;
+    let src = ScoreRecords {
+        scores,
+        labels,
+        chunk: chunk_len(scores.len()),
+    };
+    // One pass for the class counts, the key range and finiteness (NaN and infinities have
+    // keys at both ends of the u32 range).
+    let (positives, key_lo, key_hi) = (0..src.n_chunks())
+        .into_par_iter()
+        .map(|c| {
+            let (mut pos, mut lo, mut hi) = (0u64, u32::MAX, 0u32);
+            src.emit(c, true, |batch| {
+                for &r in batch {
+                    pos += r & 1;
+                    let k = (r >> 32) as u32;
+                    lo = lo.min(k);
+                    hi = hi.max(k);
+                }
+            });
+            (pos, lo, hi)
+        })
+        .reduce(
+            || (0, u32::MAX, 0),
+            |a, b| (a.0 + b.0, a.1.min(b.1), a.2.max(b.2)),
+        );
+    if key_lo < FINITE_KEYS.start || key_hi >= FINITE_KEYS.end {
+        crate::validate::ensure_finite(&scores, "scores")?; // names the first bad value
+    }
+    let negatives = scores.len() as u64 - positives;
+    if positives == 0 || negatives == 0 {
+        return Err(KernelError::invalid(
+            "labels",
+            format!(
+                "need both normal (0) and anomalous (1) samples, got {negatives} normal and {positives} anomalous"
+            ),
+        ));
+    }
+    let records = sort_records(&src, (key_lo, key_hi), None, &Interrupt::never())?;
+    Ok(Sorted {
+        records,
+        positives,
+        negatives,
+    })
+}
+
+/// Sweeps the distinct scores from the highest down in parallel chunks: for each chunk, `fold`
+/// gets a fresh accumulator and is called with (previous step, step) at each threshold; the
+/// per-chunk accumulators come back in threshold order.
+fn sweep<A: Send>(
+    s: &Sorted,
+    init: impl Fn() -> A + Sync,
+    fold: impl Fn(&mut A, Step, Step) + Sync,
+) -> Vec<A> {
+    let recs = &s.records;
+    let ranges = group_ranges(recs);
+    let tps: Vec<u64> = ranges
+        .par_iter()
+        .map(|r| recs[r.clone()].iter().map(|&x| x & 1).sum())
+        .collect();
+    let mut starts = Vec::with_capacity(ranges.len());
+    let (mut tp, mut fp) = (0u64, 0u64);
+    for (r, &t) in ranges.iter().zip(&tps) {
+        starts.push((tp, fp));
+        tp += t;
+        fp += r.len() as u64 - t;
+    }
+    ranges
+        .into_par_iter()
+        .zip(starts)
+        .map(|(range, (tp0, fp0))| {
+            let mut acc = init();
+            let mut prev = Step {
+                threshold: f32::INFINITY,
+                tp: tp0,
+                fp: fp0,
+            };
+            let chunk = &recs[range];
+            let mut i = 0;
+            while i < chunk.len() {
+                let key = chunk[i] >> 32;
+                let mut cur = prev;
+                while i < chunk.len() && chunk[i] >> 32 == key {
+                    if chunk[i] & 1 == 1 {
+                        cur.tp += 1;
+                    } else {
+                        cur.fp += 1;
+                    }
+                    i += 1;
+                }
+                cur.threshold = key_score(key as u32);
+                fold(&mut acc, prev, cur);
+                prev = cur;
+            }
+            acc
+        })
+        .collect()
+}
+
+/// Area under the ROC curve (trapezoids between distinct thresholds), as `roc_auc_score`.
+///
+/// O(n) memory (16 bytes per sample) and one parallel sort. The area is accumulated exactly in
+/// integers (twice the area times P·N) and divided once.
+pub fn auroc(scores: ArrayView1<f32>, labels: ArrayView1<bool>) -> KernelResult<f64> {
+    let s = sorted(scores, labels)?;
+    let parts = sweep(
+        &s,
+        || 0u128,
+        |acc, prev, cur| {
+            // Trapezoid of width (fp - prev.fp) and heights prev.tp, tp (in counts).
+            *acc += (cur.fp - prev.fp) as u128 * (cur.tp + prev.tp) as u128;
+        },
+    );
+    let twice_area: u128 = parts.iter().sum();
+    Ok(twice_area as f64 / (2.0 * s.positives as f64 * s.negatives as f64))
+}
+
+/// Average precision Σ (Rₖ − Rₖ₋₁)·Pₖ over distinct thresholds, as `average_precision_score`
+/// (step-wise, no interpolation).
+pub fn aupr(scores: ArrayView1<f32>, labels: ArrayView1<bool>) -> KernelResult<f64> {
+    let s = sorted(scores, labels)?;
+    let p = s.positives as f64;
+    let parts = sweep(
+        &s,
+        || 0.0f64,
+        |acc, prev, cur| {
+            if cur.tp > prev.tp {
+                *acc +=
+                    ((cur.tp - prev.tp) as f64 / p) * (cur.tp as f64 / (cur.tp + cur.fp) as f64);
+            }
+        },
+    );
+    Ok(parts.iter().sum())
+}
+
+/// Best F1 over the thresholds "score >= t", and that threshold.
+///
+/// F1(t) = 2·TP / (TP + FP + P); candidates are compared exactly in integers, and among equal F1
+/// the lowest threshold wins (what `argmax` over `precision_recall_curve`'s ascending thresholds,
+/// and anomalib's F1Max, pick).
+pub fn f1_max(scores: ArrayView1<f32>, labels: ArrayView1<bool>) -> KernelResult<(f64, f32)> {
+    let s = sorted(scores, labels)?;
+    let p = s.positives;
+    // Best ratio tp / (tp + fp + p) as (numerator, denominator, threshold); `>=` keeps the lower
+    // threshold on ties, within a chunk and across chunks (they come in descending threshold order).
+    let better = |a: (u64, u64, f32), b: (u64, u64, f32)| {
+        b.0 as u128 * a.1 as u128 >= a.0 as u128 * b.1 as u128
+    };
+    let parts = sweep(
+        &s,
+        || (0u64, 1u64, f32::INFINITY),
+        |best, _, cur| {
+            let cand = (cur.tp, cur.tp + cur.fp + p, cur.threshold);
+            if better(*best, cand) {
+                *best = cand;
+            }
+        },
+    );
+    let best = parts.into_iter().fold((0u64, 1u64, f32::INFINITY), |a, b| {
+        if better(a, b) {
+            b
+        } else {
+            a
+        }
+    });
+    Ok((2.0 * best.0 as f64 / best.1 as f64, best.2))
+}
+
+/// ROC curve: false and true positive rates at every distinct score, from the highest down,
+/// after a first point (0, 0) at threshold +inf. Equal to scikit-learn's
+/// `roc_curve(labels, scores, drop_intermediate=False)`.
+pub fn roc_curve(
+    scores: ArrayView1<f32>,
+    labels: ArrayView1<bool>,
+) -> KernelResult<(Vec<f64>, Vec<f64>, Vec<f32>)> {
+    let s = sorted(scores, labels)?;
+    let (p, n) = (s.positives as f64, s.negatives as f64);
+    let parts = sweep(
+        &s,
+        || (vec![], vec![], vec![]),
+        |(f, t, th): &mut (Vec<f64>, Vec<f64>, Vec<f32>), _, cur| {
+            f.push(cur.fp as f64 / n);
+            t.push(cur.tp as f64 / p);
+            th.push(cur.threshold);
+        },
+    );
+    let (mut fpr, mut tpr, mut thr) = (vec![0.0], vec![0.0], vec![f32::INFINITY]);
+    for (f, t, th) in parts {
+        fpr.extend(f);
+        tpr.extend(t);
+        thr.extend(th);
+    }
+    Ok((fpr, tpr, thr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array1;
+
+    /// Tiny deterministic generator so the tests need no extra crates.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+        fn unit(&mut self) -> f32 {
+            (self.next() % 1_000_000) as f32 / 1_000_000.0
+        }
+    }
+
+    /// Scores with many ties (a few levels) and labels correlated with them.
+    fn data(n: usize, levels: u64, seed: u64) -> (Array1<f32>, Array1<bool>) {
+        let mut g = Lcg(seed);
+        let scores: Array1<f32> = (0..n)
+            .map(|_| (g.next() % levels) as f32 / levels as f32 * 2.0 - 1.0)
+            .collect();
+        let labels: Array1<bool> = scores.iter().map(|&s| g.unit() < 0.3 + 0.3 * s).collect();
+        (scores, labels)
+    }
+
+    /// AUROC as the probability that a positive outscores a negative, ties counted one half.
+    fn naive_auroc(s: &Array1<f32>, l: &Array1<bool>) -> f64 {
+        let (mut num, mut pairs) = (0.0f64, 0.0f64);
+        for i in 0..s.len() {
+            for j in 0..s.len() {
+                if l[i] && !l[j] {
+                    pairs += 1.0;
+                    num += if s[i] > s[j] {
+                        1.0
+                    } else if s[i] == s[j] {
+                        0.5
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+        num / pairs
+    }
+
+    /// (threshold, tp, fp) for every distinct score, by direct counting.
+    fn naive_steps(s: &Array1<f32>, l: &Array1<bool>) -> Vec<(f32, usize, usize)> {
+        let mut t: Vec<f32> = s.to_vec();
+        t.sort_by(|a, b| b.total_cmp(a));
+        t.dedup();
+        t.iter()
+            .map(|&th| {
+                let tp = s.iter().zip(l).filter(|(&v, &y)| v >= th && y).count();
+                let fp = s.iter().zip(l).filter(|(&v, &y)| v >= th && !y).count();
+                (th, tp, fp)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn auroc_equals_pair_counting_with_ties() {
+        for (n, levels, seed) in [(50, 3, 1), (300, 7, 2), (500, 1000, 3), (2, 1, 4)] {
+            let (mut s, mut l) = data(n, levels, seed);
+            l[0] = true;
+            l[1] = false;
+            if levels == 1 {
+                s.fill(0.5);
+            }
+            let got = auroc(s.view(), l.view()).unwrap();
+            assert!((got - naive_auroc(&s, &l)).abs() < 1e-12, "n={n}: {got}");
+        }
+    }
+
+    #[test]
+    fn auroc_is_one_half_when_all_scores_tie_and_one_when_separated() {
+        let l = Array1::from(vec![true, false, true, false]);
+        assert_eq!(
+            auroc(Array1::from_elem(4, 1.0f32).view(), l.view()).unwrap(),
+            0.5
+        );
+        let s = Array1::from(vec![2.0f32, 1.0, 3.0, -1.0]);
+        assert_eq!(auroc(s.view(), l.view()).unwrap(), 1.0);
+        assert_eq!(auroc((-&s).view(), l.view()).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn roc_curve_lists_every_distinct_threshold_from_plus_infinity() {
+        let (s, l) = data(400, 9, 7);
+        let (fpr, tpr, thr) = roc_curve(s.view(), l.view()).unwrap();
+        let steps = naive_steps(&s, &l);
+        let (p, n) = (
+            l.iter().filter(|&&y| y).count() as f64,
+            l.iter().filter(|&&y| !y).count() as f64,
+        );
+        assert_eq!(thr.len(), steps.len() + 1);
+        assert_eq!((fpr[0], tpr[0], thr[0]), (0.0, 0.0, f32::INFINITY));
+        for (k, &(th, tp, fp)) in steps.iter().enumerate() {
+            assert_eq!(thr[k + 1], th);
+            assert_eq!(tpr[k + 1], tp as f64 / p);
+            assert_eq!(fpr[k + 1], fp as f64 / n);
+        }
+        assert_eq!((*fpr.last().unwrap(), *tpr.last().unwrap()), (1.0, 1.0));
+    }
+
+    #[test]
+    fn aupr_is_stepwise_average_precision() {
+        for (n, levels, seed) in [(60, 4, 11), (700, 50, 12), (900, 100_000, 13)] {
+            let (s, l) = data(n, levels, seed);
+            let p = l.iter().filter(|&&y| y).count() as f64;
+            let mut prev_r = 0.0;
+            let mut want = 0.0;
+            for (_, tp, fp) in naive_steps(&s, &l) {
+                let r = tp as f64 / p;
+                want += (r - prev_r) * (tp as f64 / (tp + fp) as f64);
+                prev_r = r;
+            }
+            let got = aupr(s.view(), l.view()).unwrap();
+            assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        }
+        // Known value: sklearn average_precision_score([0,0,1,1], [0.1,0.4,0.35,0.8]) = 0.8333...
+        let s = Array1::from(vec![0.1f32, 0.4, 0.35, 0.8]);
+        let l = Array1::from(vec![false, false, true, true]);
+        assert!((aupr(s.view(), l.view()).unwrap() - 5.0 / 6.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn f1_max_is_the_best_threshold_and_prefers_the_lowest_on_ties() {
+        let (s, l) = data(800, 30, 21);
+        let p = l.iter().filter(|&&y| y).count();
+        let best = naive_steps(&s, &l)
+            .into_iter()
+            .map(|(th, tp, fp)| (2.0 * tp as f64 / (tp + fp + p) as f64, th))
+            .fold((f64::MIN, 0.0f32), |b, c| if c.0 >= b.0 { c } else { b });
+        let (f1, th) = f1_max(s.view(), l.view()).unwrap();
+        assert!((f1 - best.0).abs() < 1e-12);
+        assert_eq!(th, best.1);
+        // Thresholds 3 (TP 1, FP 0: F1 2/3) and 1 (TP 2, FP 2: F1 2/3) tie: the lower one wins.
+        let s = Array1::from(vec![3.0f32, 2.0, 1.0, 1.0]);
+        let l = Array1::from(vec![true, false, true, false]);
+        let (f1, th) = f1_max(s.view(), l.view()).unwrap();
+        assert!((f1 - 2.0 / 3.0).abs() < 1e-15);
+        assert_eq!(th, 1.0);
+    }
+
+    #[test]
+    fn strided_inputs_and_signed_zeros_are_handled() {
+        let s = Array1::from(vec![0.0f32, 9.0, -0.0, 9.0, 1.0, 9.0, -2.0, 9.0]);
+        let l = Array1::from(vec![true, false, false, true, true, false, false, true]);
+        let (ss, ls) = (s.slice(ndarray::s![..;2]), l.slice(ndarray::s![..;2]));
+        let (owned_s, owned_l) = (ss.to_owned(), ls.to_owned());
+        assert_eq!(auroc(ss, ls).unwrap(), naive_auroc(&owned_s, &owned_l));
+        // 0.0 and -0.0 are one threshold.
+        let (_, _, thr) = roc_curve(ss, ls).unwrap();
+        assert_eq!(thr, vec![f32::INFINITY, 1.0, 0.0, -2.0]);
+    }
+
+    /// Records of skewed, tied and widely spread scores, payload 0 or 1.
+    fn records(n: usize, seed: u64) -> Vec<u64> {
+        let mut g = Lcg(seed);
+        (0..n)
+            .map(|i| {
+                let s = match i % 5 {
+                    0 => (g.unit() - 0.5) * 1e6,
+                    1 => (g.unit() - 0.5) * 1e-30,
+                    2 => (g.next() % 5) as f32,
+                    3 => 0.25 + g.unit() * 1e-6,
+                    _ => -(g.unit()),
+                };
+                ((desc_key(s) as u64) << 32) | (g.next() % 2)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bucket_sort_orders_like_a_comparison_sort() {
+        for (n, seed) in [(100, 1), (SMALL_SORT + 1, 2), (300_000, 3)] {
+            let recs = records(n, seed);
+            let got = sort_records(
+                &SliceRecords(&recs),
+                key_range(&recs),
+                None,
+                &Interrupt::never(),
+            )
+            .unwrap();
+            let mut want = recs.clone();
+            want.sort();
+            assert_eq!(got, want);
+            let scores: Vec<f32> = got.iter().map(|r| key_score((r >> 32) as u32)).collect();
+            assert!(scores.windows(2).all(|w| w[0] >= w[1]));
+        }
+        // One huge bucket: nearly all keys equal but one outlier.
+        let mut recs: Vec<u64> = (0..200_000u64)
+            .map(|i| ((desc_key(1.0) as u64) << 32) | (i % 7))
+            .collect();
+        recs[5] = (desc_key(-1e30) as u64) << 32;
+        let got = sort_records(
+            &SliceRecords(&recs),
+            key_range(&recs),
+            None,
+            &Interrupt::never(),
+        )
+        .unwrap();
+        recs.sort();
+        assert_eq!(got, recs);
+    }
+
+    #[test]
+    fn bucket_sort_is_right_when_the_key_range_guess_is_too_narrow() {
+        let recs = records(200_000, 4);
+        let mut want = recs.clone();
+        want.sort();
+        let (lo, hi) = key_range(&recs);
+        let mid = lo / 2 + hi / 2;
+        for guess in [(mid, mid + 1000), (lo + 10, hi - 10), (0, 5)] {
+            let got = sort_records(&SliceRecords(&recs), guess, None, &Interrupt::never()).unwrap();
+            assert_eq!(got, want);
+            let got =
+                sort_records(&SliceRecords(&recs), guess, Some(1000), &Interrupt::never()).unwrap();
+            assert_eq!(got[..], want[..got.len()]);
+        }
+    }
+
+    #[test]
+    fn bucket_sort_prefix_holds_every_record_up_to_the_kth_negative() {
+        let recs = records(400_000, 9);
+        let mut full = recs.clone();
+        full.sort();
+        for k in [1u64, 17, 5_000, 150_000] {
+            let got = sort_records(
+                &SliceRecords(&recs),
+                key_range(&recs),
+                Some(k),
+                &Interrupt::never(),
+            )
+            .unwrap();
+            assert_eq!(got[..], full[..got.len()], "a prefix of the full sort");
+            let kth = full
+                .iter()
+                .filter(|&&r| r as u32 == 0)
+                .nth(k as usize - 1)
+                .unwrap()
+                >> 32;
+            assert!(got.len() == full.len() || got.last().unwrap() >> 32 >= kth);
+            assert!(
+                full[got.len()..].iter().all(|&r| r >> 32 > kth),
+                "nothing at or above the k-th negative left out"
+            );
+        }
+        // More negatives asked for than exist: everything.
+        let got = sort_records(
+            &SliceRecords(&recs),
+            key_range(&recs),
+            Some(u64::MAX),
+            &Interrupt::never(),
+        )
+        .unwrap();
+        assert_eq!(got, full);
+    }
+
+    #[test]
+    fn group_ranges_cut_only_between_distinct_scores() {
+        let recs: Vec<u64> = (0..500_000u64)
+            .map(|i| ((i / 70_001) << 32) | (i & 1))
+            .collect();
+        let ranges = group_ranges(&recs);
+        assert_eq!(ranges.first().unwrap().start, 0);
+        assert_eq!(ranges.last().unwrap().end, recs.len());
+        for w in ranges.windows(2) {
+            assert_eq!(w[0].end, w[1].start);
+            assert_ne!(recs[w[1].start - 1] >> 32, recs[w[1].start] >> 32);
+        }
+    }
+
+    /// Mann-Whitney AUROC with mid-ranks: an independent O(n log n) reference for large inputs.
+    fn rank_auroc(s: &[f32], l: &[bool]) -> f64 {
+        let mut idx: Vec<usize> = (0..s.len()).collect();
+        idx.sort_by(|&a, &b| s[a].partial_cmp(&s[b]).unwrap());
+        let mut rank = vec![0.0f64; s.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j < idx.len() && s[idx[j]] == s[idx[i]] {
+                j += 1;
+            }
+            for &k in &idx[i..j] {
+                rank[k] = (i + j + 1) as f64 / 2.0;
+            }
+            i = j;
+        }
+        let p = l.iter().filter(|&&y| y).count() as f64;
+        let n = s.len() as f64 - p;
+        let r: f64 = (0..s.len()).filter(|&k| l[k]).map(|k| rank[k]).sum();
+        (r - p * (p + 1.0) / 2.0) / (p * n)
+    }
+
+    #[test]
+    fn large_inputs_swept_in_parallel_chunks_match_references_and_thread_counts() {
+        let (s, l) = data(700_000, 50_000, 31);
+        let got = auroc(s.view(), l.view()).unwrap();
+        assert!((got - rank_auroc(s.as_slice().unwrap(), l.as_slice().unwrap())).abs() < 1e-10);
+        let run = |t: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+                .install(|| {
+                    (
+                        auroc(s.view(), l.view()).unwrap(),
+                        aupr(s.view(), l.view()).unwrap(),
+                        f1_max(s.view(), l.view()).unwrap(),
+                        roc_curve(s.view(), l.view()).unwrap(),
+                    )
+                })
+        };
+        let (one, three) = (run(1), run(3));
+        assert_eq!(one, three);
+        let (fpr, tpr, thr) = &one.3;
+        assert_eq!(thr.len(), {
+            let mut t = s.to_vec();
+            t.sort_by(|a, b| b.total_cmp(a));
+            t.dedup();
+            t.len() + 1
+        });
+        assert!(fpr.windows(2).all(|w| w[0] <= w[1]) && tpr.windows(2).all(|w| w[0] <= w[1]));
+        assert!(thr.windows(2).all(|w| w[0] > w[1]));
+    }
+
+    #[test]
+    fn key_roundtrips_and_orders_descending() {
+        let vals = [
+            f32::MAX,
+            1e10,
+            1.5,
+            1.0,
+            1e-40,
+            0.0,
+            -1e-40,
+            -1.0,
+            -3e38,
+            f32::MIN,
+        ];
+        for w in vals.windows(2) {
+            assert!(desc_key(w[0]) < desc_key(w[1]));
+        }
+        for v in vals {
+            assert_eq!(key_score(desc_key(v)), v);
+        }
+        assert_eq!(desc_key(-0.0), desc_key(0.0));
+    }
+
+    #[test]
+    fn bad_inputs_are_refused_with_the_argument_named() {
+        let s = Array1::from(vec![0.1f32, 0.2, 0.3]);
+        let one_class = Array1::from(vec![true, true, true]);
+        let err = auroc(s.view(), one_class.view()).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("labels: need both normal (0) and anomalous (1) samples"),
+            "{err}"
+        );
+        let short = Array1::from(vec![true, false]);
+        assert!(aupr(s.view(), short.view())
+            .unwrap_err()
+            .to_string()
+            .contains("2 labels for 3 scores"));
+        let e: Array1<f32> = Array1::zeros(0);
+        let el: Array1<bool> = Array1::from(vec![]);
+        assert!(f1_max(e.view(), el.view())
+            .unwrap_err()
+            .to_string()
+            .starts_with("scores: expected a non-empty"));
+        let nan = Array1::from(vec![0.1f32, f32::NAN, 0.3]);
+        let l = Array1::from(vec![true, false, true]);
+        assert!(roc_curve(nan.view(), l.view())
+            .unwrap_err()
+            .to_string()
+            .contains("scores: expected finite"));
+    }
+}
