@@ -1,0 +1,84 @@
+"""Coreset selection, anomalox vs anomalib 2.7.0 KCenterGreedy, each run in its own process.
+
+Interleaved by seed (anomalox, anomalib, anomalox, anomalib, ...) at 2 threads, on the same
+clustered features as benches/bench_kernels.py (31,360 × 1,536, 10%). Each run is a fresh
+subprocess, so neither library's allocator state affects the other (in one process, anomalib's
+loop grew by gigabytes after anomalox had run; see BENCHMARKS.md). Coverage = max over all
+points of the Euclidean distance, in the original space, to the nearest selected point.
+
+    .venv-bench/bin/python benches/bench_coreset_isolated.py [--seeds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CHILD = r"""
+import os, sys, time, json
+os.environ.setdefault("TQDM_DISABLE", "1")
+import numpy as np, torch
+sys.path.insert(0, {bench_dir!r})
+from bench_kernels import make_mixture
+torch.set_num_threads(2)
+which, seed, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+x = make_mixture(31360, 1536, structure_seed=11, sample_seed=3)
+if which == "anomalox":
+    from anomalox import ops
+    t = time.perf_counter(); idx = np.asarray(ops.coreset(x, 0.1, projection_dim=128, seed=seed, n_threads=2)); dt = time.perf_counter() - t
+else:
+    from anomalib.models.components import KCenterGreedy
+    torch.manual_seed(seed); np.random.seed(seed)
+    t = time.perf_counter(); idx = np.asarray(KCenterGreedy(embedding=torch.from_numpy(x), sampling_ratio=0.1).select_coreset_idxs()); dt = time.perf_counter() - t
+rss = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+np.save(out, idx)
+print(json.dumps({{"seconds": dt, "peak_rss_mib": rss, "n": int(idx.size), "unique": int(np.unique(idx).size)}}))
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=5)
+    args = ap.parse_args()
+    bench_dir = os.path.dirname(os.path.abspath(__file__))
+    code = CHILD.format(bench_dir=bench_dir)
+    sys.path.insert(0, bench_dir)
+    import numpy as np
+    from anomalox import ops
+    from bench_kernels import make_mixture
+
+    x = make_mixture(31360, 1536, structure_seed=11, sample_seed=3)
+    rows: dict[str, list[dict]] = {"anomalox": [], "anomalib": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.seeds):
+            for which in ("anomalox", "anomalib"):
+                out = os.path.join(tmp, f"{which}-{seed}.npy")
+                res = subprocess.run([sys.executable, "-c", code, which, str(seed), out], capture_output=True, text=True, check=True)
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                idx = np.load(out)
+                r["coverage"] = float(ops.knn(x, x[idx], 1, n_threads=2)[0].max())
+                rows[which].append(r)
+                print(f"seed {seed} {which}: {r}", file=sys.stderr, flush=True)
+    print(f"load average at end: {os.getloadavg()}")
+    print("| implementation | median time | min–max | median coverage | coverage per seed | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|")
+    med = {}
+    for which, rs in rows.items():
+        ts = [r["seconds"] for r in rs]
+        cs = [r["coverage"] for r in rs]
+        med[which] = (statistics.median(ts), statistics.median(cs))
+        print(f"| {which} | {med[which][0]:.2f} s | {min(ts):.2f}–{max(ts):.2f} s | {med[which][1]:.3f} | "
+              f"{', '.join(f'{c:.3f}' for c in cs)} | {statistics.median(r['peak_rss_mib'] for r in rs):.0f} |")
+    print(f"\nspeedup (anomalib median / anomalox median): {med['anomalib'][0] / med['anomalox'][0]:.1f}×; "
+          f"coverage ratio (anomalox / anomalib): {med['anomalox'][1] / med['anomalib'][1]:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
