@@ -10,8 +10,14 @@
 //! two-level bucket sort of `crate::roc`, and a single sweep adds 1/(region size) to the PRO sum
 //! for anomalous pixels and 1 to the false positive count for normal pixels, closing a curve
 //! point at each distinct score. No per-threshold copy is made. Memory: 8 bytes per sorted
-//! record, and for AUPRO only the records above the score where the FPR passes the limit are
-//! materialised (about limit × normal pixels + anomalous pixels).
+//! record plus 8 per defect pixel (each mask is labelled once, its defect pixels kept as a
+//! sparse list). For AUPRO only the pixels above the score where the FPR passes the limit are
+//! sorted (a little more than `limit` of the normal pixels, from a guess made on a 1/49 sample
+//! of the pixels and checked exactly afterwards; when the check fails the general path runs),
+//! so the result is always the one the full sort gives.
+//!
+//! The PRO sum is kept as (whole regions passed, an integer) + (float sum of the partial
+//! overlaps), so it reaches exactly 1 and perfect maps score exactly 1.
 //!
 //! anomalib 2.7's `AUPRO` computes the same curve (global sort, cumulative sums in float32),
 //! clips it at the limit with the same interpolation and also divides by the limit; it differs
@@ -25,7 +31,10 @@ use rayon::prelude::*;
 
 use crate::error::{KernelError, KernelResult};
 use crate::interrupt::Interrupt;
-use crate::roc::{chunk_len, desc_key, fill_records, key_score, sort_records, Records, BATCH};
+use crate::roc::{
+    chunk_len, desc_key, fill_records, key_score, sample_range, sort_records, Records, Spread,
+    BATCH,
+};
 use crate::validate::ensure_finite;
 
 /// Every SAMPLE_STEP-th row and column of each map is read to guess the score range and, for
@@ -62,13 +71,28 @@ pub fn label_components(mask: ArrayView2<bool>) -> (Array2<u32>, usize) {
 /// [`label_components`] as a row-major Vec.
 fn label_raw(mask: ArrayView2<bool>) -> (Vec<u32>, usize) {
     let (h, w) = mask.dim();
+    let owned: Vec<bool>;
+    let m = match mask.as_slice() {
+        Some(m) => m,
+        None => {
+            owned = mask.iter().copied().collect();
+            &owned
+        }
+    };
     let mut lab = vec![0u32; h * w];
     // parent[0] is the background; provisional labels are created in raster order and always
     // merged into the smaller one, so a root is the first label its component received.
     let mut parent: Vec<u32> = vec![0];
-    for (r, row) in mask.outer_iter().enumerate() {
-        for (c, &fg) in row.iter().enumerate() {
-            if !fg {
+    for (r, row) in m.chunks_exact(w.max(1)).enumerate() {
+        let mut c = 0;
+        while c < w {
+            // Defects are a small part of most masks: skip background 8 pixels at a time.
+            if c + 8 <= w && row[c..c + 8] == [false; 8] {
+                c += 8;
+                continue;
+            }
+            if !row[c] {
+                c += 1;
                 continue;
             }
             let i = r * w + c;
@@ -104,6 +128,7 @@ fn label_raw(mask: ArrayView2<bool>) -> (Vec<u32>, usize) {
                 parent.push(current);
             }
             lab[i] = current;
+            c += 1;
         }
     }
     // Final numbering: roots in increasing provisional order = raster order of first pixels.
@@ -118,8 +143,10 @@ fn label_raw(mask: ArrayView2<bool>) -> (Vec<u32>, usize) {
             final_label[root as usize]
         };
     }
-    for v in &mut lab {
-        *v = final_label[*v as usize];
+    if final_label.len() > 1 {
+        for v in lab.iter_mut().filter(|v| **v != 0) {
+            *v = final_label[*v as usize];
+        }
     }
     (lab, n as usize)
 }
@@ -156,24 +183,23 @@ fn validate(maps: &ArrayView3<f32>, masks: &ArrayView3<bool>) -> KernelResult<()
 }
 
 /// Pixels as sort records `key << 32 | global region id` (0 for normal pixels), produced image
-/// by image; the masks are labelled again whenever exact ids are asked for (labelling is cheap
-/// next to the sort, and this keeps memory to the sorted output).
-struct PixelRecords<'a, 'b> {
+/// by image: records are filled with payload 0 (a vectorised loop over the map), then the few
+/// defect pixels, kept as a sparse list when the masks were labelled, get their region id.
+struct PixelRecords<'a> {
     maps: ArrayView3<'a, f32>,
-    masks: ArrayView3<'b, bool>,
+    /// Per image, its defect pixels in raster order: (flat index in the image, local label).
+    defects: Vec<Vec<(u32, u32)>>,
     /// Global id of image i's region 1, minus one.
     offsets: Vec<u32>,
-    n_regions: u32,
     images_per_chunk: usize,
-    /// Set by the counting pass when it meets NaN or an infinity.
+    /// Set by any pass over the maps that meets NaN or an infinity.
     non_finite: AtomicBool,
 }
 
-impl PixelRecords<'_, '_> {
+impl PixelRecords<'_> {
     fn emit_image(&self, i: usize, exact: bool, sink: &mut impl FnMut(&[u64])) {
         let map = self.maps.index_axis(Axis(0), i);
-        let mask = self.masks.index_axis(Axis(0), i);
-        // A strided map (or mask) is packed first, one image at a time.
+        // A strided map is packed first, one image at a time.
         let map_own: Vec<f32>;
         let m = match map.as_slice() {
             Some(m) => m,
@@ -182,40 +208,22 @@ impl PixelRecords<'_, '_> {
                 &map_own
             }
         };
-        let has_regions =
-            self.offsets.get(i + 1).copied().unwrap_or(self.n_regions) > self.offsets[i];
+        let (defects, off) = (&self.defects[i], self.offsets[i] as u64);
+        let mut next = 0; // first defect pixel not yet placed
         let mut buf = [0u64; BATCH];
         // Non-finite scores are looked for here, where the maps are read anyway.
         let mut bad = false;
-        if exact && has_regions {
-            let (lab, _) = label_raw(mask);
-            let off = self.offsets[i] as u64;
-            for (ms, ls) in m.chunks(BATCH).zip(lab.chunks(BATCH)) {
-                let out = &mut buf[..ms.len()];
-                bad |= fill_records(out, ms, |j| if ls[j] == 0 { 0 } else { off + ls[j] as u64 });
-                sink(out);
+        for (start, ms) in (0..).step_by(BATCH).zip(m.chunks(BATCH)) {
+            let out = &mut buf[..ms.len()];
+            bad |= fill_records(out, ms, |_| 0);
+            let end = start + ms.len();
+            while next < defects.len() && (defects[next].0 as usize) < end {
+                let (j, label) = defects[next];
+                // The counting pass only needs to know the pixel is a defect.
+                out[j as usize - start] |= if exact { off + label as u64 } else { 1 };
+                next += 1;
             }
-        } else if exact || !has_regions {
-            for ms in m.chunks(BATCH) {
-                let out = &mut buf[..ms.len()];
-                bad |= fill_records(out, ms, |_| 0);
-                sink(out);
-            }
-        } else {
-            // Counting pass: only whether a pixel is anomalous matters, not its region.
-            let mask_own: Vec<bool>;
-            let a = match mask.as_slice() {
-                Some(a) => a,
-                None => {
-                    mask_own = mask.iter().copied().collect();
-                    &mask_own
-                }
-            };
-            for (ms, as_) in m.chunks(BATCH).zip(a.chunks(BATCH)) {
-                let out = &mut buf[..ms.len()];
-                bad |= fill_records(out, ms, |j| as_[j] as u64);
-                sink(out);
-            }
+            sink(out);
         }
         if bad {
             self.non_finite.store(true, Ordering::Relaxed);
@@ -223,7 +231,7 @@ impl PixelRecords<'_, '_> {
     }
 }
 
-impl Records for PixelRecords<'_, '_> {
+impl Records for PixelRecords<'_> {
     fn len(&self) -> usize {
         self.maps.len()
     }
@@ -260,44 +268,39 @@ fn prepare(
     validate(&maps, &masks)?;
     let (b, h, w) = maps.dim();
     let hw = h * w;
-    // Per image, in parallel: region sizes, and the score range of a sample of the pixels (a
-    // guess for the bucket sort: scores outside it are still sorted right, only more slowly).
-    // Reading the maps a third time just for the exact range would cost more than it saves.
-    // With an FPR limit, the sampled normal scores also guess where the FPR passes it.
-    let per_image: Vec<(Vec<u32>, f32, f32, Vec<f32>)> = (0..b)
+    // Per image, in parallel: region sizes, and a sample of the pixels (every SAMPLE_STEP-th
+    // row and column): its score range guides the bucket sort (scores outside it are still
+    // sorted right, only more slowly), and with an FPR limit its normal scores guess where the
+    // FPR passes the limit. Reading all the maps just for that would cost more than it saves.
+    #[allow(clippy::type_complexity)]
+    let per_image: Vec<(Vec<u32>, Vec<(u32, u32)>, Vec<f32>, Vec<f32>)> = (0..b)
         .into_par_iter()
         .map(|i| {
             intr.check()?;
-            let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-            let mut normal_sample = vec![];
+            let (mut sample, mut normal_sample) = (vec![], vec![]);
             let sampled = maps.slice(s![i, ..;SAMPLE_STEP, ..;SAMPLE_STEP]);
             let sampled_mask = masks.slice(s![i, ..;SAMPLE_STEP, ..;SAMPLE_STEP]);
             for (&v, &a) in sampled.iter().zip(sampled_mask.iter()) {
                 if v.is_finite() {
-                    lo = lo.min(v);
-                    hi = hi.max(v);
+                    sample.push(v);
                     if !a && fpr_limit.is_some() {
                         normal_sample.push(v);
                     }
                 }
             }
             let mask = masks.index_axis(Axis(0), i);
-            let mut sizes = vec![];
+            let (mut sizes, mut defects) = (vec![], vec![]);
             if mask.iter().any(|&a| a) {
-                let (lab, n) = label_components(mask);
+                let (lab, n) = label_raw(mask);
                 sizes = vec![0u32; n];
-                for &l in lab.iter().filter(|&&l| l > 0) {
+                for (j, &l) in lab.iter().enumerate().filter(|(_, &l)| l > 0) {
                     sizes[l as usize - 1] += 1;
+                    defects.push((j as u32, l));
                 }
             }
-            Ok((sizes, lo, hi, normal_sample))
+            Ok((sizes, defects, sample, normal_sample))
         })
         .collect::<KernelResult<_>>()?;
-    let lo = per_image.iter().map(|x| x.1).fold(f32::INFINITY, f32::min);
-    let hi = per_image
-        .iter()
-        .map(|x| x.2)
-        .fold(f32::NEG_INFINITY, f32::max);
     let n_regions: usize = per_image.iter().map(|x| x.0.len()).sum();
     if n_regions >= u32::MAX as usize {
         return Err(KernelError::invalid(
@@ -325,11 +328,13 @@ fn prepare(
         offsets.push(acc);
         acc += x.0.len() as u32;
     }
-    let mut normal_sample: Vec<f32> = vec![];
+    let (mut sample, mut normal_sample, mut defects) = (vec![], vec![], vec![]);
     let mut size: Vec<u32> = vec![0];
-    for (sizes, _, _, sample) in per_image {
+    for (sizes, image_defects, all, normal) in per_image {
         size.extend(sizes);
-        normal_sample.extend(sample);
+        defects.push(image_defects);
+        sample.extend(all);
+        normal_sample.extend(normal);
     }
     let inv_size: Vec<f64> = size
         .iter()
@@ -337,9 +342,8 @@ fn prepare(
         .collect();
     let src = PixelRecords {
         maps,
-        masks,
+        defects,
         offsets,
-        n_regions: n_regions as u32,
         images_per_chunk: chunk_len(b * hw).div_ceil(hw).max(1),
         non_finite: AtomicBool::new(false),
     };
@@ -347,18 +351,14 @@ fn prepare(
     let needed = fpr_limit
         .map(|limit| first_count_above(limit, n_normal))
         .filter(|&k| k <= n_normal);
-    let range = if lo <= hi {
-        (desc_key(hi), desc_key(lo))
-    } else {
-        (0, u32::MAX)
-    };
+    let (lo, hi) = sample_range(&mut sample).unwrap_or((f32::MIN, f32::MAX));
     let filtered = match (needed, fpr_limit) {
-        (Some(k), Some(limit)) => filtered_prefix(&src, normal_sample, limit, k, n_normal, intr)?,
+        (Some(k), Some(limit)) => filtered_prefix(&src, normal_sample, hi, limit, k, intr)?,
         _ => None,
     };
     let records = match filtered {
         Some(records) => records,
-        None => sort_records(&src, range, needed, intr)?,
+        None => sort_records(&src, Spread::Scores(lo, hi), needed, intr)?,
     };
     if src.non_finite.load(Ordering::Relaxed) {
         ensure_finite(&maps, "maps")?; // names the first bad value
@@ -391,28 +391,32 @@ impl Records for ChunkedRecords {
 /// only the pixels above a score guessed from the sampled normal pixels, or `None` when that
 /// does not pay off or the guess turns out too high (the caller then sorts everything).
 ///
-/// The guess aims at an FPR of about 1.15·limit + 0.02. One pass over the maps keeps every
-/// pixel at or above it and counts the normal pixels below; if at least `k` normal pixels were
-/// kept, every record up to the sweep's stopping point is among the kept ones, so the result is
-/// exactly what the full sort would give. This reads the maps once instead of twice and sorts
+/// The guess aims at an FPR a little above the limit (by 1% plus 5 standard deviations of the
+/// sampled FPR: 0.317 for the default limit on 100 maps of 224²). One pass over the maps keeps every
+/// pixel at or above it; if at least `k` normal pixels were kept, every record up to the
+/// sweep's stopping point is among the kept ones, so the result is exactly what the full sort
+/// would give. This reads the maps once instead of twice and sorts
 /// about a third of the pixels for the default limit.
 fn filtered_prefix(
     src: &PixelRecords,
     mut sample: Vec<f32>,
+    high: f32,
     limit: f64,
     k: u64,
-    n_normal: u64,
     intr: &Interrupt,
 ) -> KernelResult<Option<Vec<u64>>> {
-    let target = 1.15 * limit + 0.02;
     let m = sample.len();
+    // Margin: 5 binomial standard deviations of the sampled FPR (the sample is spatially
+    // correlated, hence the generous factor) plus 1%.
+    let target = limit + 0.01 + 5.0 * (limit * (1.0 - limit) / m.max(1) as f64).sqrt();
     if m < MIN_SAMPLE || target >= 0.9 {
         return Ok(None);
     }
     let rank = ((target * m as f64) as usize).min(m - 1);
     sample.select_nth_unstable_by(rank, |a, b| b.total_cmp(a));
-    let cut = desc_key(sample[rank]); // keep keys <= cut, i.e. scores >= the guess
-    let parts: Vec<(Vec<u64>, u64, u32, u32)> = (0..src.n_chunks())
+    let guess = sample[rank];
+    let cut = desc_key(guess); // keep keys <= cut, i.e. scores >= the guess
+    let parts: Vec<Vec<u64>> = (0..src.n_chunks())
         .into_par_iter()
         .map(|c| {
             // Capacity for the whole chunk: pages never written are never touched.
@@ -420,39 +424,45 @@ fn filtered_prefix(
                 .images_per_chunk
                 .min(src.maps.len_of(Axis(0)) - c * src.images_per_chunk);
             let pixels = images * src.maps.len_of(Axis(1)) * src.maps.len_of(Axis(2));
-            let (mut kept, mut below) = (Vec::with_capacity(pixels), 0u64);
-            let (mut lo, mut hi) = (u32::MAX, 0u32);
+            let mut kept = Vec::with_capacity(pixels);
             if !intr.is_set() {
                 src.emit(c, true, |batch| {
-                    // Branch-free compaction: write every record, advance only over kept ones.
+                    // Branch-free compaction into the spare capacity: every record is written,
+                    // the length only advances over kept ones (no zero-filling first).
                     let base = kept.len();
-                    kept.resize(base + batch.len(), 0);
-                    let dst = &mut kept[base..];
+                    kept.reserve(batch.len());
+                    let dst = &mut kept.spare_capacity_mut()[..batch.len()];
                     let mut n = 0;
                     for &r in batch {
                         let key = (r >> 32) as u32;
                         let keep = key <= cut;
-                        dst[n] = r;
+                        dst[n].write(r);
                         n += keep as usize;
-                        below += (!keep & (r as u32 == 0)) as u64;
-                        lo = lo.min(key);
-                        hi = hi.max(if keep { key } else { 0 });
                     }
-                    kept.truncate(base + n);
+                    // SAFETY: the first n spare slots were written above.
+                    unsafe { kept.set_len(base + n) };
                 });
             }
-            (kept, below, lo, hi)
+            kept
         })
         .collect();
     intr.check()?;
-    let below: u64 = parts.iter().map(|p| p.1).sum();
-    if n_normal - below < k {
+    let kept_normal: usize = parts
+        .par_iter()
+        .map(|p| p.iter().filter(|&&r| r as u32 == 0).count())
+        .sum();
+    if (kept_normal as u64) < k {
         return Ok(None);
     }
-    let lo = parts.iter().map(|p| p.2).min().unwrap_or(0);
-    let hi = parts.iter().map(|p| p.3).max().unwrap_or(u32::MAX);
-    let kept = ChunkedRecords(parts.into_iter().map(|p| p.0).collect());
-    sort_records(&kept, (lo, hi), Some(k), intr).map(Some)
+    // Intervals over [guess, high quantile of the sample] (a guess above that quantile means
+    // a tiny sample or tied scores: the key range up to the guess then does as well).
+    let spread = if high > guess {
+        Spread::Scores(guess, high)
+    } else {
+        Spread::Keys(0, cut)
+    };
+    let kept = ChunkedRecords(parts);
+    sort_records(&kept, spread, Some(k), intr).map(Some)
 }
 
 /// Smallest count k with `k / n > limit` in f64, as the sweep computes the FPR (n + 1 if none).
@@ -468,15 +478,16 @@ fn first_count_above(limit: f64, n: u64) -> u64 {
     k
 }
 
-/// Calls `f(fpr, pro, threshold)` at each distinct score from the highest down, until it
-/// returns false. Sequential (the sums are order-dependent), polling `intr` as it goes.
+/// Calls `f(fp, overlap, key)` at each distinct score from the highest down, until it returns
+/// false: `fp` normal pixels and a summed overlap of `overlap` regions (PRO · regions) lie at
+/// or above the score of `key`. Sequential (the sums are order-dependent), polling `intr`.
 fn sweep(
     p: &Prepared,
     intr: &Interrupt,
-    mut f: impl FnMut(f64, f64, f32) -> bool,
+    mut f: impl FnMut(u64, f64, u32) -> bool,
 ) -> KernelResult<()> {
     let recs = &p.records;
-    let (n_normal, n_regions) = (p.n_normal as f64, p.n_regions as f64);
+    let n_regions = p.n_regions as f64;
     // PRO sum = (regions entirely above the threshold) + (partial overlaps of the others): the
     // integer part keeps full regions exact, so perfect maps reach exactly 1 and the float part
     // is reset to exactly 0 once every region is complete.
@@ -508,8 +519,8 @@ fn sweep(
             }
             i += 1;
         }
-        let pro = ((complete as f64 + partial) / n_regions).clamp(0.0, 1.0);
-        if !f(fp as f64 / n_normal, pro, key_score(key as u32)) {
+        let overlap = (complete as f64 + partial).clamp(0.0, n_regions);
+        if !f(fp, overlap, key as u32) {
             break;
         }
     }
@@ -528,11 +539,12 @@ pub fn pro_curve(
     intr: &Interrupt,
 ) -> KernelResult<(Vec<f64>, Vec<f64>, Vec<f32>)> {
     let p = prepare(maps, masks, None, intr)?;
+    let (n_normal, n_regions) = (p.n_normal as f64, p.n_regions as f64);
     let (mut fpr, mut pro, mut thr) = (vec![0.0], vec![0.0], vec![f32::INFINITY]);
-    sweep(&p, intr, |f, r, t| {
-        fpr.push(f);
-        pro.push(r);
-        thr.push(t);
+    sweep(&p, intr, |fp, overlap, key| {
+        fpr.push(fp as f64 / n_normal);
+        pro.push(overlap / n_regions);
+        thr.push(key_score(key));
         true
     })?;
     Ok((fpr, pro, thr))
@@ -556,20 +568,30 @@ pub fn aupro(
         ));
     }
     let p = prepare(maps, masks, Some(fpr_limit), intr)?;
-    let (mut prev_f, mut prev_p, mut area) = (0.0f64, 0.0f64, 0.0f64);
-    sweep(&p, intr, |f, r, _| {
-        if f <= fpr_limit {
-            area += 0.5 * (prev_p + r) * (f - prev_f);
-            prev_f = f;
-            prev_p = r;
-            true
-        } else {
-            // prev_f <= limit < f: close the area at the limit and stop.
-            let r_lim = prev_p + (r - prev_p) * (fpr_limit - prev_f) / (f - prev_f);
-            area += 0.5 * (prev_p + r_lim) * (fpr_limit - prev_f);
-            false
+    let (n_normal, n_regions) = (p.n_normal as f64, p.n_regions as f64);
+    // The first point past the limit is the first with `k` normal pixels (k > n_normal when the
+    // limit is 1). Before it, trapezoids are summed in count units, Σ (O_prev + O)·Δfp, and
+    // scaled once: no division per point.
+    let k = first_count_above(fpr_limit, p.n_normal);
+    let (mut fp_prev, mut o_prev, mut twice) = (0u64, 0.0f64, 0.0f64);
+    let mut past = None;
+    sweep(&p, intr, |fp, overlap, _| {
+        if fp >= k {
+            past = Some((fp, overlap));
+            return false;
         }
+        twice += (o_prev + overlap) * (fp - fp_prev) as f64;
+        (fp_prev, o_prev) = (fp, overlap);
+        true
     })?;
+    let mut area = twice / (2.0 * n_normal * n_regions);
+    if let Some((fp, overlap)) = past {
+        // fpr(prev) <= limit < fpr(this point): close the area at the limit.
+        let (prev_f, f) = (fp_prev as f64 / n_normal, fp as f64 / n_normal);
+        let (prev_p, r) = (o_prev / n_regions, overlap / n_regions);
+        let r_lim = prev_p + (r - prev_p) * (fpr_limit - prev_f) / (f - prev_f);
+        area += 0.5 * (prev_p + r_lim) * (fpr_limit - prev_f);
+    }
     Ok(area / fpr_limit)
 }
 
@@ -862,6 +884,32 @@ mod tests {
                 .starts_with("maps: expected finite values, found inf"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn aupro_is_exact_whether_the_sampled_guess_holds_or_fails() {
+        let intr = Interrupt::never();
+        // 12 maps of 84×84: 12·12·12 sampled pixels, enough for the pre-filter.
+        let (maps, masks) = data(12, 84, 84, 150, 21);
+        let (f, p, _) = naive_curve(&maps, &masks);
+        for limit in [0.02, 0.3, 0.6] {
+            let got = aupro(maps.view(), masks.view(), limit, &intr).unwrap();
+            assert!(
+                (got - naive_aupro(&f, &p, limit)).abs() < 1e-12,
+                "limit {limit}"
+            );
+        }
+        // Sampled positions (rows and columns multiple of SAMPLE_STEP) score far higher than
+        // the rest: the guess keeps too few normal pixels and the full sort takes over.
+        let mut skewed = maps.clone();
+        for ((_, y, x), v) in skewed.indexed_iter_mut() {
+            if y % SAMPLE_STEP == 0 && x % SAMPLE_STEP == 0 {
+                *v += 10.0;
+            }
+        }
+        let (f, p, _) = naive_curve(&skewed, &masks);
+        let got = aupro(skewed.view(), masks.view(), 0.3, &intr).unwrap();
+        assert!((got - naive_aupro(&f, &p, 0.3)).abs() < 1e-12);
     }
 
     #[test]

@@ -8,10 +8,10 @@
 //!
 //! Samples become 8-byte records `order key of the score << 32 | payload` (payload 0 = negative),
 //! generated on the fly from the inputs and sorted by a two-level bucket sort: one parallel
-//! most-significant-digit pass places them into 4096 key intervals (this pass can keep only the
-//! first intervals, which AUPRO uses to sort just the pixels above its FPR limit), then each
-//! interval is sorted in cache by a counting pass on the next key bits. This is several times
-//! faster than a comparison sort of millions of pixels. The sweep runs in parallel over
+//! most-significant-digit pass places them into up to 4096 key intervals (this pass can keep
+//! only the first intervals, as AUPRO needs), then each interval is sorted in cache by a
+//! counting pass on the next key bits. This is several times faster than a comparison sort of
+//! millions of pixels, and no buffer of all records is ever built. The sweep runs in parallel over
 //! group-aligned chunks with integer prefix counts. Results do not depend on the thread count:
 //! the records end fully sorted (key, then payload) and every chunking depends on the data only.
 
@@ -32,14 +32,20 @@ const SORT_CHUNK: usize = 1 << 16;
 /// At most about this many tasks (so per-task histograms stay small for huge inputs).
 const MAX_CHUNKS: usize = 1 << 10;
 
-/// Key intervals of the first bucket pass.
-const BUCKETS: usize = 1 << 12;
+/// Key intervals of the first bucket pass: about one per `PER_BUCKET` records, within
+/// `MIN_BUCKETS..=MAX_BUCKETS` (more intervals mean more scattered write streams).
+const MIN_BUCKETS: usize = 1 << 8;
+const MAX_BUCKETS: usize = 1 << 12;
+const PER_BUCKET: usize = 1 << 11;
 
 /// Intervals larger than this are sorted by a parallel bucket sort of their own.
 const PAR_BUCKET: usize = 1 << 17;
 
 /// `desc_key` of the finite floats: +inf and NaNs map below, -inf and negative NaNs above.
 pub(crate) const FINITE_KEYS: std::ops::Range<u32> = 0x0080_0000..0xff80_0000;
+
+/// Scores sampled to guess the score range of the sort's intervals.
+const SAMPLE: usize = 1 << 16;
 
 /// Records per task of the parallel sweep (rounded up to the next group boundary).
 const SWEEP_CHUNK: usize = 1 << 16;
@@ -81,8 +87,8 @@ pub(crate) trait Records: Sync {
     fn n_chunks(&self) -> usize;
     /// Calls `sink` with batches holding every record of `chunk`, in the same order on every
     /// call. With `exact = false` (counting pass) only the key and whether the payload is 0
-    /// must be right. Batches (at most `BATCH` records from a stack buffer) keep both the
-    /// producer and the consumer loops tight and vectorisable.
+    /// must be right. Batches (a stack buffer of `BATCH` records, or records already in
+    /// memory) keep both the producer and the consumer loops tight and vectorisable.
     fn emit(&self, chunk: usize, exact: bool, sink: impl FnMut(&[u64]));
 }
 
@@ -100,7 +106,7 @@ pub(crate) fn fill_records(
     let mut bad = false;
     for (i, (r, &s)) in out.iter_mut().zip(scores).enumerate() {
         let k = desc_key(s);
-        bad |= !(FINITE_KEYS.start <= k && k < FINITE_KEYS.end);
+        bad |= !FINITE_KEYS.contains(&k);
         *r = ((k as u64) << 32) | payload(i);
     }
     bad
@@ -143,6 +149,79 @@ impl SendPtr {
     }
 }
 
+/// How the first pass cuts records into intervals: a guess of where the keys lie. Records outside
+/// the guess go to the first or last interval, so a bad guess costs time, never correctness.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Spread {
+    /// Equal intervals of the key range `lo..=hi` (exact ranges of narrow sets of records).
+    Keys(u32, u32),
+    /// Equal intervals of the score range `lo..=hi`: much better balanced than key intervals for
+    /// real score distributions (keys spread each power of two evenly, so scores near 0 or of
+    /// both signs crowd into few key intervals). Typically robust quantiles of a sample.
+    Scores(f32, f32),
+}
+
+/// Score intervals are looked up by the key's top bits: 2^18 bins of 1/512 of a power of two
+/// each (a lookup is cheaper than decoding the score for every record).
+const TABLE_SHIFT: u32 = 14;
+
+/// `Spread` resolved for `buckets` intervals; both map keys to intervals monotonically.
+enum Bucketing {
+    Keys {
+        lo: u32,
+        shift: u32,
+    },
+    /// `table[(key >> TABLE_SHIFT) - base]` (clamped to the table) is the interval.
+    Table {
+        base: u32,
+        table: Vec<u16>,
+    },
+}
+
+impl Bucketing {
+    fn new(spread: Spread, buckets: usize) -> Self {
+        if let Spread::Scores(lo, hi) = spread {
+            let scale = buckets as f64 / (hi as f64 - lo as f64);
+            if lo.is_finite() && hi.is_finite() && hi > lo && scale.is_finite() {
+                // One entry per key bin from the bin of `hi` to that of `lo`, each holding the
+                // interval of the bin's highest score: monotone in the key, like the scores.
+                let (base, end) = (desc_key(hi) >> TABLE_SHIFT, desc_key(lo) >> TABLE_SHIFT);
+                let table = (base..=end)
+                    .map(|bin| {
+                        let top = key_score(bin << TABLE_SHIFT) as f64;
+                        let b = ((hi as f64 - top) * scale).max(0.0) as usize;
+                        b.min(buckets - 1) as u16
+                    })
+                    .collect();
+                return Bucketing::Table { base, table };
+            }
+        }
+        let (lo, hi) = match spread {
+            Spread::Keys(lo, hi) => (lo, hi.max(lo)),
+            Spread::Scores(lo, hi) => (desc_key(hi), desc_key(lo).max(desc_key(hi))),
+        };
+        let mut shift = 0;
+        while ((hi - lo) as u64) >> shift >= buckets as u64 {
+            shift += 1;
+        }
+        Bucketing::Keys { lo, shift }
+    }
+}
+
+/// Robust range of a sample of scores: its 0.1% and 99.9% quantiles (finite values only), so
+/// that a few outliers do not stretch the intervals. `None` for an empty sample.
+pub(crate) fn sample_range(sample: &mut Vec<f32>) -> Option<(f32, f32)> {
+    sample.retain(|v| v.is_finite());
+    let m = sample.len();
+    if m == 0 {
+        return None;
+    }
+    let (a, b) = (m / 1000, m - 1 - m / 1000);
+    let lo = *sample.select_nth_unstable_by(a, f32::total_cmp).1;
+    let hi = *sample.select_nth_unstable_by(b, f32::total_cmp).1;
+    Some((lo, hi))
+}
+
 fn source_changed() -> KernelError {
     KernelError::Numerical("internal error: sort records changed between passes".into())
 }
@@ -150,21 +229,22 @@ fn source_changed() -> KernelError {
 /// The records of `src` sorted ascending as u64 (by descending score, then payload); only a
 /// prefix of them when `needed_negatives` is given.
 ///
-/// `key_lo..=key_hi` is the expected key range, used to cut it into intervals; keys outside it
-/// are placed in the first or last interval (still sorted right, only more slowly). With
-/// `needed_negatives = Some(k)` the result is a prefix of the full sort, made of whole key intervals, holding at least `k` records of payload
-/// 0 (or everything when there are fewer): every record whose key is at most that of the k-th
-/// negative is in it, which is all a sweep that stops at its k-th negative needs (AUPRO's FPR
-/// limit). Memory: the output (8 bytes per kept record), 2·4096 counters per chunk and a scratch
-/// interval per thread.
+/// `spread` guesses where the keys lie, to cut them into intervals; records outside it are
+/// placed in the first or last interval (still sorted right, only more slowly). With
+/// `needed_negatives = Some(k)` the result is a prefix of the full sort, made of whole key
+/// intervals, holding at least `k` records of payload 0 (or everything when there are fewer):
+/// every record whose key is at most that of the k-th negative is in it, which is all a sweep
+/// that stops at its k-th negative needs (AUPRO's FPR limit). Memory: the output (8 bytes per
+/// kept record), 2 × (up to 4096) counters per chunk and a scratch interval per thread.
 pub(crate) fn sort_records(
     src: &impl Records,
-    (key_lo, key_hi): (u32, u32),
+    spread: Spread,
     needed_negatives: Option<u64>,
     intr: &Interrupt,
 ) -> KernelResult<Vec<u64>> {
     let n = src.len();
-    if n <= SMALL_SORT || key_lo >= key_hi {
+    let single_key = matches!(spread, Spread::Keys(lo, hi) if lo >= hi);
+    if n <= SMALL_SORT || single_key {
         let mut out = Vec::with_capacity(n);
         for c in 0..src.n_chunks() {
             src.emit(c, true, |batch| out.extend_from_slice(batch));
@@ -172,22 +252,44 @@ pub(crate) fn sort_records(
         out.sort_unstable();
         return Ok(out);
     }
-    let span = (key_hi - key_lo) as u64;
-    let mut shift = 0;
-    while span >> shift >= BUCKETS as u64 {
-        shift += 1;
+    let buckets = (n / PER_BUCKET)
+        .next_power_of_two()
+        .clamp(MIN_BUCKETS, MAX_BUCKETS);
+    // One monomorphic copy of the passes per kind of interval, so the loops keep the interval
+    // parameters in registers. Larger keys (lower scores) never go to a lower interval.
+    match Bucketing::new(spread, buckets) {
+        Bucketing::Keys { lo, shift } => {
+            let bucket = move |r: u64| {
+                ((((r >> 32) as u32).saturating_sub(lo) >> shift) as usize).min(buckets - 1)
+            };
+            bucket_sort(src, buckets, bucket, needed_negatives, intr)
+        }
+        Bucketing::Table { base, table } => {
+            let (table, last) = (&table[..], table.len() - 1);
+            let bucket = move |r: u64| {
+                let bin = ((r >> (32 + TABLE_SHIFT)) as u32).saturating_sub(base) as usize;
+                table[bin.min(last)] as usize
+            };
+            bucket_sort(src, buckets, bucket, needed_negatives, intr)
+        }
     }
-    // Keys outside the given range go to the first or last interval.
-    let bucket = move |r: u64| {
-        ((((r >> 32) as u32).saturating_sub(key_lo) >> shift) as usize).min(BUCKETS - 1)
-    };
+}
+
+/// The passes of [`sort_records`] for one interval function `bucket` (monotone in the key).
+fn bucket_sort(
+    src: &impl Records,
+    buckets: usize,
+    bucket: impl Fn(u64) -> usize + Copy + Send + Sync,
+    needed_negatives: Option<u64>,
+    intr: &Interrupt,
+) -> KernelResult<Vec<u64>> {
     let count_negatives = needed_negatives.is_some();
     // Counting pass, per chunk: records per interval, and negatives per interval for a prefix.
     let hists: Vec<(Vec<u32>, Vec<u32>)> = (0..src.n_chunks())
         .into_par_iter()
         .map(|c| {
-            let mut all = vec![0u32; BUCKETS];
-            let mut neg = vec![0u32; if count_negatives { BUCKETS } else { 0 }];
+            let mut all = vec![0u32; buckets];
+            let mut neg = vec![0u32; if count_negatives { buckets } else { 0 }];
             if !intr.is_set() {
                 if count_negatives {
                     src.emit(c, false, |batch| {
@@ -211,16 +313,16 @@ pub(crate) fn sort_records(
         })
         .collect();
     intr.check()?;
-    let mut totals = vec![0usize; BUCKETS];
+    let mut totals = vec![0usize; buckets];
     for (all, _) in &hists {
         for (t, &c) in totals.iter_mut().zip(all) {
             *t += c as usize;
         }
     }
-    let mut last = BUCKETS - 1;
+    let mut last = buckets - 1;
     if let Some(k) = needed_negatives {
         let mut negatives = 0u64;
-        for b in 0..BUCKETS {
+        for b in 0..buckets {
             negatives += hists.iter().map(|(_, neg)| neg[b] as u64).sum::<u64>();
             if negatives >= k {
                 last = b;
@@ -238,7 +340,8 @@ pub(crate) fn sort_records(
             pos += all[b] as usize;
         }
     }
-    let mut out = vec![0u64; kept];
+    // Not zero-filled: the scatter writes every slot once (checked below before use).
+    let mut out: Vec<u64> = Vec::with_capacity(kept);
     let dst = SendPtr(out.as_mut_ptr());
     let consistent = (0..src.n_chunks())
         .into_par_iter()
@@ -281,6 +384,9 @@ pub(crate) fn sort_records(
     if !consistent {
         return Err(source_changed());
     }
+    // SAFETY: every chunk wrote exactly its counted records of intervals 0..=last (`left` all
+    // zero), and the (interval, chunk) runs tile 0..kept.
+    unsafe { out.set_len(kept) };
     // Second level: every interval sorted in cache, in parallel.
     let mut slices: Vec<&mut [u64]> = Vec::with_capacity(last + 1);
     let mut rest = &mut out[..];
@@ -317,7 +423,7 @@ fn sort_interval(
         return Ok(());
     }
     if s.len() > PAR_BUCKET {
-        let sorted = sort_records(&SliceRecords(s), (lo, hi), None, intr)?;
+        let sorted = sort_records(&SliceRecords(s), Spread::Keys(lo, hi), None, intr)?;
         s.copy_from_slice(&sorted);
         return Ok(());
     }
@@ -342,12 +448,16 @@ fn sort_interval(
         acc += v;
     }
     scratch.clear();
-    scratch.resize(s.len(), 0);
+    scratch.reserve(s.len());
+    let spare = &mut scratch.spare_capacity_mut()[..s.len()];
     for &r in s.iter() {
         let b = sub(r);
-        scratch[counts[b] as usize] = r;
+        spare[counts[b] as usize].write(r);
         counts[b] += 1; // ends as the end of sub-interval b
     }
+    // SAFETY: the sub-interval starts are the prefix sums of their counts, so the writes above
+    // filled every slot of 0..len exactly once.
+    unsafe { scratch.set_len(s.len()) };
     s.copy_from_slice(scratch);
     let mut start = 0usize;
     for &end in counts.iter() {
@@ -513,7 +623,14 @@ fn sorted(scores: ArrayView1<f32>, labels: ArrayView1<bool>) -> KernelResult<Sor
             ),
         ));
     }
-    let records = sort_records(&src, (key_lo, key_hi), None, &Interrupt::never())?;
+    // Intervals from robust quantiles of an evenly strided sample of the scores.
+    let stride = (scores.len() / SAMPLE).max(1);
+    let mut sample: Vec<f32> = scores.iter().step_by(stride).copied().collect();
+    let spread = match sample_range(&mut sample) {
+        Some((lo, hi)) => Spread::Scores(lo, hi),
+        None => Spread::Keys(key_lo, key_hi),
+    };
+    let records = sort_records(&src, spread, None, &Interrupt::never())?;
     Ok(Sorted {
         records,
         positives,
@@ -619,7 +736,8 @@ pub fn f1_max(scores: ArrayView1<f32>, labels: ArrayView1<bool>) -> KernelResult
     let s = sorted(scores, labels)?;
     let p = s.positives;
     // Best ratio tp / (tp + fp + p) as (numerator, denominator, threshold); `>=` keeps the lower
-    // threshold on ties, within a chunk and across chunks (they come in descending threshold order).
+    // threshold on ties, within a chunk and across chunks (chunks come in descending threshold
+    // order).
     let better = |a: (u64, u64, f32), b: (u64, u64, f32)| {
         b.0 as u128 * a.1 as u128 >= a.0 as u128 * b.1 as u128
     };
@@ -848,21 +966,28 @@ mod tests {
             .collect()
     }
 
+    fn keys(recs: &[u64]) -> Spread {
+        let (lo, hi) = key_range(recs);
+        Spread::Keys(lo, hi)
+    }
+
     #[test]
     fn bucket_sort_orders_like_a_comparison_sort() {
         for (n, seed) in [(100, 1), (SMALL_SORT + 1, 2), (300_000, 3)] {
             let recs = records(n, seed);
-            let got = sort_records(
-                &SliceRecords(&recs),
-                key_range(&recs),
-                None,
-                &Interrupt::never(),
-            )
-            .unwrap();
             let mut want = recs.clone();
             want.sort();
-            assert_eq!(got, want);
-            let scores: Vec<f32> = got.iter().map(|r| key_score((r >> 32) as u32)).collect();
+            let mut sample: Vec<f32> = recs.iter().map(|r| key_score((r >> 32) as u32)).collect();
+            let (lo, hi) = sample_range(&mut sample).unwrap();
+            for spread in [
+                keys(&recs),
+                Spread::Scores(lo, hi),
+                Spread::Scores(-1.0, 1.0),
+            ] {
+                let got = sort_records(&SliceRecords(&recs), spread, None, &Interrupt::never());
+                assert_eq!(got.unwrap(), want, "{spread:?}");
+            }
+            let scores: Vec<f32> = want.iter().map(|r| key_score((r >> 32) as u32)).collect();
             assert!(scores.windows(2).all(|w| w[0] >= w[1]));
         }
         // One huge bucket: nearly all keys equal but one outlier.
@@ -870,25 +995,35 @@ mod tests {
             .map(|i| ((desc_key(1.0) as u64) << 32) | (i % 7))
             .collect();
         recs[5] = (desc_key(-1e30) as u64) << 32;
-        let got = sort_records(
+        let got = sort_records(&SliceRecords(&recs), keys(&recs), None, &Interrupt::never());
+        let got2 = sort_records(
             &SliceRecords(&recs),
-            key_range(&recs),
+            Spread::Scores(-1e30, 1.0),
             None,
             &Interrupt::never(),
-        )
-        .unwrap();
+        );
         recs.sort();
-        assert_eq!(got, recs);
+        assert_eq!(got.unwrap(), recs);
+        assert_eq!(got2.unwrap(), recs);
     }
 
     #[test]
-    fn bucket_sort_is_right_when_the_key_range_guess_is_too_narrow() {
+    fn bucket_sort_is_right_when_the_range_guess_is_wrong() {
         let recs = records(200_000, 4);
         let mut want = recs.clone();
         want.sort();
         let (lo, hi) = key_range(&recs);
         let mid = lo / 2 + hi / 2;
-        for guess in [(mid, mid + 1000), (lo + 10, hi - 10), (0, 5)] {
+        for guess in [
+            Spread::Keys(mid, mid + 1000),
+            Spread::Keys(lo + 10, hi - 10),
+            Spread::Keys(0, 5),
+            Spread::Scores(0.1, 0.2),
+            Spread::Scores(1e6, 2e6),
+            Spread::Scores(0.5, 0.5),
+            Spread::Scores(f32::NAN, 1.0),
+            Spread::Scores(-f32::MAX, f32::MAX),
+        ] {
             let got = sort_records(&SliceRecords(&recs), guess, None, &Interrupt::never()).unwrap();
             assert_eq!(got, want);
             let got =
@@ -905,7 +1040,7 @@ mod tests {
         for k in [1u64, 17, 5_000, 150_000] {
             let got = sort_records(
                 &SliceRecords(&recs),
-                key_range(&recs),
+                keys(&recs),
                 Some(k),
                 &Interrupt::never(),
             )
@@ -926,7 +1061,7 @@ mod tests {
         // More negatives asked for than exist: everything.
         let got = sort_records(
             &SliceRecords(&recs),
-            key_range(&recs),
+            keys(&recs),
             Some(u64::MAX),
             &Interrupt::never(),
         )

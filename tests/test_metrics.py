@@ -1,5 +1,8 @@
 """anomalox.metrics against scikit-learn and a plain numpy/scipy PRO/AUPRO written here."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -285,3 +288,27 @@ def test_tensors_off_the_cpu_are_refused_naming_the_device():
     labels = torch.zeros(3, dtype=torch.int64, device="meta")
     with pytest.raises(ValueError, match=r"^labels: .* on meta"):
         metrics.image_auroc(labels, np.array([0.1, 0.2, 0.3], np.float32))
+
+
+def test_pixel_metrics_release_the_gil(rng):
+    masks, maps = blobs(rng, 40, 224, 224)
+    ticks = 0
+    stop = threading.Event()
+
+    def count():
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            time.sleep(0.001)
+
+    t = threading.Thread(target=count)
+    t.start()
+    start = time.perf_counter()
+    for _ in range(3):
+        metrics.pro_curve(masks, maps, n_threads=1)
+    elapsed = time.perf_counter() - start
+    stop.set()
+    t.join()
+    # With the GIL held during the calls, the counter could only run between them.
+    assert elapsed > 0.05
+    assert ticks >= 10

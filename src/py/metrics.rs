@@ -10,7 +10,11 @@ use crate::py::runtime::run;
 use crate::{aupro as aupro_k, roc};
 
 /// (false positive rate, true positive rate or PRO, thresholds).
-type Curve<'py> = (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f32>>);
+type Curve<'py> = (
+    Bound<'py, PyArray1<f64>>,
+    Bound<'py, PyArray1<f64>>,
+    Bound<'py, PyArray1<f32>>,
+);
 
 fn curve(py: Python<'_>, (x, y, t): (Vec<f64>, Vec<f64>, Vec<f32>)) -> Curve<'_> {
     (x.into_pyarray(py), y.into_pyarray(py), t.into_pyarray(py))
@@ -101,5 +105,7 @@ pub fn pro_at_threshold(
     n_threads: usize,
 ) -> PyResult<f64> {
     let (m, k) = (maps.as_array(), masks.as_array());
-    run(py, n_threads, |intr| aupro_k::pro_at_threshold(m, k, threshold, intr))
+    run(py, n_threads, |intr| {
+        aupro_k::pro_at_threshold(m, k, threshold, intr)
+    })
 }
