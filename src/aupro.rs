@@ -12,9 +12,10 @@
 //! point at each distinct score. No per-threshold copy is made. Memory: 8 bytes per sorted
 //! record plus 8 per defect pixel (each mask is labelled once, its defect pixels kept as a
 //! sparse list). For AUPRO only the pixels above the score where the FPR passes the limit are
-//! sorted (a little more than `limit` of the normal pixels, from a guess made on a 1/49 sample
-//! of the pixels and checked exactly afterwards; when the check fails the general path runs),
-//! so the result is always the one the full sort gives.
+//! sorted and written (a little more than `limit` of the normal pixels, from a guess made on a
+//! 1/49 sample of the pixels; when the guess is too high, the pixels below it are sorted too),
+//! so the result is always the one the full sort gives. The maps are read twice: once while
+//! labelling the masks and counting, once to place the kept pixels.
 //!
 //! The PRO sum is kept as (whole regions passed, an integer) + (float sum of the partial
 //! overlaps), so it reaches exactly 1 and perfect maps score exactly 1.
@@ -24,15 +25,13 @@
 //! only by float32 rounding, and by returning 0 instead of an error when there is no region or
 //! no normal pixel.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use ndarray::{s, Array2, ArrayView2, ArrayView3, Axis};
 use rayon::prelude::*;
 
 use crate::error::{KernelError, KernelResult};
 use crate::interrupt::Interrupt;
 use crate::roc::{
-    chunk_len, desc_key, fill_records, key_score, sample_range, sort_records, Records, Spread,
+    chunk_len, fill_records, key_score, sample_range, sort_planned, Hist, Plan, Records, Spread,
     BATCH,
 };
 use crate::validate::ensure_finite;
@@ -41,7 +40,7 @@ use crate::validate::ensure_finite;
 /// AUPRO, the score where the FPR passes its limit.
 const SAMPLE_STEP: usize = 7;
 
-/// Fewer sampled normal pixels than this: no pre-filtering for AUPRO (small inputs).
+/// Fewer sampled normal pixels than this: no guess of AUPRO's cut (small inputs).
 const MIN_SAMPLE: usize = 1000;
 
 /// Records swept between two interrupt polls.
@@ -192,43 +191,69 @@ struct PixelRecords<'a> {
     /// Global id of image i's region 1, minus one.
     offsets: Vec<u32>,
     images_per_chunk: usize,
-    /// Set by any pass over the maps that meets NaN or an infinity.
-    non_finite: AtomicBool,
 }
 
 impl PixelRecords<'_> {
     fn emit_image(&self, i: usize, exact: bool, sink: &mut impl FnMut(&[u64])) {
-        let map = self.maps.index_axis(Axis(0), i);
-        // A strided map is packed first, one image at a time.
-        let map_own: Vec<f32>;
-        let m = match map.as_slice() {
-            Some(m) => m,
-            None => {
-                map_own = map.iter().copied().collect();
-                &map_own
-            }
-        };
-        let (defects, off) = (&self.defects[i], self.offsets[i] as u64);
-        let mut next = 0; // first defect pixel not yet placed
-        let mut buf = [0u64; BATCH];
-        // Non-finite scores are looked for here, where the maps are read anyway.
-        let mut bad = false;
-        for (start, ms) in (0..).step_by(BATCH).zip(m.chunks(BATCH)) {
-            let out = &mut buf[..ms.len()];
-            bad |= fill_records(out, ms, |_| 0);
-            let end = start + ms.len();
-            while next < defects.len() && (defects[next].0 as usize) < end {
-                let (j, label) = defects[next];
-                // The counting pass only needs to know the pixel is a defect.
-                out[j as usize - start] |= if exact { off + label as u64 } else { 1 };
-                next += 1;
-            }
-            sink(out);
+        let off = self.offsets[i] as u64;
+        // The maps were checked for NaN and infinities by the labelling pass.
+        image_records(
+            self.maps.index_axis(Axis(0), i),
+            &self.defects[i],
+            // A counting pass only needs to know that a pixel is a defect.
+            |label| if exact { off + label as u64 } else { 1 },
+            sink,
+        );
+    }
+}
+
+/// The records of one map, in batches: keys with payload 0 (a vectorised loop over the map),
+/// then `payload(label)` for the listed defect pixels. Says whether a score was not finite.
+fn image_records(
+    map: ArrayView2<f32>,
+    defects: &[(u32, u32)],
+    payload: impl Fn(u32) -> u64,
+    mut sink: impl FnMut(&[u64]),
+) -> bool {
+    // A strided map is packed first.
+    let map_own: Vec<f32>;
+    let m = match map.as_slice() {
+        Some(m) => m,
+        None => {
+            map_own = map.iter().copied().collect();
+            &map_own
         }
-        if bad {
-            self.non_finite.store(true, Ordering::Relaxed);
+    };
+    let mut next = 0; // first defect pixel not yet placed
+    let mut buf = [0u64; BATCH];
+    let mut bad = false;
+    for (start, ms) in (0..).step_by(BATCH).zip(m.chunks(BATCH)) {
+        let out = &mut buf[..ms.len()];
+        bad |= fill_records(out, ms, |_| 0);
+        let end = start + ms.len();
+        while next < defects.len() && (defects[next].0 as usize) < end {
+            let (j, label) = defects[next];
+            out[j as usize - start] |= payload(label);
+            next += 1;
+        }
+        sink(out);
+    }
+    bad
+}
+
+/// The regions of one mask: their sizes, and the defect pixels in raster order as (flat index,
+/// label 1..=n).
+fn regions(mask: ArrayView2<bool>) -> (Vec<u32>, Vec<(u32, u32)>) {
+    let (mut sizes, mut defects) = (vec![], vec![]);
+    if mask.iter().any(|&a| a) {
+        let (lab, n) = label_raw(mask);
+        sizes = vec![0u32; n];
+        for (j, &l) in lab.iter().enumerate().filter(|(_, &l)| l > 0) {
+            sizes[l as usize - 1] += 1;
+            defects.push((j as u32, l));
         }
     }
+    (sizes, defects)
 }
 
 impl Records for PixelRecords<'_> {
@@ -268,15 +293,12 @@ fn prepare(
     validate(&maps, &masks)?;
     let (b, h, w) = maps.dim();
     let hw = h * w;
-    // Per image, in parallel: region sizes, and a sample of the pixels (every SAMPLE_STEP-th
-    // row and column): its score range guides the bucket sort (scores outside it are still
-    // sorted right, only more slowly), and with an FPR limit its normal scores guess where the
-    // FPR passes the limit. Reading all the maps just for that would cost more than it saves.
-    #[allow(clippy::type_complexity)]
-    let per_image: Vec<(Vec<u32>, Vec<(u32, u32)>, Vec<f32>, Vec<f32>)> = (0..b)
+    // A sample of the pixels (every SAMPLE_STEP-th row and column of every image): its score
+    // range guides the bucket sort (scores outside it are still sorted right, only more
+    // slowly), and with an FPR limit its normal scores guess where the FPR passes the limit.
+    let samples: Vec<(Vec<f32>, Vec<f32>)> = (0..b)
         .into_par_iter()
         .map(|i| {
-            intr.check()?;
             let (mut sample, mut normal_sample) = (vec![], vec![]);
             let sampled = maps.slice(s![i, ..;SAMPLE_STEP, ..;SAMPLE_STEP]);
             let sampled_mask = masks.slice(s![i, ..;SAMPLE_STEP, ..;SAMPLE_STEP]);
@@ -288,19 +310,57 @@ fn prepare(
                     }
                 }
             }
-            let mask = masks.index_axis(Axis(0), i);
-            let (mut sizes, mut defects) = (vec![], vec![]);
-            if mask.iter().any(|&a| a) {
-                let (lab, n) = label_raw(mask);
-                sizes = vec![0u32; n];
-                for (j, &l) in lab.iter().enumerate().filter(|(_, &l)| l > 0) {
-                    sizes[l as usize - 1] += 1;
-                    defects.push((j as u32, l));
+            (sample, normal_sample)
+        })
+        .collect();
+    let (mut sample, mut normal_sample) = (vec![], vec![]);
+    for (all, normal) in samples {
+        sample.extend(all);
+        normal_sample.extend(normal);
+    }
+    let (lo, hi) = sample_range(&mut sample).unwrap_or((f32::MIN, f32::MAX));
+    let spread = fpr_limit.and_then(|limit| guess_spread(normal_sample, hi, limit));
+    let plan = Plan::new(spread.unwrap_or(Spread::Scores(lo, hi)), b * hw);
+    // Per chunk of images, in parallel: label each mask (region sizes and defect pixels) and,
+    // while the map is read anyway, count its pixels into the sort's intervals.
+    let images_per_chunk = chunk_len(b * hw).div_ceil(hw).max(1);
+    #[allow(clippy::type_complexity)]
+    let per_chunk: Vec<(Vec<(Vec<u32>, Vec<(u32, u32)>)>, Hist, bool)> = (0..b
+        .div_ceil(images_per_chunk))
+        .into_par_iter()
+        .map(|c| {
+            intr.check()?;
+            let (mut images, mut hist, mut bad) = (vec![], plan.empty_hist(), false);
+            for i in c * images_per_chunk..((c + 1) * images_per_chunk).min(b) {
+                let (sizes, defects) = regions(masks.index_axis(Axis(0), i));
+                let map = maps.index_axis(Axis(0), i);
+                let map_own: Vec<f32>;
+                let m = match map.as_slice() {
+                    Some(m) => m,
+                    None => {
+                        map_own = map.iter().copied().collect();
+                        &map_own
+                    }
+                };
+                bad |= plan.count_scores(m, &mut hist);
+                for &(j, _) in &defects {
+                    plan.count_positive(m[j as usize], &mut hist);
                 }
+                images.push((sizes, defects));
             }
-            Ok((sizes, defects, sample, normal_sample))
+            plan.finish_counts(&mut hist);
+            Ok((images, hist, bad))
         })
         .collect::<KernelResult<_>>()?;
+    if per_chunk.iter().any(|x| x.2) {
+        ensure_finite(&maps, "maps")?; // names the first bad value
+    }
+    let mut hists = Vec::with_capacity(per_chunk.len());
+    let mut per_image = Vec::with_capacity(b);
+    for (images, hist, _) in per_chunk {
+        hists.push(hist);
+        per_image.extend(images);
+    }
     let n_regions: usize = per_image.iter().map(|x| x.0.len()).sum();
     if n_regions >= u32::MAX as usize {
         return Err(KernelError::invalid(
@@ -328,13 +388,11 @@ fn prepare(
         offsets.push(acc);
         acc += x.0.len() as u32;
     }
-    let (mut sample, mut normal_sample, mut defects) = (vec![], vec![], vec![]);
+    let mut defects = Vec::with_capacity(b);
     let mut size: Vec<u32> = vec![0];
-    for (sizes, image_defects, all, normal) in per_image {
+    for (sizes, image_defects) in per_image {
         size.extend(sizes);
         defects.push(image_defects);
-        sample.extend(all);
-        normal_sample.extend(normal);
     }
     let inv_size: Vec<f64> = size
         .iter()
@@ -344,25 +402,13 @@ fn prepare(
         maps,
         defects,
         offsets,
-        images_per_chunk: chunk_len(b * hw).div_ceil(hw).max(1),
-        non_finite: AtomicBool::new(false),
+        images_per_chunk,
     };
     // The sweep for an FPR limit stops at the first normal count whose FPR exceeds it.
     let needed = fpr_limit
         .map(|limit| first_count_above(limit, n_normal))
         .filter(|&k| k <= n_normal);
-    let (lo, hi) = sample_range(&mut sample).unwrap_or((f32::MIN, f32::MAX));
-    let filtered = match (needed, fpr_limit) {
-        (Some(k), Some(limit)) => filtered_prefix(&src, normal_sample, hi, limit, k, intr)?,
-        _ => None,
-    };
-    let records = match filtered {
-        Some(records) => records,
-        None => sort_records(&src, Spread::Scores(lo, hi), needed, intr)?,
-    };
-    if src.non_finite.load(Ordering::Relaxed) {
-        ensure_finite(&maps, "maps")?; // names the first bad value
-    }
+    let records = sort_planned(&src, &plan, Some(hists), needed, intr)?;
     Ok(Prepared {
         records,
         size,
@@ -372,97 +418,24 @@ fn prepare(
     })
 }
 
-/// Records kept by the filter pass, one Vec per chunk of images.
-struct ChunkedRecords(Vec<Vec<u64>>);
-
-impl Records for ChunkedRecords {
-    fn len(&self) -> usize {
-        self.0.iter().map(Vec::len).sum()
-    }
-    fn n_chunks(&self) -> usize {
-        self.0.len()
-    }
-    fn emit(&self, chunk: usize, _exact: bool, mut sink: impl FnMut(&[u64])) {
-        sink(&self.0[chunk]);
-    }
-}
-
-/// For AUPRO: the sorted records a sweep up to the `k`-th normal pixel needs, found by sorting
-/// only the pixels above a score guessed from the sampled normal pixels, or `None` when that
-/// does not pay off or the guess turns out too high (the caller then sorts everything).
-///
-/// The guess aims at an FPR a little above the limit (by 1% plus 5 standard deviations of the
-/// sampled FPR: 0.317 for the default limit on 100 maps of 224²). One pass over the maps keeps every
-/// pixel at or above it; if at least `k` normal pixels were kept, every record up to the
-/// sweep's stopping point is among the kept ones, so the result is exactly what the full sort
-/// would give. This reads the maps once instead of twice and sorts
-/// about a third of the pixels for the default limit.
-fn filtered_prefix(
-    src: &PixelRecords,
-    mut sample: Vec<f32>,
-    high: f32,
-    limit: f64,
-    k: u64,
-    intr: &Interrupt,
-) -> KernelResult<Option<Vec<u64>>> {
+/// For AUPRO: the intervals of the bucket sort, from a guess of the score where the FPR passes
+/// `limit` made on the sampled normal pixels, up to `high`. Pixels below the guess fall into the
+/// last interval, which the prefix sort drops when at least `k` normal pixels lie above it,
+/// and sorts like any other when the guess was too high: the result is exact either way. The
+/// guess aims at an FPR a little above the limit (by 1% plus 5 standard deviations of the
+/// sampled FPR: 0.317 for the default limit on 100 maps of 224²); with it, about a third of
+/// the pixels are sorted and the rest is never written anywhere.
+fn guess_spread(mut sample: Vec<f32>, high: f32, limit: f64) -> Option<Spread> {
     let m = sample.len();
     // Margin: 5 binomial standard deviations of the sampled FPR (the sample is spatially
     // correlated, hence the generous factor) plus 1%.
     let target = limit + 0.01 + 5.0 * (limit * (1.0 - limit) / m.max(1) as f64).sqrt();
     if m < MIN_SAMPLE || target >= 0.9 {
-        return Ok(None);
+        return None;
     }
     let rank = ((target * m as f64) as usize).min(m - 1);
-    sample.select_nth_unstable_by(rank, |a, b| b.total_cmp(a));
-    let guess = sample[rank];
-    let cut = desc_key(guess); // keep keys <= cut, i.e. scores >= the guess
-    let parts: Vec<Vec<u64>> = (0..src.n_chunks())
-        .into_par_iter()
-        .map(|c| {
-            // Capacity for the whole chunk: pages never written are never touched.
-            let images = src
-                .images_per_chunk
-                .min(src.maps.len_of(Axis(0)) - c * src.images_per_chunk);
-            let pixels = images * src.maps.len_of(Axis(1)) * src.maps.len_of(Axis(2));
-            let mut kept = Vec::with_capacity(pixels);
-            if !intr.is_set() {
-                src.emit(c, true, |batch| {
-                    // Branch-free compaction into the spare capacity: every record is written,
-                    // the length only advances over kept ones (no zero-filling first).
-                    let base = kept.len();
-                    kept.reserve(batch.len());
-                    let dst = &mut kept.spare_capacity_mut()[..batch.len()];
-                    let mut n = 0;
-                    for &r in batch {
-                        let key = (r >> 32) as u32;
-                        let keep = key <= cut;
-                        dst[n].write(r);
-                        n += keep as usize;
-                    }
-                    // SAFETY: the first n spare slots were written above.
-                    unsafe { kept.set_len(base + n) };
-                });
-            }
-            kept
-        })
-        .collect();
-    intr.check()?;
-    let kept_normal: usize = parts
-        .par_iter()
-        .map(|p| p.iter().filter(|&&r| r as u32 == 0).count())
-        .sum();
-    if (kept_normal as u64) < k {
-        return Ok(None);
-    }
-    // Intervals over [guess, high quantile of the sample] (a guess above that quantile means
-    // a tiny sample or tied scores: the key range up to the guess then does as well).
-    let spread = if high > guess {
-        Spread::Scores(guess, high)
-    } else {
-        Spread::Keys(0, cut)
-    };
-    let kept = ChunkedRecords(parts);
-    sort_records(&kept, spread, Some(k), intr).map(Some)
+    let guess = *sample.select_nth_unstable_by(rank, |a, b| b.total_cmp(a)).1;
+    (high > guess).then_some(Spread::Scores(guess, high))
 }
 
 /// Smallest count k with `k / n > limit` in f64, as the sweep computes the FPR (n + 1 if none).
@@ -487,12 +460,8 @@ fn sweep(
     mut f: impl FnMut(u64, f64, u32) -> bool,
 ) -> KernelResult<()> {
     let recs = &p.records;
-    let n_regions = p.n_regions as f64;
-    // PRO sum = (regions entirely above the threshold) + (partial overlaps of the others): the
-    // integer part keeps full regions exact, so perfect maps reach exactly 1 and the float part
-    // is reset to exactly 0 once every region is complete.
-    let mut seen = vec![0u32; p.size.len()];
-    let (mut fp, mut complete, mut partial) = (0u64, 0usize, 0.0f64);
+    let mut overlap = Overlap::new(p);
+    let mut fp = 0u64;
     let mut next_poll = SWEEP_POLL;
     let mut i = 0;
     while i < recs.len() {
@@ -502,25 +471,13 @@ fn sweep(
         }
         let key = recs[i] >> 32;
         while i < recs.len() && recs[i] >> 32 == key {
-            let region = recs[i] as u32 as usize;
-            if region == 0 {
-                fp += 1;
-            } else {
-                seen[region] += 1;
-                if seen[region] == p.size[region] {
-                    complete += 1;
-                    partial -= (p.size[region] - 1) as f64 * p.inv_size[region];
-                    if complete == p.n_regions {
-                        partial = 0.0;
-                    }
-                } else {
-                    partial += p.inv_size[region];
-                }
+            match recs[i] as u32 as usize {
+                0 => fp += 1,
+                region => overlap.add(region),
             }
             i += 1;
         }
-        let overlap = (complete as f64 + partial).clamp(0.0, n_regions);
-        if !f(fp, overlap, key as u32) {
+        if !f(fp, overlap.value(), key as u32) {
             break;
         }
     }
@@ -570,29 +527,104 @@ pub fn aupro(
     let p = prepare(maps, masks, Some(fpr_limit), intr)?;
     let (n_normal, n_regions) = (p.n_normal as f64, p.n_regions as f64);
     // The first point past the limit is the first with `k` normal pixels (k > n_normal when the
-    // limit is 1). Before it, trapezoids are summed in count units, Σ (O_prev + O)·Δfp, and
-    // scaled once: no division per point.
+    // limit is 1).
     let k = first_count_above(fpr_limit, p.n_normal);
-    let (mut fp_prev, mut o_prev, mut twice) = (0u64, 0.0f64, 0.0f64);
-    let mut past = None;
-    sweep(&p, intr, |fp, overlap, _| {
-        if fp >= k {
-            past = Some((fp, overlap));
-            return false;
+    let mut overlap = Overlap::new(&p);
+    // Trapezoids in count units: a group of tied scores with g normal pixels adds
+    // (O_before + O_after)·g. Within a group normal pixels come first (payload 0 sorts first),
+    // so each of them adds 2·O_before as it passes, and each defect pixel after them adds its
+    // overlap increment times g. Scaled once at the end: O(1) float work per pixel.
+    let (mut closed, mut group) = (0.0f64, 0.0f64); // finished groups, current group
+    let (mut fp, mut group_normals, mut key) = (0u64, 0u64, u64::MAX);
+    let recs = &p.records;
+    for (i, &r) in recs.iter().enumerate() {
+        if i % SWEEP_POLL == SWEEP_POLL - 1 {
+            intr.check()?;
         }
-        twice += (o_prev + overlap) * (fp - fp_prev) as f64;
-        (fp_prev, o_prev) = (fp, overlap);
-        true
-    })?;
-    let mut area = twice / (2.0 * n_normal * n_regions);
-    if let Some((fp, overlap)) = past {
-        // fpr(prev) <= limit < fpr(this point): close the area at the limit.
-        let (prev_f, f) = (fp_prev as f64 / n_normal, fp as f64 / n_normal);
-        let (prev_p, r) = (o_prev / n_regions, overlap / n_regions);
-        let r_lim = prev_p + (r - prev_p) * (fpr_limit - prev_f) / (f - prev_f);
-        area += 0.5 * (prev_p + r_lim) * (fpr_limit - prev_f);
+        if r >> 32 != key {
+            key = r >> 32;
+            closed += group;
+            (group, group_normals) = (0.0, 0);
+        }
+        let region = r as u32 as usize;
+        if region == 0 {
+            if fp + 1 == k {
+                // This group is the first point past the limit: the previous point is where
+                // it started. Find where it ends, then close the area at the limit.
+                let (fp_prev, o_prev) = (fp - group_normals, overlap.value());
+                let mut fp_end = fp_prev;
+                for &q in recs[i - group_normals as usize..].iter() {
+                    if q >> 32 != key {
+                        break;
+                    }
+                    match q as u32 as usize {
+                        0 => fp_end += 1,
+                        region => overlap.add(region),
+                    }
+                }
+                let (prev_f, f) = (fp_prev as f64 / n_normal, fp_end as f64 / n_normal);
+                let (prev_p, r) = (o_prev / n_regions, overlap.value() / n_regions);
+                let r_lim = prev_p + (r - prev_p) * (fpr_limit - prev_f) / (f - prev_f);
+                let area = closed / (2.0 * n_normal * n_regions)
+                    + 0.5 * (prev_p + r_lim) * (fpr_limit - prev_f);
+                return Ok(area / fpr_limit);
+            }
+            fp += 1;
+            group_normals += 1;
+            group += 2.0 * overlap.value();
+        } else {
+            let before = overlap.value();
+            overlap.add(region);
+            group += (overlap.value() - before) * group_normals as f64;
+        }
     }
-    Ok(area / fpr_limit)
+    // No point past the limit (limit 1): the whole curve.
+    Ok((closed + group) / (2.0 * n_normal * n_regions) / fpr_limit)
+}
+
+/// The summed overlap of the regions (PRO × regions) as defect pixels pass, kept as (regions
+/// entirely passed, an integer) + (float sum of the partial overlaps): the integer part keeps
+/// full regions exact, so perfect maps reach exactly 1 and the float part is reset to exactly
+/// 0 once every region is complete.
+struct Overlap<'a> {
+    p: &'a Prepared,
+    seen: Vec<u32>,
+    complete: usize,
+    partial: f64,
+    value: f64,
+}
+
+impl<'a> Overlap<'a> {
+    fn new(p: &'a Prepared) -> Self {
+        Overlap {
+            p,
+            seen: vec![0; p.size.len()],
+            complete: 0,
+            partial: 0.0,
+            value: 0.0,
+        }
+    }
+
+    #[inline]
+    fn add(&mut self, region: usize) {
+        let p = self.p;
+        self.seen[region] += 1;
+        if self.seen[region] == p.size[region] {
+            self.complete += 1;
+            self.partial -= (p.size[region] - 1) as f64 * p.inv_size[region];
+            if self.complete == p.n_regions {
+                self.partial = 0.0;
+            }
+        } else {
+            self.partial += p.inv_size[region];
+        }
+        self.value = (self.complete as f64 + self.partial).clamp(0.0, p.n_regions as f64);
+    }
+
+    #[inline]
+    fn value(&self) -> f64 {
+        self.value
+    }
 }
 
 /// PRO at one threshold: the mean over all ground-truth regions of the fraction of the region's
@@ -643,6 +675,7 @@ pub fn pro_at_threshold(
 mod tests {
     use super::*;
     use ndarray::Array3;
+    use std::sync::atomic::AtomicBool;
 
     struct Lcg(u64);
     impl Lcg {
@@ -889,7 +922,7 @@ mod tests {
     #[test]
     fn aupro_is_exact_whether_the_sampled_guess_holds_or_fails() {
         let intr = Interrupt::never();
-        // 12 maps of 84×84: 12·12·12 sampled pixels, enough for the pre-filter.
+        // 12 maps of 84×84: 12·12·12 sampled pixels, enough to guess the cut.
         let (maps, masks) = data(12, 84, 84, 150, 21);
         let (f, p, _) = naive_curve(&maps, &masks);
         for limit in [0.02, 0.3, 0.6] {
@@ -900,7 +933,7 @@ mod tests {
             );
         }
         // Sampled positions (rows and columns multiple of SAMPLE_STEP) score far higher than
-        // the rest: the guess keeps too few normal pixels and the full sort takes over.
+        // the rest: the guessed cut is too high, and the pixels below it get sorted as well.
         let mut skewed = maps.clone();
         for ((_, y, x), v) in skewed.indexed_iter_mut() {
             if y % SAMPLE_STEP == 0 && x % SAMPLE_STEP == 0 {

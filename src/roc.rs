@@ -157,7 +157,9 @@ pub(crate) enum Spread {
     Keys(u32, u32),
     /// Equal intervals of the score range `lo..=hi`: much better balanced than key intervals for
     /// real score distributions (keys spread each power of two evenly, so scores near 0 or of
-    /// both signs crowd into few key intervals). Typically robust quantiles of a sample.
+    /// both signs crowd into few key intervals). Typically robust quantiles of a sample. Scores
+    /// below `lo` get an interval of their own, the last one, which a prefix sort can drop
+    /// whole: AUPRO passes a guess of the score where the FPR passes its limit as `lo`.
     Scores(f32, f32),
 }
 
@@ -171,7 +173,8 @@ enum Bucketing {
         lo: u32,
         shift: u32,
     },
-    /// `table[(key >> TABLE_SHIFT) - base]` (clamped to the table) is the interval.
+    /// `table[(key >> TABLE_SHIFT) - base]` (clamped to the table) is the interval; the last
+    /// entry, for keys past the range, is the last interval.
     Table {
         base: u32,
         table: Vec<u16>,
@@ -181,18 +184,20 @@ enum Bucketing {
 impl Bucketing {
     fn new(spread: Spread, buckets: usize) -> Self {
         if let Spread::Scores(lo, hi) = spread {
-            let scale = buckets as f64 / (hi as f64 - lo as f64);
+            let scale = (buckets - 1) as f64 / (hi as f64 - lo as f64);
             if lo.is_finite() && hi.is_finite() && hi > lo && scale.is_finite() {
                 // One entry per key bin from the bin of `hi` to that of `lo`, each holding the
-                // interval of the bin's highest score: monotone in the key, like the scores.
+                // interval of the bin's highest score (monotone in the key, like the scores),
+                // then the last interval for everything below.
                 let (base, end) = (desc_key(hi) >> TABLE_SHIFT, desc_key(lo) >> TABLE_SHIFT);
-                let table = (base..=end)
+                let mut table: Vec<u16> = (base..=end)
                     .map(|bin| {
                         let top = key_score(bin << TABLE_SHIFT) as f64;
                         let b = ((hi as f64 - top) * scale).max(0.0) as usize;
-                        b.min(buckets - 1) as u16
+                        b.min(buckets - 2) as u16
                     })
                     .collect();
+                table.push((buckets - 1) as u16);
                 return Bucketing::Table { base, table };
             }
         }
@@ -242,9 +247,125 @@ pub(crate) fn sort_records(
     needed_negatives: Option<u64>,
     intr: &Interrupt,
 ) -> KernelResult<Vec<u64>> {
+    sort_planned(
+        src,
+        &Plan::new(spread, src.len()),
+        None,
+        needed_negatives,
+        intr,
+    )
+}
+
+/// Per-interval counts of one chunk of records: all of them, and those of payload 0.
+pub(crate) struct Hist {
+    all: Vec<u32>,
+    neg: Vec<u32>,
+}
+
+/// How a sort of `n` records cuts keys into intervals, fixed before any record is read, so that
+/// a caller that reads its inputs anyway (AUPRO labels every mask) can count them on the way.
+pub(crate) struct Plan {
+    buckets: usize,
+    bucketing: Bucketing,
+    single_key: bool,
+}
+
+impl Plan {
+    pub(crate) fn new(spread: Spread, n: usize) -> Self {
+        let buckets = (n / PER_BUCKET)
+            .next_power_of_two()
+            .clamp(MIN_BUCKETS, MAX_BUCKETS);
+        Plan {
+            buckets,
+            bucketing: Bucketing::new(spread, buckets),
+            single_key: matches!(spread, Spread::Keys(lo, hi) if lo >= hi),
+        }
+    }
+
+    pub(crate) fn empty_hist(&self) -> Hist {
+        Hist {
+            all: vec![0; self.buckets],
+            neg: vec![0; self.buckets],
+        }
+    }
+
+    /// Counts the records of `scores` into `hist` without building them (one increment per
+    /// score); says whether a score was NaN or infinite. The positives among them are then
+    /// named with [`Plan::count_positive`], and [`Plan::finish_counts`] completes `hist`.
+    pub(crate) fn count_scores(&self, scores: &[f32], hist: &mut Hist) -> bool {
+        match &self.bucketing {
+            Bucketing::Keys { lo, shift } => {
+                count_scores_with(keys_fn(*lo, *shift, self.buckets), scores, hist)
+            }
+            Bucketing::Table { base, table } => {
+                count_scores_with(table_fn(*base, table), scores, hist)
+            }
+        }
+    }
+
+    /// Marks one score counted by [`Plan::count_scores`] as a positive (payload not 0).
+    pub(crate) fn count_positive(&self, score: f32, hist: &mut Hist) {
+        let r = (desc_key(score) as u64) << 32;
+        let b = match &self.bucketing {
+            Bucketing::Keys { lo, shift } => keys_fn(*lo, *shift, self.buckets)(r),
+            Bucketing::Table { base, table } => table_fn(*base, table)(r),
+        };
+        hist.neg[b] += 1; // positives until `finish_counts`
+    }
+
+    /// Negatives = all − positives, once a chunk's scores and positives are counted.
+    pub(crate) fn finish_counts(&self, hist: &mut Hist) {
+        for (n, &a) in hist.neg.iter_mut().zip(&hist.all) {
+            *n = a - *n;
+        }
+    }
+}
+
+fn count_scores_with(bucket: impl Fn(u64) -> usize, scores: &[f32], hist: &mut Hist) -> bool {
+    let all = &mut hist.all[..];
+    let mut bad = false;
+    for &s in scores {
+        let k = desc_key(s);
+        bad |= !FINITE_KEYS.contains(&k);
+        all[bucket((k as u64) << 32)] += 1;
+    }
+    bad
+}
+
+/// Interval functions, one monomorphic closure per kind so the loops keep their parameters in
+/// registers. Larger keys (lower scores) never go to a lower interval.
+fn keys_fn(lo: u32, shift: u32, buckets: usize) -> impl Fn(u64) -> usize + Copy + Send + Sync {
+    move |r: u64| ((((r >> 32) as u32).saturating_sub(lo) >> shift) as usize).min(buckets - 1)
+}
+
+fn table_fn(base: u32, table: &[u16]) -> impl Fn(u64) -> usize + Copy + Send + Sync + '_ {
+    let last = table.len() - 1;
+    move |r: u64| {
+        let bin = ((r >> (32 + TABLE_SHIFT)) as u32).saturating_sub(base) as usize;
+        table[bin.min(last)] as usize
+    }
+}
+
+fn count_with(bucket: impl Fn(u64) -> usize, batch: &[u64], hist: &mut Hist) {
+    let (all, neg) = (&mut hist.all[..], &mut hist.neg[..]);
+    for &r in batch {
+        let b = bucket(r);
+        all[b] += 1;
+        neg[b] += (r as u32 == 0) as u32;
+    }
+}
+
+/// [`sort_records`] with its plan, and optionally the counts of every chunk of `src` already
+/// made with `plan.count` (the counting pass over `src` is then skipped).
+pub(crate) fn sort_planned(
+    src: &impl Records,
+    plan: &Plan,
+    hists: Option<Vec<Hist>>,
+    needed_negatives: Option<u64>,
+    intr: &Interrupt,
+) -> KernelResult<Vec<u64>> {
     let n = src.len();
-    let single_key = matches!(spread, Spread::Keys(lo, hi) if lo >= hi);
-    if n <= SMALL_SORT || single_key {
+    if n <= SMALL_SORT || plan.single_key {
         let mut out = Vec::with_capacity(n);
         for c in 0..src.n_chunks() {
             src.emit(c, true, |batch| out.extend_from_slice(batch));
@@ -252,26 +373,24 @@ pub(crate) fn sort_records(
         out.sort_unstable();
         return Ok(out);
     }
-    let buckets = (n / PER_BUCKET)
-        .next_power_of_two()
-        .clamp(MIN_BUCKETS, MAX_BUCKETS);
-    // One monomorphic copy of the passes per kind of interval, so the loops keep the interval
-    // parameters in registers. Larger keys (lower scores) never go to a lower interval.
-    match Bucketing::new(spread, buckets) {
-        Bucketing::Keys { lo, shift } => {
-            let bucket = move |r: u64| {
-                ((((r >> 32) as u32).saturating_sub(lo) >> shift) as usize).min(buckets - 1)
-            };
-            bucket_sort(src, buckets, bucket, needed_negatives, intr)
-        }
-        Bucketing::Table { base, table } => {
-            let (table, last) = (&table[..], table.len() - 1);
-            let bucket = move |r: u64| {
-                let bin = ((r >> (32 + TABLE_SHIFT)) as u32).saturating_sub(base) as usize;
-                table[bin.min(last)] as usize
-            };
-            bucket_sort(src, buckets, bucket, needed_negatives, intr)
-        }
+    let b = plan.buckets;
+    match &plan.bucketing {
+        Bucketing::Keys { lo, shift } => bucket_sort(
+            src,
+            b,
+            keys_fn(*lo, *shift, b),
+            hists,
+            needed_negatives,
+            intr,
+        ),
+        Bucketing::Table { base, table } => bucket_sort(
+            src,
+            b,
+            table_fn(*base, table),
+            hists,
+            needed_negatives,
+            intr,
+        ),
     }
 }
 
@@ -280,42 +399,37 @@ fn bucket_sort(
     src: &impl Records,
     buckets: usize,
     bucket: impl Fn(u64) -> usize + Copy + Send + Sync,
+    hists: Option<Vec<Hist>>,
     needed_negatives: Option<u64>,
     intr: &Interrupt,
 ) -> KernelResult<Vec<u64>> {
-    let count_negatives = needed_negatives.is_some();
-    // Counting pass, per chunk: records per interval, and negatives per interval for a prefix.
-    let hists: Vec<(Vec<u32>, Vec<u32>)> = (0..src.n_chunks())
-        .into_par_iter()
-        .map(|c| {
-            let mut all = vec![0u32; buckets];
-            let mut neg = vec![0u32; if count_negatives { buckets } else { 0 }];
-            if !intr.is_set() {
-                if count_negatives {
-                    src.emit(c, false, |batch| {
-                        let (all, neg) = (&mut all[..], &mut neg[..]);
-                        for &r in batch {
-                            let b = bucket(r);
-                            all[b] += 1;
-                            neg[b] += (r as u32 == 0) as u32;
-                        }
-                    });
-                } else {
-                    src.emit(c, false, |batch| {
-                        let all = &mut all[..];
-                        for &r in batch {
-                            all[bucket(r)] += 1;
-                        }
-                    });
-                }
+    let hists: Vec<Hist> = match hists {
+        Some(h) => {
+            let fits = |x: &Hist| x.all.len() == buckets && x.neg.len() == buckets;
+            if h.len() != src.n_chunks() || !h.iter().all(fits) {
+                return Err(source_changed());
             }
-            (all, neg)
-        })
-        .collect();
+            h
+        }
+        // Counting pass, per chunk: records per interval, and negatives per interval.
+        None => (0..src.n_chunks())
+            .into_par_iter()
+            .map(|c| {
+                let mut hist = Hist {
+                    all: vec![0; buckets],
+                    neg: vec![0; buckets],
+                };
+                if !intr.is_set() {
+                    src.emit(c, false, |batch| count_with(bucket, batch, &mut hist));
+                }
+                hist
+            })
+            .collect(),
+    };
     intr.check()?;
     let mut totals = vec![0usize; buckets];
-    for (all, _) in &hists {
-        for (t, &c) in totals.iter_mut().zip(all) {
+    for h in &hists {
+        for (t, &c) in totals.iter_mut().zip(&h.all) {
             *t += c as usize;
         }
     }
@@ -323,7 +437,7 @@ fn bucket_sort(
     if let Some(k) = needed_negatives {
         let mut negatives = 0u64;
         for b in 0..buckets {
-            negatives += hists.iter().map(|(_, neg)| neg[b] as u64).sum::<u64>();
+            negatives += hists.iter().map(|h| h.neg[b] as u64).sum::<u64>();
             if negatives >= k {
                 last = b;
                 break;
@@ -335,11 +449,28 @@ fn bucket_sort(
     let mut offsets = vec![vec![0usize; last + 1]; hists.len()];
     let mut pos = 0usize;
     for b in 0..=last {
-        for (c, (all, _)) in hists.iter().enumerate() {
-            offsets[c][b] = pos;
-            pos += all[b] as usize;
+        for (off, h) in offsets.iter_mut().zip(&hists) {
+            off[b] = pos;
+            pos += h.all[b] as usize;
         }
     }
+    // The interval function is monotone in the key, so the kept intervals are exactly the
+    // records with key <= max_key: a cheap test that drops the rest before any bookkeeping.
+    let max_key = if bucket(u64::MAX) <= last {
+        u32::MAX
+    } else {
+        let (mut lo, mut hi) = (0u32, u32::MAX); // bucket(lo) <= last < bucket(hi), or lo = 0
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if bucket((mid as u64) << 32) <= last {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    };
+    let first_kept = bucket(0) <= last;
     // Not zero-filled: the scatter writes every slot once (checked below before use).
     let mut out: Vec<u64> = Vec::with_capacity(kept);
     let dst = SendPtr(out.as_mut_ptr());
@@ -347,37 +478,36 @@ fn bucket_sort(
         .into_par_iter()
         .zip(offsets.into_par_iter())
         .map(|(c, mut off)| {
-            // Records past `last` go to a one-slot trash through an extra interval that never
-            // advances: no unpredictable branch on whether a record is kept.
-            let mut left: Vec<u32> = hists[c].0[..=last].to_vec();
-            left.push(u32::MAX);
-            off.push(0);
-            let mut trash = 0u64;
+            let mut left: Vec<u32> = hists[c].all[..=last].to_vec();
             let mut ok = true;
-            if !intr.is_set() {
+            let mut buf = [0u64; BATCH];
+            if !intr.is_set() && first_kept {
                 src.emit(c, true, |batch| {
                     // Local slices, so the loop keeps them in registers across the raw stores.
-                    let (left, off) = (&mut left[..], &mut off[..]);
-                    let (out, bin) = (dst.get(), &mut trash as *mut u64);
-                    for &r in batch {
-                        let b = bucket(r).min(last + 1);
-                        let keep = b <= last;
-                        if left[b] == 0 {
-                            ok = false;
-                            return;
+                    let (left, off, out) = (&mut left[..], &mut off[..], dst.get());
+                    for part in batch.chunks(BATCH) {
+                        // Branch-free compaction of the kept records.
+                        let mut n = 0;
+                        for &r in part {
+                            buf[n] = r;
+                            n += ((r >> 32) as u32 <= max_key) as usize;
                         }
-                        left[b] -= 1;
-                        let base = if keep { out } else { bin };
-                        // SAFETY: the (interval, chunk) runs partition 0..kept; this task owns
-                        // the runs of chunk `c` and writes each at most its counted length;
-                        // the trash interval always writes `trash` (its offset stays 0).
-                        unsafe { *base.add(off[b]) = r };
-                        off[b] += keep as usize;
+                        for &r in &buf[..n] {
+                            let b = bucket(r);
+                            if b > last || left[b] == 0 {
+                                ok = false;
+                                return;
+                            }
+                            left[b] -= 1;
+                            // SAFETY: the (interval, chunk) runs partition 0..kept; this task
+                            // owns the runs of chunk `c` and writes each at most its length.
+                            unsafe { *out.add(off[b]) = r };
+                            off[b] += 1;
+                        }
                     }
                 });
             }
-            let _ = trash;
-            ok && (intr.is_set() || left[..=last].iter().all(|&l| l == 0))
+            ok && (intr.is_set() || left.iter().all(|&l| l == 0))
         })
         .reduce(|| true, |a, b| a && b);
     intr.check()?;
