@@ -32,6 +32,10 @@ from anomalox import metrics  # noqa: E402
 from anomalox import ops  # noqa: E402
 from anomalox._core import InternalError  # noqa: E402
 from anomalox.backbone import Backbone  # noqa: E402
+from anomalox import detectors  # noqa: E402
+from anomalox.detectors import *  # noqa: E402,F401,F403  (PatchCore, PaDiM, ...)
+from anomalox.evaluate import evaluate  # noqa: E402
+from anomalox.persist import ModelFileError, load  # noqa: E402
 
 if _core.__torch_version__ not in (REQUIRED_TORCH, "unknown"):  # pragma: no cover
     raise ImportError(
@@ -41,4 +45,14 @@ if _core.__torch_version__ not in (REQUIRED_TORCH, "unknown"):  # pragma: no cov
 
 __version__: str = _core.__version__
 
-__all__ = ["Backbone", "InternalError", "metrics", "ops", "__version__"]
+__all__ = [
+    "Backbone",
+    "InternalError",
+    "ModelFileError",
+    "evaluate",
+    "load",
+    "metrics",
+    "ops",
+    "__version__",
+    *[name for name in detectors.__all__ if name != "BaseDetector"],
+]

@@ -184,6 +184,8 @@ class Backbone:
     preprocessing : anomalox.preprocess.Preprocessing
     weights_source : str
         Where the weights came from.
+    weights_path : str or None
+        The file of the default weights (None when the caller gave them).
 
     Examples
     --------
@@ -249,11 +251,13 @@ class Backbone:
     def _load(self, spec: _Spec, weights: Any) -> _core.BackboneModel:
         device = str(self.device)
         n_threads = resolve_threads(None)
+        self.weights_path: str | None = None  # set for the default (not user-given) weights
         if weights is None or (isinstance(weights, str) and any(weights == t for t, _ in spec.hub_files)):
             if spec.package is not None:
                 path, self.weights_source = _lite_default(self.name, spec)
             else:
                 path, self.weights_source = _hub_default(self.name, spec, weights)
+            self.weights_path = path
         elif isinstance(weights, Mapping):
             self.weights_source = "state_dict"
             state_dict = _unwrap(weights, "the state_dict given")

@@ -244,11 +244,17 @@ class Preprocessing:
 
     def __call__(self, images: Any, device: torch.device | str = "cpu") -> torch.Tensor:
         """A normalised float32 batch (N, 3, H, W) on `device`."""
+        return self.transform(images, device)[0]
+
+    def transform(self, images: Any, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The normalised batch, and each image's (height, width) before resizing."""
         size = _size_pair(self.image_size, "image_size")
-        batches = [resize(b, size) for b in to_float_batches(images, device)]
+        raw = to_float_batches(images, device)
+        sizes = [(int(b.shape[-2]), int(b.shape[-1])) for b in raw for _ in range(b.shape[0])]
+        batches = [resize(b, size) for b in raw]
         x = torch.cat(batches) if len(batches) > 1 else batches[0]
         if self.center_crop is not None:
             x = center_crop(x, _size_pair(self.center_crop, "center_crop"))
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous()
+        return ((x - mean) / std).contiguous(), sizes

@@ -1,0 +1,7 @@
+"""scikit-learn-style anomaly detectors over pretrained backbones."""
+
+from anomalox.detectors._base import BaseDetector, Inspection, NotFittedError
+from anomalox.detectors.padim import PaDiM
+from anomalox.detectors.patchcore import PatchCore
+
+__all__ = ["BaseDetector", "Inspection", "NotFittedError", "PaDiM", "PatchCore"]

@@ -1,0 +1,321 @@
+"""The shared base of every detector: input handling, feature extraction, maps, thresholds.
+
+A detector subclass implements three hooks:
+
+- ``_fit_features(batches)``: learn from an iterator of feature dicts ``{tap: (n, C, h, w)}``;
+  returns a dict of learned attributes (names ending in ``_``).
+- ``_score_features(features)``: ``(scores or None, maps)`` with ``maps`` (n, h, w) on the feature
+  grid; ``None`` scores mean "the maximum of the smoothed map at input resolution".
+- ``_summary()``: a short description of the fitted state for the repr.
+"""
+
+from __future__ import annotations
+
+import html
+import numbers
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
+
+from anomalox import ops
+from anomalox.backbone import Backbone
+from anomalox.data import Source, as_source
+
+__all__ = ["BaseDetector", "Inspection", "NotFittedError"]
+
+
+@dataclass
+class Inspection:
+    """Everything one pass over images gives: scores, maps, predicted labels and paths.
+
+    ``maps`` is an (N, H, W) float32 array when all maps share a size, else a list of (H, W)
+    arrays; ``labels`` are 0/1 with ``threshold`` (None when the detector has no threshold).
+    """
+
+    scores: np.ndarray
+    maps: np.ndarray | list[np.ndarray]
+    labels: np.ndarray | None
+    paths: list[str | None]
+    threshold: float | None
+
+
+def _check_fraction(value: Any, name: str, low: float, high: float, include_low: bool) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
+    ok = ok and (low <= value if include_low else low < value) and value < high
+    if not ok:
+        bracket = "[" if include_low else "("
+        raise ValueError(f"{name}: expected a number in {bracket}{low}, {high}), got {value!r}")
+    return float(value)
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+class BaseDetector(BaseEstimator):
+    """Shared machinery; see the module docstring. Not used directly."""
+
+    # Subclasses: default taps per backbone family, and the sigma of the map smoothing.
+    _default_layers: dict[str, tuple[str, ...]] = {}
+    _sigma: float = 4.0
+
+    # ------------------------------------------------------------------ hooks
+    def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _score_features(self, features: dict[str, torch.Tensor]) -> tuple[np.ndarray | None, torch.Tensor]:
+        raise NotImplementedError
+
+    def _summary(self) -> str:
+        return ""
+
+    # --------------------------------------------------------------- helpers
+    def _layers_for(self, backbone: str) -> tuple[str, ...] | None:
+        if self.layers is not None:
+            return tuple(self.layers)
+        family = "efficientnet_lite" if backbone.startswith("efficientnet_lite") else "resnet"
+        return self._default_layers.get(family)
+
+    def _make_backbone(self) -> Backbone:
+        name = str(self.backbone).replace("-", "_")
+        return Backbone(
+            name,
+            layers=self._layers_for(name),
+            weights=self.weights,
+            device=self.device,
+            image_size=self.image_size,
+            center_crop=self.crop_size,
+        )
+
+    def _check_common(self) -> None:
+        _check_positive_int(self.batch_size, "batch_size")
+        _check_fraction(self.validation_fraction, "validation_fraction", 0.0, 1.0, include_low=True)
+        _check_fraction(self.contamination, "contamination", 0.0, 0.5, include_low=False)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "backbone_"):
+            raise NotFittedError(
+                f"This {type(self).__name__} instance is not fitted yet: call fit(X) with images of good parts first"
+            )
+
+    def _progress(self, total: int | None, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="img", disable=not self.verbose, leave=False)
+
+    def _features(self, backbone: Backbone, items: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Size, list]:
+        x, sizes = backbone.preprocessing.transform(items if len(items) > 1 else items[0], backbone.device)
+        feats = backbone.features(x, preprocess=False, n_threads=self.n_threads)
+        return {k: v.cpu() for k, v in feats.items()}, x.shape[-2:], sizes
+
+    def _split(self, source: Source) -> tuple[Iterator, list[Any]]:
+        """The training batches and the held-out validation items (never put in the model)."""
+        rng = np.random.default_rng(self.random_state)
+        if source.sized:
+            n = len(source)
+            n_val = int(round(self.validation_fraction * n)) if n > 1 else 0
+            n_val = min(max(n_val, 1 if self.validation_fraction > 0 and n > 1 else 0), n - 1)
+            order = rng.permutation(n)
+            val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
+            return source.iter_batches(self.batch_size, train), [source.items[i] for i in val]
+        held: list[Any] = []
+
+        def batches():
+            for items, _ in source.iter_batches(self.batch_size):
+                x = items[0]
+                per_image = list(x) if isinstance(x, (torch.Tensor, np.ndarray)) and len(x.shape) == 4 else [x]
+                keep = rng.random(len(per_image)) >= self.validation_fraction
+                held.extend(img for img, k in zip(per_image, keep) if not k)
+                if keep.any():
+                    yield [img for img, k in zip(per_image, keep) if k], None
+
+        return batches(), held
+
+    def _postprocess(self, maps: torch.Tensor, input_size: torch.Size, sizes: list) -> list[np.ndarray]:
+        """Feature-grid maps → input resolution, smoothed, then each image's own size (no crop)."""
+        maps = maps.to(torch.float32).contiguous()
+        full = ops.upsample(maps, tuple(input_size), n_threads=self.n_threads)
+        if self._sigma > 0:
+            full = ops.gaussian_blur(full, sigma=self._sigma, n_threads=self.n_threads)
+        if self.crop_size is not None:
+            return [m.numpy() for m in full]
+        out = []
+        for m, size in zip(full, sizes):
+            if tuple(size) != tuple(input_size):
+                m = ops.upsample(m[None], tuple(size), n_threads=self.n_threads)[0]
+            out.append(np.ascontiguousarray(m.numpy()))
+        return out
+
+    # ------------------------------------------------------------------- API
+    def fit(self, X: Any, y: Any = None) -> BaseDetector:
+        """Learn from images of good parts; hold out ``validation_fraction`` to set ``threshold_``.
+
+        Parameters
+        ----------
+        X : folder, paths, arrays, tensors or an iterable of batches (see ``anomalox.data``)
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._check_common()
+        self._check_params()
+        learned = {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
+        for k in learned:
+            delattr(self, k)
+        try:
+            backbone = self._make_backbone()
+            source = as_source(X, "train")
+            train_batches, held = self._split(source)
+            bar = self._progress(None if not source.sized else len(source) - len(held), "fit: features")
+
+            def features():
+                n = 0
+                for items, _ in train_batches:
+                    feats, _, _ = self._features(backbone, items)
+                    n += next(iter(feats.values())).shape[0]
+                    bar.update(next(iter(feats.values())).shape[0])
+                    yield feats
+                if n == 0:
+                    raise ValueError("X: no training images left after holding out the validation images")
+
+            with bar:
+                state = self._fit_features(features())
+            for k, v in state.items():
+                setattr(self, k, v)
+            self.backbone_ = backbone
+            self.threshold_ = None
+            if held:
+                scores = self._inspect(Source(items=held, paths=[None] * len(held)), "fit: validation").scores
+                self.threshold_ = float(np.quantile(scores.astype(np.float64), 1.0 - self.contamination))
+        except BaseException:
+            for k in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
+                delattr(self, k)
+            for k, v in learned.items():
+                setattr(self, k, v)
+            raise
+        return self
+
+    def _check_params(self) -> None:
+        """Subclass parameter checks (called by fit before anything is changed)."""
+
+    def _inspect(self, source: Source, desc: str = "score") -> Inspection:
+        scores: list[np.ndarray] = []
+        maps: list[np.ndarray] = []
+        paths: list[str | None] = []
+        with self._progress(len(source) if source.sized else None, desc) as bar:
+            for items, batch_paths in source.iter_batches(self.batch_size):
+                feats, input_size, sizes = self._features(self.backbone_, items)
+                batch_scores, grid = self._score_features(feats)
+                if batch_scores is None:
+                    full = ops.upsample(grid.to(torch.float32).contiguous(), tuple(input_size), n_threads=self.n_threads)
+                    if self._sigma > 0:
+                        full = ops.gaussian_blur(full, sigma=self._sigma, n_threads=self.n_threads)
+                    batch_scores = full.amax(dim=(-2, -1)).numpy()
+                maps.extend(self._postprocess(grid, input_size, sizes))
+                scores.append(np.asarray(batch_scores, dtype=np.float32))
+                paths.extend(batch_paths if batch_paths is not None else [None] * len(sizes))
+                bar.update(len(sizes))
+        all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+        shapes = {m.shape for m in maps}
+        stacked: np.ndarray | list[np.ndarray] = np.stack(maps) if len(shapes) == 1 else maps
+        labels = None if self.threshold_ is None else (all_scores > self.threshold_).astype(np.int64)
+        return Inspection(all_scores, stacked, labels, paths, self.threshold_)
+
+    def inspect(self, X: Any) -> Inspection:
+        """Scores, maps, predicted labels and paths from one pass over `X` (nothing computed twice).
+
+        Folders are read in sorted path order (an MVTec category: its ``test`` folder); the
+        outputs follow that order, and ``paths`` says which image each row is.
+        """
+        self._check_fitted()
+        return self._inspect(as_source(X, "test"))
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Image anomaly scores (N,) float32; higher means more anomalous."""
+        return self.inspect(X).scores
+
+    def anomaly_map(self, X: Any) -> np.ndarray | list[np.ndarray]:
+        """Per-pixel anomaly maps, float32, each at its input's own resolution.
+
+        An (N, H, W) array when all inputs share a size, else a list of (H, W) arrays. With
+        ``crop_size``, a map covers the center crop (at the crop's resolution), not the whole image.
+        """
+        return self.inspect(X).maps
+
+    def predict(self, X: Any) -> np.ndarray:
+        """0 (normal) / 1 (anomalous) per image: score > ``threshold_``."""
+        self._check_fitted()
+        if self.threshold_ is None:
+            raise ValueError(
+                "threshold_: this detector has no threshold (validation_fraction=0 and no set_threshold call); "
+                "call set_threshold(X_normal) with images of good parts"
+            )
+        return self.inspect(X).labels  # type: ignore[return-value]
+
+    def set_threshold(self, X_normal: Any, contamination: float | None = None) -> BaseDetector:
+        """Set ``threshold_`` at the ``1 - contamination`` quantile of the scores of good images."""
+        self._check_fitted()
+        contamination = self.contamination if contamination is None else contamination
+        _check_fraction(contamination, "contamination", 0.0, 0.5, include_low=False)
+        scores = self.decision_function(X_normal)
+        self.threshold_ = float(np.quantile(scores.astype(np.float64), 1.0 - contamination))
+        return self
+
+    def save(self, path: str) -> str:
+        """Write the fitted detector to one safetensors file (see ``anomalox.load``)."""
+        from anomalox.persist import save
+
+        return save(self, path)
+
+    # ------------------------------------------------------------------ repr
+    def __repr__(self, N_CHAR_MAX: int = 700) -> str:
+        text = super().__repr__(N_CHAR_MAX)
+        if hasattr(self, "backbone_"):
+            threshold = "none" if self.threshold_ is None else f"{self.threshold_:.4g}"
+            text += f"  # fitted: {self._summary()}, threshold {threshold}"
+        else:
+            text += "  # not fitted"
+        return text
+
+    def _repr_html_(self) -> str:
+        return f"<pre>{html.escape(repr(self))}</pre>"
+
+
+def stack_taps(features: dict[str, torch.Tensor], layers: tuple[str, ...], pool: int = 0, mode: str = "bilinear") -> torch.Tensor:
+    """Concatenate the taps on the first tap's grid: (n, sum C, h, w).
+
+    ``pool`` > 1 first averages each tap over a pool × pool neighbourhood (stride 1, zero padding
+    counted in the mean: PatchCore's locally aware features). Deeper taps are resized with ``mode``.
+    """
+    first = features[layers[0]]
+    grid = first.shape[-2:]
+    parts = []
+    for name in layers:
+        tap = features[name]
+        if pool > 1:
+            tap = torch.nn.functional.avg_pool2d(tap, pool, stride=1, padding=pool // 2)
+        if tap.shape[-2:] != grid:
+            extra = {"align_corners": False} if mode == "bilinear" else {}
+            tap = torch.nn.functional.interpolate(tap, size=grid, mode=mode, **extra)
+        parts.append(tap)
+    return torch.cat(parts, 1)
+
+
+def as_rows(embedding: torch.Tensor) -> torch.Tensor:
+    """(n, C, h, w) → contiguous (n·h·w, C) patch rows, in image, row, column order."""
+    n, c = embedding.shape[:2]
+    return embedding.permute(0, 2, 3, 1).reshape(-1, c).contiguous()
+
+
+def seed_from(random_state: Any) -> int:
+    """A 63-bit seed from an int / None / numpy Generator (None: fresh entropy)."""
+    return int(np.random.default_rng(random_state).integers(2**63 - 1))

@@ -1,0 +1,172 @@
+"""PatchCore (Roth et al., CVPR 2022): a coreset memory bank of locally aware patch features."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from anomalox import ops
+from anomalox._convert import positive_int
+from anomalox.detectors._base import BaseDetector, _check_fraction, as_rows, seed_from, stack_taps
+
+
+class PatchCore(BaseDetector):
+    """PatchCore anomaly detector.
+
+    Patch features: each tap averaged over 3 × 3 neighbourhoods (stride 1, padding counted), deeper
+    taps resized bilinearly to the shallowest tap's grid, concatenated. Fitting keeps a greedy
+    k-center coreset of them (selected on a seeded random projection to ``projection_dim``) as the
+    memory bank. A patch's score is its Euclidean distance to the nearest bank entry; the image
+    score is the maximum patch score, re-weighted as in the paper (and anomalib) when
+    ``reweight=True``: by ``1 - softmax`` of the distances from that patch to the ``num_neighbors``
+    bank entries nearest its own nearest entry. Maps are upsampled and smoothed (sigma 4).
+
+    Fitting streams: full-width patch features go to a temporary file with plain writes, only
+    their projection stays in memory, so memory grows with N × projection_dim plus the bank.
+
+    Parameters
+    ----------
+    backbone : str
+        See ``anomalox.backbone.BACKBONES``; default ``"efficientnet_lite0"`` (bundled weights).
+    layers : sequence of str, optional
+        Taps; default Lite: ``("_blocks.4", "_blocks.10")``, ResNets: ``("layer2", "layer3")``.
+    coreset_ratio : float in (0, 1]
+        Fraction of the training patches kept; 1 keeps all (no selection).
+    num_neighbors : int
+        Bank entries used by the re-weighting.
+    reweight : bool
+        Re-weight the image score as in the paper; False: the plain maximum patch score.
+    projection_dim : int or None
+        Dimension of the random projection used to select the coreset; None selects on the full
+        features (slower). Features no wider than this are not projected.
+    image_size, crop_size : int or (h, w)
+        Resize target and optional center crop (maps then cover the crop).
+    weights : see ``anomalox.Backbone``; device : "cpu" or "cuda[:N]"
+    batch_size : int; validation_fraction : float in [0, 1); contamination : float in (0, 0.5)
+        ``fit`` holds out ``validation_fraction`` of the images (not put in the bank) and sets
+        ``threshold_`` at the ``1 - contamination`` quantile of their scores.
+    random_state : int or None; n_threads : int or None; verbose : bool (progress bars)
+
+    Attributes
+    ----------
+    memory_bank_ : (M, C) float32 array
+    threshold_ : float or None
+    backbone_ : anomalox.Backbone
+
+    Examples
+    --------
+    >>> model = PatchCore().fit("magnetic_tile/train/good")
+    >>> scores = model.decision_function(["tile_1.png", "tile_2.png"])
+    """
+
+    _default_layers = {"efficientnet_lite": ("_blocks.4", "_blocks.10"), "resnet": ("layer2", "layer3")}
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layers: Any = None,
+        coreset_ratio: float = 0.1,
+        num_neighbors: int = 9,
+        reweight: bool = True,
+        projection_dim: int | None = 128,
+        image_size: Any = 256,
+        crop_size: Any = None,
+        weights: Any = None,
+        device: str = "cpu",
+        batch_size: int = 16,
+        validation_fraction: float = 0.1,
+        contamination: float = 0.01,
+        random_state: Any = 0,
+        n_threads: int | None = None,
+        verbose: bool = False,
+    ):
+        self.backbone = backbone
+        self.layers = layers
+        self.coreset_ratio = coreset_ratio
+        self.num_neighbors = num_neighbors
+        self.reweight = reweight
+        self.projection_dim = projection_dim
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.weights = weights
+        self.device = device
+        self.batch_size = batch_size
+        self.validation_fraction = validation_fraction
+        self.contamination = contamination
+        self.random_state = random_state
+        self.n_threads = n_threads
+        self.verbose = verbose
+
+    def _check_params(self) -> None:
+        if self.coreset_ratio != 1:
+            _check_fraction(self.coreset_ratio, "coreset_ratio", 0.0, 1.0, include_low=False)
+        positive_int(self.num_neighbors, "num_neighbors")
+        if self.projection_dim is not None:
+            positive_int(self.projection_dim, "projection_dim")
+
+    def _embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return stack_taps(features, tuple(features), pool=3)
+
+    def _fit_features(self, batches):
+        seed = seed_from(self.random_state)
+        projection = None
+        projected: list[np.ndarray] = []
+        n_rows, width = 0, 0
+        with tempfile.TemporaryFile(prefix="anomalox-patches-") as spill:
+            for feats in batches:
+                rows = as_rows(self._embed(feats))
+                if n_rows == 0:
+                    width = rows.shape[1]
+                    if self.projection_dim is not None and width > self.projection_dim:
+                        gen = torch.Generator().manual_seed(seed)
+                        projection = torch.randn(width, self.projection_dim, generator=gen) / math.sqrt(self.projection_dim)
+                rows.numpy().tofile(spill)
+                if projection is not None:
+                    projected.append((rows @ projection).numpy())
+                n_rows += rows.shape[0]
+            spill.flush()
+            patches = np.memmap(spill, dtype=np.float32, mode="r", shape=(n_rows, width))
+            if self.coreset_ratio == 1:
+                bank = np.array(patches)
+            else:
+                selection_space = np.concatenate(projected) if projection is not None else np.array(patches)
+                projected.clear()
+                count = max(1, int(self.coreset_ratio * n_rows))
+                chosen = ops.coreset(selection_space, count, projection_dim=None, seed=seed, n_threads=self.n_threads)
+                del selection_space
+                order = np.argsort(chosen, kind="stable")
+                bank = np.empty((len(chosen), width), np.float32)
+                bank[order] = patches[chosen[order]]  # read in file order
+            del patches
+        return {"memory_bank_": bank, "n_train_patches_": n_rows}
+
+    def _score_features(self, features):
+        embedding = self._embed(features)
+        n, width, h, w = embedding.shape
+        bank = torch.from_numpy(self.memory_bank_)
+        if width != bank.shape[1]:
+            raise ValueError(
+                f"X: the backbone gives {width}-dim patch features but memory_bank_ holds {bank.shape[1]}-dim "
+                f"ones; the detector was changed after fit: refit it"
+            )
+        rows = as_rows(embedding)
+        dist, idx = ops.knn(rows, bank, 1, n_threads=self.n_threads)
+        patch = dist[:, 0].reshape(n, h * w)
+        best, where = patch.max(dim=1)
+        if not self.reweight or self.num_neighbors == 1:
+            return best.numpy(), patch.reshape(n, h, w)
+        image = torch.arange(n)
+        worst_rows = rows.reshape(n, h * w, width)[image, where]
+        nearest = bank[idx[:, 0].reshape(n, h * w)[image, where]]
+        _, support = ops.knn(nearest, bank, min(self.num_neighbors, bank.shape[0]), n_threads=self.n_threads)
+        spread = torch.linalg.vector_norm(worst_rows[:, None, :] - bank[support], dim=-1)
+        weight = 1.0 - torch.softmax(spread, dim=1)[:, 0]
+        return (weight * best).numpy(), patch.reshape(n, h, w)
+
+    def _summary(self) -> str:
+        m, c = self.memory_bank_.shape
+        return f"memory bank {m:,} x {c} of {self.n_train_patches_:,} patches"

@@ -1,0 +1,192 @@
+"""Detector files: one safetensors file, never pickle.
+
+Layout: the learned arrays as tensors ``state.<name>``; the backbone weights as ``weights.<name>``
+only when the caller gave them (the bundled / torch-hub defaults are referenced by file name and
+SHA-256 instead); metadata (all strings): ``format`` = ``anomalox-detector``, ``format_version``,
+``anomalox_version``, ``class``, ``params`` and ``state`` (JSON), ``backbone`` (JSON: name and
+weights reference) and ``checksum``, the SHA-256 of every tensor (name, dtype, shape, bytes) and
+of the other metadata. Loading checks all of it before building anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "anomalox-detector"
+FORMAT_VERSION = "1"
+
+__all__ = ["load", "save", "ModelFileError"]
+
+
+class ModelFileError(ValueError):
+    """A file that is not a readable anomalox detector (wrong format, corrupt, incompatible)."""
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checksum(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != "checksum":
+            digest.update(f"{key}={metadata[key]}\n".encode())
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}:{arr.dtype.str}:{arr.shape}\n".encode())
+        digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _user_weights(weights: Any) -> dict[str, np.ndarray]:
+    from anomalox.backbone import _load_file, _unwrap
+
+    if isinstance(weights, Mapping):
+        state = _unwrap(weights, "the state_dict given")
+    elif str(weights).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(os.fspath(weights))
+    else:
+        state = _load_file(os.fspath(weights))
+    return {k: v.detach().cpu().contiguous().numpy() for k, v in state.items()}
+
+
+def save(detector: Any, path: str | os.PathLike) -> str:
+    """Write a fitted detector to `path` (one safetensors file); returns the path."""
+    from safetensors.numpy import save_file
+
+    import anomalox
+
+    detector._check_fitted()
+    params = detector.get_params(deep=False)
+    tensors: dict[str, np.ndarray] = {}
+    state: dict[str, Any] = {}
+    for name, value in vars(detector).items():
+        if not name.endswith("_") or name.startswith("_") or name == "backbone_":
+            continue
+        if isinstance(value, np.ndarray):
+            tensors[f"state.{name}"] = np.ascontiguousarray(value)
+        else:
+            state[name] = _jsonable(value)
+    backbone = detector.backbone_
+    reference: dict[str, Any] = {"name": backbone.name, "layers": list(backbone.layers)}
+    if backbone.weights_path is not None:
+        reference.update(kind="default", tag=params["weights"], file=os.path.basename(backbone.weights_path),
+                         sha256=_sha256_file(backbone.weights_path))
+    else:
+        reference["kind"] = "embedded"
+        for k, v in _user_weights(params["weights"]).items():
+            tensors[f"weights.{k}"] = v
+    params["weights"] = None
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "anomalox_version": anomalox.__version__,
+        "class": type(detector).__name__,
+        "params": json.dumps({k: _jsonable(v) for k, v in params.items()}, sort_keys=True),
+        "state": json.dumps(state, sort_keys=True),
+        "backbone": json.dumps(reference, sort_keys=True),
+    }
+    metadata["checksum"] = _checksum(tensors, metadata)
+    path = os.fspath(path)
+    partial = path + ".partial"
+    save_file(tensors, partial, metadata=metadata)
+    os.replace(partial, path)
+    return path
+
+
+def _read(path: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path: no such model file: {path!r}")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if not looks_safetensors and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
+        raise ModelFileError(
+            f"{path!r} is a pickle / torch.save file, not an anomalox model (safetensors); "
+            f"it is refused without being unpickled"
+        )
+    if not looks_safetensors or struct.unpack("<Q", head[:8])[0] > size - 8:
+        raise ModelFileError(f"{path!r} is truncated or not a safetensors file ({size} bytes)")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ModelFileError(f"{path!r} is corrupt (its arrays do not match its header): {exc}") from exc
+    return metadata, tensors
+
+
+def load(path: str | os.PathLike) -> Any:
+    """Read a detector written by ``save``; it scores bit-identically to the saved one.
+
+    Raises ``ModelFileError`` (a ValueError) for a pickle, a truncated or corrupt file, a wrong
+    checksum, or a format version this anomalox cannot read; nothing in the file is executed.
+    """
+    import anomalox
+    from anomalox import detectors
+
+    path = os.fspath(path)
+    metadata, tensors = _read(path)
+    if metadata.get("format") != FORMAT:
+        raise ModelFileError(f"{path!r} is a safetensors file but not an anomalox detector (no format tag)")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path!r} has format version {metadata.get('format_version')!r} (written by anomalox "
+            f"{metadata.get('anomalox_version')}); this anomalox {anomalox.__version__} reads version {FORMAT_VERSION}"
+        )
+    if metadata.get("checksum") != _checksum(tensors, metadata):
+        raise ModelFileError(f"{path!r} fails its checksum: the file was corrupted or modified")
+    cls = getattr(detectors, metadata.get("class", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, detectors.BaseDetector)):
+        raise ModelFileError(f"{path!r} holds an unknown detector class {metadata.get('class')!r}")
+    params = json.loads(metadata["params"])
+    reference = json.loads(metadata["backbone"])
+    if reference["kind"] == "embedded":
+        params["weights"] = {k[len("weights."):]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("weights.")}
+    else:
+        params["weights"] = reference.get("tag")
+    detector = cls(**params)
+    backbone = detector._make_backbone()
+    if list(backbone.layers) != reference["layers"]:
+        raise ModelFileError(
+            f"{path!r} was fitted on taps {reference['layers']}, but this anomalox resolves {list(backbone.layers)}"
+        )
+    if reference["kind"] == "default" and _sha256_file(backbone.weights_path) != reference["sha256"]:
+        raise ModelFileError(
+            f"{path!r} was fitted with backbone weights {reference['file']} (sha256 {reference['sha256'][:12]}…), "
+            f"but the file found here ({backbone.weights_path}) differs"
+        )
+    for name, value in json.loads(metadata["state"]).items():
+        setattr(detector, name, tuple(value) if isinstance(value, list) else value)
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            setattr(detector, name[len("state."):], value)
+    detector.backbone_ = backbone
+    return detector
