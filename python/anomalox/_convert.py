@@ -38,15 +38,24 @@ def as_float32(x: Any, name: str, shape_doc: str) -> tuple[np.ndarray, bool]:
             )
         if not x.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a float32 tensor {shape_doc}, got dtype {x.dtype}")
-        if x.dtype != torch.float32:
-            x = x.to(torch.float32)
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.to(torch.float32)  # float16 / bfloat16: exact in float32
         arr = x.detach().resolve_conj().resolve_neg().numpy()
     else:
         arr = np.asarray(x)
         if arr.dtype.kind != "f":
             raise TypeError(f"{name}: expected a float32 array {shape_doc}, got dtype {arr.dtype}")
-        if arr.dtype != np.float32 or not arr.dtype.isnative:
-            arr = arr.astype(np.float32)
+    if arr.dtype != np.float32 or not arr.dtype.isnative:
+        # Finite values beyond the float32 range would silently become inf (with a numpy
+        # RuntimeWarning); refuse them by name instead.
+        try:
+            with np.errstate(over="raise"):
+                arr = arr.astype(np.float32)
+        except FloatingPointError:
+            raise ValueError(
+                f"{name}: expected values within the float32 range (|x| <= {np.finfo(np.float32).max:.4g}), "
+                f"got {arr.dtype} values beyond it"
+            ) from None
     if arr.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D array {shape_doc}, got shape {tuple(arr.shape)}")
     if arr.size == 0:
@@ -54,17 +63,22 @@ def as_float32(x: Any, name: str, shape_doc: str) -> tuple[np.ndarray, bool]:
     return arr, is_torch
 
 
-def as_int64(x: Any, name: str) -> np.ndarray:
-    """A 1-D int64 numpy view of integer indices."""
+def as_int64(x: Any, name: str, n: int) -> np.ndarray:
+    """A 1-D, non-empty int64 numpy view of integer indices into `n` rows."""
     if isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             raise ValueError(f"{name}: expected a CPU tensor, got one on {x.device}")
         x = x.detach().numpy()
     arr = np.asarray(x)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected integer indices, got dtype {arr.dtype}")
     if arr.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D array of indices, got shape {arr.shape}")
+    if arr.size == 0:  # before the dtype check: `[]` is a float64 array
+        raise ValueError(f"{name}: expected at least one index, got an empty array")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer indices, got dtype {arr.dtype}")
+    lo, hi = arr.min(), arr.max()  # checked before the cast: uint64 could wrap
+    if lo < 0 or hi >= n:
+        raise ValueError(f"{name}: expected indices in [0, {n}), got {lo if lo < 0 else hi}")
     return arr.astype(np.int64, copy=False)
 
 

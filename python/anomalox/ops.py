@@ -119,7 +119,7 @@ def coreset(
 def coreset_coverage(features: Any, indices: Any, n_threads: int | None = None) -> float:
     """Max over rows of ``features`` of the Euclidean distance to the nearest selected row."""
     x, _ = as_float32(features, "features", "(N, D)")
-    idx = as_int64(indices, "indices")
+    idx = as_int64(indices, "indices", x.shape[0])
     return float(_core.coreset_coverage(x, idx, resolve_threads(n_threads)))
 
 
@@ -180,10 +180,14 @@ class GaussianAccumulator:
     def partial_fit(self, features: Any) -> GaussianAccumulator:
         x, as_torch = as_float32(features, "features", "(B, C, H, W)")
         if self._acc is None:
+            # The first batch fixes the shape only once it has been accepted: a refused batch
+            # (NaN, say) leaves the accumulator as new.
             _, c, h, w = x.shape
-            self._acc = _core.GaussianAccumulator(c, h, w)
-            self._torch = as_torch
-        elif tuple(x.shape[1:]) != self._acc.shape:
+            acc = _core.GaussianAccumulator(c, h, w)
+            acc.update(x, resolve_threads(self.n_threads))
+            self._acc, self._torch = acc, as_torch
+            return self
+        if tuple(x.shape[1:]) != self._acc.shape:
             raise ValueError(
                 f"features: expected batches of shape (B, {', '.join(map(str, self._acc.shape))}) "
                 f"like the first batch, got {tuple(x.shape)}"
