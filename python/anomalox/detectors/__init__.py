@@ -1,7 +1,9 @@
 """scikit-learn-style anomaly detectors over pretrained backbones."""
 
 from anomalox.detectors._base import BaseDetector, Inspection, NotFittedError
+from anomalox.detectors.dfm import DFM
 from anomalox.detectors.padim import PaDiM
 from anomalox.detectors.patchcore import PatchCore
+from anomalox.detectors.spade import SPADE
 
-__all__ = ["BaseDetector", "Inspection", "NotFittedError", "PaDiM", "PatchCore"]
+__all__ = ["BaseDetector", "Inspection", "NotFittedError", "PaDiM", "PatchCore", "SPADE", "DFM"]

@@ -79,7 +79,7 @@ class BaseDetector(BaseEstimator):
     # --------------------------------------------------------------- helpers
     def _layers_for(self, backbone: str) -> tuple[str, ...] | None:
         if self.layers is not None:
-            return tuple(self.layers)
+            return (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
         family = "efficientnet_lite" if backbone.startswith("efficientnet_lite") else "resnet"
         return self._default_layers.get(family)
 
@@ -138,12 +138,15 @@ class BaseDetector(BaseEstimator):
 
         return batches(), held
 
-    def _postprocess(self, maps: torch.Tensor, input_size: torch.Size, sizes: list) -> list[np.ndarray]:
-        """Feature-grid maps → input resolution, smoothed, then each image's own size (no crop)."""
-        maps = maps.to(torch.float32).contiguous()
-        full = ops.upsample(maps, tuple(input_size), n_threads=self.n_threads)
+    def _smooth(self, maps: torch.Tensor, input_size: torch.Size) -> torch.Tensor:
+        """Feature-grid maps upsampled to the input resolution and smoothed."""
+        full = ops.upsample(maps.to(torch.float32).contiguous(), tuple(input_size), n_threads=self.n_threads)
         if self._sigma > 0:
             full = ops.gaussian_blur(full, sigma=self._sigma, n_threads=self.n_threads)
+        return full
+
+    def _postprocess(self, full: torch.Tensor, input_size: torch.Size, sizes: list) -> list[np.ndarray]:
+        """Input-resolution maps → each image's own size (with a crop: the crop's resolution)."""
         if self.crop_size is not None:
             return [m.numpy() for m in full]
         out = []
@@ -215,12 +218,10 @@ class BaseDetector(BaseEstimator):
             for items, batch_paths in source.iter_batches(self.batch_size):
                 feats, input_size, sizes = self._features(self.backbone_, items)
                 batch_scores, grid = self._score_features(feats)
+                full = self._smooth(grid, input_size)
                 if batch_scores is None:
-                    full = ops.upsample(grid.to(torch.float32).contiguous(), tuple(input_size), n_threads=self.n_threads)
-                    if self._sigma > 0:
-                        full = ops.gaussian_blur(full, sigma=self._sigma, n_threads=self.n_threads)
                     batch_scores = full.amax(dim=(-2, -1)).numpy()
-                maps.extend(self._postprocess(grid, input_size, sizes))
+                maps.extend(self._postprocess(full, input_size, sizes))
                 scores.append(np.asarray(batch_scores, dtype=np.float32))
                 paths.extend(batch_paths if batch_paths is not None else [None] * len(sizes))
                 bar.update(len(sizes))
