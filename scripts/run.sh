@@ -2,7 +2,7 @@
 # One entry point for a fresh machine. Creates or reuses the project venv (.venv, or
 # $ANOMALOX_VENV), installs torch==2.13.0 and the other requirements, builds the Rust extension
 # into it, then:
-#   scripts/run.sh demo    the main job (for now: a smoke run of every kernel)
+#   scripts/run.sh demo    the main job: `anomalox demo` (PatchCore on the ELPV solar cells, HTML report)
 #   scripts/run.sh test    the whole test suite: cargo test (kernels) and pytest
 #   scripts/run.sh setup   only the set-up
 set -euo pipefail
@@ -32,7 +32,7 @@ LIBTORCH_USE_PYTORCH=1 maturin develop --release --quiet
 
 case "$task" in
     setup) ;;
-    demo) python -m anomalox.smoke "$@" ;;
+    demo) python -m anomalox demo "$@" ;;
     test)
         echo "==> cargo test (kernels, no Python or libtorch)"
         cargo test --quiet

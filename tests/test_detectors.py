@@ -9,56 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from conftest import SIZE
 from sklearn.base import clone
 
 import anomalox
 from anomalox import PaDiM, PatchCore
 from anomalox.detectors import NotFittedError
 
-SIZE = 64
-
-
-def _texture(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
-    """A smooth random gray texture, uint8 (H, W, 3)."""
-    noise = torch.from_numpy(rng.random((1, 1, size // 8, size // 8), dtype=np.float32))
-    smooth = F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
-    img = (60 + 120 * smooth + rng.normal(0, 3, (size, size))).clip(0, 255).astype(np.uint8)
-    return np.repeat(img[..., None], 3, axis=2)
-
-
-def _defect(img: np.ndarray) -> np.ndarray:
-    out = img.copy()
-    out[20:34, 24:38] = 250
-    return out
-
-
-@pytest.fixture(scope="module")
-def images():
-    rng = np.random.default_rng(7)
-    good = np.stack([_texture(rng) for _ in range(14)])
-    test_good = np.stack([_texture(rng) for _ in range(4)])
-    test_bad = np.stack([_defect(_texture(rng)) for _ in range(4)])
-    return good, test_good, test_bad
-
-
-@pytest.fixture(scope="module")
-def mvtec(tmp_path_factory, images):
-    """A tiny MVTec-layout category on disk."""
-    good, test_good, test_bad = images
-    root = tmp_path_factory.mktemp("category")
-    for sub in ("train/good", "test/good", "test/spot", "ground_truth/spot"):
-        (root / sub).mkdir(parents=True)
-    for i, img in enumerate(good):
-        Image.fromarray(img).save(root / "train/good" / f"{i:03d}.png")
-    for i, img in enumerate(test_good):
-        Image.fromarray(img).save(root / "test/good" / f"{i:03d}.png")
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[20:34, 24:38] = 255
-    for i, img in enumerate(test_bad):
-        Image.fromarray(img).save(root / "test/spot" / f"{i:03d}.png")
-        Image.fromarray(mask).save(root / "ground_truth/spot" / f"{i:03d}_mask.png")
-    (root / "train/good/notes.txt").write_text("not an image")
-    return root
 
 
 def _patchcore(**kw):
