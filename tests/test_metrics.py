@@ -257,7 +257,7 @@ def test_a_single_class_is_refused():
         metrics.aupro(np.zeros((2, 5, 5), bool), maps)
     with pytest.raises(ValueError, match=r"^masks: need both normal"):
         metrics.pro_curve(np.ones((2, 5, 5), bool), maps)
-    with pytest.raises(ValueError, match=r"^labels: need both"):
+    with pytest.raises(ValueError, match=r"^masks: need both normal \(0\) and anomalous \(1\) pixels"):
         metrics.pixel_auroc(np.zeros((2, 5, 5), bool), maps)
     with pytest.raises(ValueError, match=r"^masks: need at least one anomalous"):
         metrics.pro_at_threshold(np.zeros((2, 5, 5), bool), maps, 0.5)

@@ -110,9 +110,23 @@ def _split_array(x: Any) -> list[Any]:
     """One entry per image of an array/tensor batch (views, no copies)."""
     if isinstance(x, torch.Tensor):
         return [x[i] for i in range(x.shape[0])] if x.dim() == 4 else [x]
+    if x.ndim == 4 and x.shape[-1] not in (1, 3, 4):
+        # Split, each (H, W, C) image would pass for a batch of C-wide grayscale images.
+        raise ValueError(f"X: a 4-D array must be (N, H, W, C) with C in (1, 3, 4), got shape {x.shape}")
     if x.ndim == 4 or (x.ndim == 3 and x.shape[-1] not in (1, 3, 4)):
         return [x[i] for i in range(x.shape[0])]
     return [x]
+
+
+def _check_finite(parts: list[Any], first: int) -> None:
+    """Refuse NaN/Inf pixels of floating-point images, naming the image's index in X."""
+    for i, part in enumerate(parts):
+        if isinstance(part, torch.Tensor):
+            bad = part.dtype.is_floating_point and not bool(torch.isfinite(part).all())
+        else:
+            bad = part.dtype.kind == "f" and not np.isfinite(part).all()
+        if bad:
+            raise ValueError(f"X: expected finite pixel values, got NaN/Inf in image {first + i}")
 
 
 def as_source(X: Any, role: str) -> Source:
@@ -129,6 +143,7 @@ def as_source(X: Any, role: str) -> Source:
         items = _split_array(X)
         if not items:
             raise ValueError(f"X: expected at least one image, got an empty batch of shape {tuple(X.shape)}")
+        _check_finite(items, 0)
         return Source(items=items, paths=[None] * len(items))
     if isinstance(X, (list, tuple)):
         if len(X) == 0:
@@ -141,6 +156,7 @@ def as_source(X: Any, role: str) -> Source:
                 paths.append(os.fspath(x))
             elif isinstance(x, (torch.Tensor, np.ndarray)):
                 parts = _split_array(x)
+                _check_finite(parts, len(items))
                 items.extend(parts)
                 paths.extend([None] * len(parts))
             else:

@@ -28,11 +28,12 @@ def read_mask(path: str) -> np.ndarray:
 
 def _mask_like_map(mask: np.ndarray, detector: Any) -> np.ndarray:
     """Apply the detector's crop to a mask (maps cover the crop when ``crop_size`` is set)."""
-    if detector.crop_size is None:
+    prep = detector.backbone_.preprocessing  # as fitted, even if set_params changed crop_size since
+    if prep.center_crop is None:
         return mask
-    size = _size_pair(detector.image_size, "image_size")
+    size = _size_pair(prep.image_size, "image_size")
     resized = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].float(), size=size, mode="nearest")
-    return center_crop(resized, _size_pair(detector.crop_size, "crop_size"))[0, 0].numpy() >= 0.5
+    return center_crop(resized, _size_pair(prep.center_crop, "crop_size"))[0, 0].numpy() >= 0.5
 
 
 def evaluate(detector: Any, test_folder: str | os.PathLike, fpr_limit: float = 0.3) -> dict[str, Any]:

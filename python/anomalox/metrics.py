@@ -204,7 +204,15 @@ def pixel_auroc(masks: Any, maps: Any, n_threads: int | None = None) -> float:
     maps are not copied when they are C-contiguous float32.
     """
     k, m, _ = _pixel_inputs(masks, maps)
-    return float(_core.auroc(m.reshape(-1), k.reshape(-1), resolve_threads(n_threads)))
+    try:
+        return float(_core.auroc(m.reshape(-1), k.reshape(-1), resolve_threads(n_threads)))
+    except ValueError as exc:
+        # The image-level kernel names its inputs scores/labels and counts samples.
+        message = str(exc)
+        for old, new in (("scores:", "maps:"), ("labels:", "masks:")):
+            if message.startswith(old):
+                raise ValueError(new + message[len(old):].replace("samples", "pixels")) from None
+        raise
 
 
 def _fpr_limit(value: Any) -> float:

@@ -81,6 +81,12 @@ def save(detector: Any, path: str | os.PathLike) -> str:
     import anomalox
 
     detector._check_fitted()
+    changed = detector._changed_since_fit()
+    if changed:
+        raise ValueError(
+            f"detector: {', '.join(changed)} changed (set_params) after fit, so the fitted state no longer "
+            f"matches the parameters; refit it (or set them back) before saving"
+        )
     params = detector.get_params(deep=False)
     tensors: dict[str, np.ndarray] = {}
     state: dict[str, Any] = {}
@@ -189,4 +195,5 @@ def load(path: str | os.PathLike) -> Any:
         if name.startswith("state."):
             setattr(detector, name[len("state."):], value)
     detector.backbone_ = backbone
+    detector._fitted_with = detector._structural_params()
     return detector

@@ -81,11 +81,18 @@ def _read_path(path: str | os.PathLike) -> np.ndarray:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"images: no such image file: {os.fspath(path)!r}")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return _from_pil(image)
+        image = Image.open(path)
     except UnidentifiedImageError as exc:
         raise ValueError(f"images: could not read {os.fspath(path)!r} as an image: {exc}") from exc
+    with image:
+        try:
+            image.load()
+        except (OSError, SyntaxError, EOFError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise  # a real I/O error (permissions, disk), not a broken image
+            # A truncated or corrupt file: Pillow's own message does not name it.
+            raise ValueError(f"images: could not read {os.fspath(path)!r} as an image (corrupt or truncated): {exc}") from exc
+        return _from_pil(image)
 
 
 def _is_pil(x: Any) -> bool:
@@ -167,12 +174,20 @@ def to_float_batches(images: Any, device: torch.device | str = "cpu") -> list[to
     if len(items) == 0:
         raise ValueError("images: expected at least one image, got an empty sequence")
     batches = []
+    seen = 0
     for item in items:
         raw, scale = _as_batch(item)
         if raw.shape[0] == 0 or raw.shape[2] == 0 or raw.shape[3] == 0:
             raise ValueError(f"images: expected non-empty images, got shape {tuple(raw.shape)}")
         # Move the raw pixels (often uint8, 4x smaller) before converting.
         x = raw.to(device, non_blocking=True).to(torch.float32)
+        if raw.dtype.is_floating_point:
+            finite = torch.isfinite(x).flatten(1).all(1)
+            if not bool(finite.all()):
+                i = seen + int((~finite).nonzero()[0, 0])
+                where = f" ({os.fspath(item)!r})" if isinstance(item, (str, os.PathLike)) else ""
+                raise ValueError(f"images: expected finite pixel values, got NaN/Inf in image {i}{where}")
+        seen += x.shape[0]
         if scale != 1.0:
             x = x / scale
         channels = x.shape[1]

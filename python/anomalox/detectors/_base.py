@@ -44,6 +44,19 @@ class Inspection:
     threshold: float | None
 
 
+class _Silent:
+    """The progress-bar interface, doing nothing (verbose=False)."""
+
+    def __enter__(self) -> _Silent:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+
 def _check_fraction(value: Any, name: str, low: float, high: float, include_low: bool) -> float:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
     ok = ok and (low <= value if include_low else low < value) and value < high
@@ -106,9 +119,14 @@ class BaseDetector(BaseEstimator):
             )
 
     def _progress(self, total: int | None, desc: str):
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, unit="img", disable=not self.verbose, leave=False)
+        if not self.verbose:
+            return _Silent()
+        try:  # notebook bars need ipywidgets; without it tqdm.auto only warns, so use text bars
+            import ipywidgets  # noqa: F401
+            from tqdm.auto import tqdm
+        except ImportError:
+            from tqdm import tqdm
+        return tqdm(total=total, desc=desc, unit="img", leave=False)
 
     def _features(self, backbone: Backbone, items: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Size, list]:
         x, sizes = backbone.preprocessing.transform(items if len(items) > 1 else items[0], backbone.device)
@@ -147,7 +165,8 @@ class BaseDetector(BaseEstimator):
 
     def _postprocess(self, full: torch.Tensor, input_size: torch.Size, sizes: list) -> list[np.ndarray]:
         """Input-resolution maps → each image's own size (with a crop: the crop's resolution)."""
-        if self.crop_size is not None:
+        # The fitted backbone's crop, not self.crop_size: set_params after fit must not mix the two.
+        if self.backbone_.preprocessing.center_crop is not None:
             return [m.numpy() for m in full]
         out = []
         for m, size in zip(full, sizes):
@@ -188,7 +207,9 @@ class BaseDetector(BaseEstimator):
                     bar.update(next(iter(feats.values())).shape[0])
                     yield feats
                 if n == 0:
-                    raise ValueError("X: no training images left after holding out the validation images")
+                    if held:
+                        raise ValueError("X: no training images left after holding out the validation images")
+                    raise ValueError("X: expected at least one training image, got none (an empty iterable)")
 
             with bar:
                 state = self._fit_features(features())
@@ -196,6 +217,7 @@ class BaseDetector(BaseEstimator):
                 setattr(self, k, v)
             self.backbone_ = backbone
             self.threshold_ = None
+            fitted_with = self._structural_params()
             if held:
                 scores = self._inspect(Source(items=held, paths=[None] * len(held)), "fit: validation").scores
                 self.threshold_ = float(np.quantile(scores.astype(np.float64), 1.0 - self.contamination))
@@ -205,7 +227,29 @@ class BaseDetector(BaseEstimator):
             for k, v in learned.items():
                 setattr(self, k, v)
             raise
+        self._fitted_with = fitted_with
         return self
+
+    # Parameters that build the backbone: changing them after fit takes effect at the next fit only.
+    _STRUCTURAL = ("backbone", "layers", "image_size", "crop_size", "weights")
+
+    def _structural_params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._STRUCTURAL}
+
+    def _changed_since_fit(self) -> list[str]:
+        """Backbone parameters set (set_params) after fit, which the fitted state does not reflect."""
+        before = getattr(self, "_fitted_with", None)
+        if before is None:
+            return []
+        changed = []
+        for k, now in self._structural_params().items():
+            old = before[k]
+            same = old is now or (
+                not isinstance(old, (dict, torch.Tensor, np.ndarray)) and type(old) is type(now) and old == now
+            )
+            if not same:
+                changed.append(k)
+        return changed
 
     def _check_params(self) -> None:
         """Subclass parameter checks (called by fit before anything is changed)."""
@@ -225,7 +269,9 @@ class BaseDetector(BaseEstimator):
                 scores.append(np.asarray(batch_scores, dtype=np.float32))
                 paths.extend(batch_paths if batch_paths is not None else [None] * len(sizes))
                 bar.update(len(sizes))
-        all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+        if not scores:
+            raise ValueError("X: expected at least one image, got none (an empty iterable)")
+        all_scores = np.concatenate(scores)
         shapes = {m.shape for m in maps}
         stacked: np.ndarray | list[np.ndarray] = np.stack(maps) if len(shapes) == 1 else maps
         labels = None if self.threshold_ is None else (all_scores > self.threshold_).astype(np.int64)
