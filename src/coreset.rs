@@ -47,8 +47,11 @@ const START_STREAM: u64 = 0xA076_1D64_78BD_642F;
 ///   of 0, or non-finite values (in the working space); Interrupted if `intr` fires.
 ///
 /// Memory: O(N·p) for the projected rows plus O(D·p) for the matrix (or, with `None`,
-/// a copy of O(N·D) only when `features` is not contiguous row-major), plus O(N).
-/// Time: O(N·D·p) for the projection plus O(size·N·p) for the greedy loop.
+/// one working copy of the O(N·D) rows, which the greedy loop reorders), plus
+/// O(size·p) for the selected rows and O(N) per-point state.
+/// Time: O(N·D·p) for the projection plus at most O(size·N·p) for the greedy loop,
+/// usually far less: triangle-inequality pruning skips the points that the new pick
+/// cannot get closer to (see `greedy_pruned`), with results identical to the plain loop.
 pub fn coreset(
     features: ArrayView2<f32>,
     size: usize,
@@ -78,7 +81,7 @@ pub fn coreset(
         None => (contiguous_rows(features), d),
     };
     check_finite(&data, dim, projection_dim.is_some())?;
-    greedy(&data, n, dim, size, start, intr)
+    greedy(data, n, dim, size, start, intr)
 }
 
 /// Projects features (N, D) to (N, p) with a random Gaussian matrix R (D, p), entries N(0, 1/p), generated from seed in a fixed order.
@@ -262,33 +265,284 @@ fn alloc_f32(len: usize, p: usize) -> KernelResult<Vec<f32>> {
 
 /// The greedy loop on contiguous rows `x` (n × dim, all finite), starting at `start`.
 fn greedy(
-    x: &[f32],
+    x: Cow<[f32]>,
     n: usize,
     dim: usize,
     size: usize,
     start: usize,
     intr: &Interrupt,
 ) -> KernelResult<Vec<i64>> {
+    greedy_pruned(x, n, dim, size, start, intr).map(|(order, _)| order)
+}
+
+/// The greedy loop with triangle-inequality pruning. Returns the selection and the total
+/// number of point–centre distances computed after the first pick (for benchmarks).
+///
+/// Why: the plain loop streams all N·p floats per pick, so it is memory-bound at
+/// O(size·N·p). Here every point remembers the selected point its `min_dist` came from
+/// (its centre) and every centre the largest `min_dist` among its points (its squared
+/// radius r²). A new pick z can lower `min_dist[x]` only if d(z,x) < d(c,x) <= r for x's
+/// centre c, and d(z,x) >= d(z,c) − d(c,x), so that needs d(z,c) < 2r: clusters with
+/// d(z,c)² > 4r² (plus a rounding margin) are skipped without reading their rows.
+///
+/// Layout: scanning a cluster whose points are scattered over the whole array is
+/// latency-bound (several times slower per row than the plain loop's stream), so the
+/// rows live in a working copy grouped by cluster, and everything per point is indexed
+/// by position in that copy (`id` maps back to the input index). New clusters are made
+/// of points taken from nearby clusters, so grouping decays slowly; the copy is regrouped
+/// once REGROUP_FRACTION of N has moved since the last time (O(N·p), like one plain step).
+///
+/// Exactness: the points that are scanned get exactly the plain loop's update (same
+/// `sq_dist` on the same row values, same argument order, same strict `<`), and a
+/// skipped point is one whose computed distance to z provably cannot be below its
+/// `min_dist` (see [`PruneMargin`]), so `min_dist` is bit-identical to the plain loop's
+/// after every pick. The argmax is the same total order (larger value, then lower input
+/// index) taken over per-cluster maxima, and every point is in exactly one cluster, so
+/// the picks are identical too.
+///
+/// Determinism: each point's value depends only on the picks; moved points are gathered
+/// in task order, and task boundaries do not depend on the thread count.
+///
+/// Memory: the working copy (O(N·p); `x` is reused when owned, as after a projection),
+/// O(N) per-point state and member lists, O(size·p) for a contiguous copy of the centres'
+/// rows. Time per pick: O(size·p) for the centre distances, O(1) per member of a
+/// cluster that could not be skipped, and O(p) per such member not skipped by the same
+/// test applied with its own min_dist. No gain on data without structure (e.g. i.i.d.
+/// Gaussian in 128 dimensions, where nearly every point stays in reach).
+pub(crate) fn greedy_pruned(
+    x: Cow<[f32]>,
+    n: usize,
+    dim: usize,
+    size: usize,
+    start: usize,
+    intr: &Interrupt,
+) -> KernelResult<(Vec<i64>, u64)> {
+    let margin = PruneMargin::new(dim);
+    let mut rows: Vec<f32> = x.into_owned();
+    // Per position in `rows`: input index, min_dist, cluster. `pos_of` inverts `id`.
+    let mut id: Vec<usize> = (0..n).collect();
+    let mut pos_of: Vec<usize> = (0..n).collect();
     let mut min_dist = vec![f32::INFINITY; n];
+    let mut owner = vec![0usize; n];
     let mut selected = vec![false; n];
     let mut order = Vec::with_capacity(size);
+    // Cluster k is centred on the k-th pick: its row (copied contiguously so the centre
+    // distances stream), its members (positions, ascending) and their
+    // (max min_dist, lowest input index holding it).
+    let mut members: Vec<Vec<usize>> = Vec::with_capacity(size);
+    let mut best: Vec<(f32, usize)> = Vec::with_capacity(size);
+    let mut centre_rows: Vec<f32> = Vec::with_capacity(size.saturating_mul(dim));
+    // Per-pick scratch, reused: which clusters lost points.
+    let mut touched: Vec<bool> = Vec::with_capacity(size);
+    let mut moved_since_regroup = 0usize;
+    let mut scanned = 0u64;
+    let (mut window_scanned, mut window_picks) = (0u64, 0usize);
     let mut s = start;
     loop {
         order.push(s as i64);
         selected[s] = true;
+        let sp = pos_of[s];
         // Exactly 0 from now on (distances are >= 0), so s is never picked again.
-        min_dist[s] = 0.0;
+        min_dist[sp] = 0.0;
+        if order.len() == size {
+            return Ok((order, scanned));
+        }
+        intr.check()?;
+        let z: Vec<f32> = rows[sp * dim..(sp + 1) * dim].to_vec();
+        if members.is_empty() {
+            // First pick: every point gets its distance to it, as in the plain loop
+            // (positions are still input indices here).
+            best.push(update_and_argmax(&rows, dim, &z, &mut min_dist, intr));
+            members.push((0..n).collect());
+            window_scanned += n as u64;
+        } else {
+            let new_id = members.len();
+            let c0 = owner[sp];
+            owner[sp] = new_id;
+
+            // Which clusters may hold a point that z is closer to than its centre, with
+            // their centre's squared distance to z.
+            let mut active: Vec<(usize, f32)> = centre_rows
+                .par_chunks(CENTRE_CHUNK_ROWS * dim)
+                .zip(best.par_chunks(CENTRE_CHUNK_ROWS))
+                .enumerate()
+                .flat_map_iter(|(b, (crows, bests))| {
+                    let z = &z;
+                    crows.chunks_exact(dim).zip(bests).enumerate().filter_map(
+                        move |(k, (c, &(r2, _)))| {
+                            // r² = 0: every member sits on a picked point, none can move.
+                            let d2 = sq_dist(c, z);
+                            (r2 > 0.0 && margin.may_reach(d2, r2))
+                                .then_some((b * CENTRE_CHUNK_ROWS + k, d2))
+                        },
+                    )
+                })
+                .collect();
+            // z's own cluster always qualifies (d(z,c0)² is z's old min_dist <= r²);
+            // kept explicitly so that z is always taken out of it below.
+            if let Err(i) = active.binary_search_by_key(&c0, |a| a.0) {
+                let d2 = sq_dist(&centre_rows[c0 * dim..(c0 + 1) * dim], &z);
+                active.insert(i, (c0, d2));
+            }
+
+            // Scan the members of those clusters, in tasks of about UPDATE_CHUNK_ROWS
+            // points (small clusters grouped), each listing the points z is closer to.
+            // The same test per point, with the point's own min_dist in place of r²,
+            // skips reading the rows of points close to their centre (most of them).
+            let tasks = scan_tasks(&active, &members);
+            let moved: Vec<(Vec<(usize, f32)>, u64)> = tasks
+                .par_iter()
+                .map(|task| {
+                    let mut out = Vec::new();
+                    let mut computed = 0u64;
+                    if intr.is_set() {
+                        return (out, computed);
+                    }
+                    for &(piece, d2) in task {
+                        for &p in piece {
+                            if !margin.may_reach(d2, min_dist[p]) {
+                                continue;
+                            }
+                            computed += 1;
+                            let dist = sq_dist(&rows[p * dim..(p + 1) * dim], &z);
+                            if dist < min_dist[p] {
+                                out.push((p, dist));
+                            }
+                        }
+                    }
+                    (out, computed)
+                })
+                .collect();
+            let step_scanned = moved.iter().map(|m| m.1).sum::<u64>();
+            scanned += step_scanned;
+            window_scanned += step_scanned;
+            intr.check()?;
+
+            // Apply the moves; the new cluster is z plus the moved points.
+            touched.clear();
+            touched.resize(new_id, false);
+            touched[c0] = true;
+            let mut mine = vec![sp];
+            for &(p, dist) in moved.iter().flat_map(|m| &m.0) {
+                min_dist[p] = dist;
+                touched[owner[p]] = true;
+                owner[p] = new_id;
+                mine.push(p);
+            }
+            mine.sort_unstable();
+            moved_since_regroup += mine.len();
+            // Clusters that lost points drop them and recompute their max (it can only
+            // shrink, which tightens later pruning).
+            members
+                .par_iter_mut()
+                .zip(best.par_iter_mut())
+                .enumerate()
+                .filter(|(c, _)| touched[*c])
+                .for_each(|(c, (m, b))| {
+                    m.retain(|&p| owner[p] == c);
+                    *b = max_over(m, &min_dist, &id);
+                });
+            best.push(max_over(&mine, &min_dist, &id));
+            members.push(mine);
+        }
+        centre_rows.extend_from_slice(&z);
+
+        if moved_since_regroup as f64 >= REGROUP_FRACTION * n as f64 {
+            intr.check()?;
+            regroup(
+                &mut rows,
+                dim,
+                &mut members,
+                &mut id,
+                &mut pos_of,
+                &mut min_dist,
+                &mut owner,
+            );
+            moved_since_regroup = 0;
+        }
+        intr.check()?;
+
+        let (top, idx) = best
+            .iter()
+            .copied()
+            .fold((f32::NEG_INFINITY, usize::MAX), larger_then_lower_index);
+        if top > 0.0 {
+            s = idx;
+        } else {
+            // Every point coincides with a selected one, and stays so: fill deterministically.
+            order.extend(
+                (0..n)
+                    .filter(|&i| !selected[i])
+                    .take(size - order.len())
+                    .map(|i| i as i64),
+            );
+            return Ok((order, scanned));
+        }
+        // Data without structure (nearly every point stays in reach) gains nothing from
+        // pruning and pays its bookkeeping: once enough picks show that, finish plainly.
+        window_picks += 1;
+        if window_picks == FALLBACK_WINDOW {
+            let busy = window_scanned as f64 > FALLBACK_FRACTION * (FALLBACK_WINDOW * n) as f64;
+            if busy && order.len() >= FALLBACK_MIN_PICKS {
+                let before = order.len();
+                let order = finish_plain(rows, dim, &pos_of, &min_dist, selected, order, s, size, intr)?;
+                let plain = (order.len() - before).saturating_sub(1) as u64 * n as u64;
+                return Ok((order, scanned + plain));
+            }
+            window_scanned = 0;
+            window_picks = 0;
+        }
+    }
+}
+
+/// Picks per window over which the scanned fraction is measured, the least picks made
+/// before giving up on pruning, and the fraction of N scanned per pick that counts as
+/// "nothing pruned".
+const FALLBACK_WINDOW: usize = 64;
+const FALLBACK_MIN_PICKS: usize = 512;
+const FALLBACK_FRACTION: f64 = 0.85;
+
+/// The rest of the selection with the plain loop, from pick `s` on. The rows and
+/// `min_dist` go back to input order first, so exact ties resolve to the lower input
+/// index as they do in the plain loop: the result is the same as never pruning.
+#[allow(clippy::too_many_arguments)]
+fn finish_plain(
+    rows: Vec<f32>,
+    dim: usize,
+    pos_of: &[usize],
+    min_dist: &[f32],
+    mut selected: Vec<bool>,
+    mut order: Vec<i64>,
+    mut s: usize,
+    size: usize,
+    intr: &Interrupt,
+) -> KernelResult<Vec<i64>> {
+    let n = pos_of.len();
+    let mut x = vec![0.0f32; rows.len()];
+    x.par_chunks_mut(UPDATE_CHUNK_ROWS * dim)
+        .enumerate()
+        .for_each(|(chunk, dst)| {
+            for (k, d) in dst.chunks_exact_mut(dim).enumerate() {
+                let p = pos_of[chunk * UPDATE_CHUNK_ROWS + k];
+                d.copy_from_slice(&rows[p * dim..(p + 1) * dim]);
+            }
+        });
+    drop(rows);
+    let mut md: Vec<f32> = pos_of.iter().map(|&p| min_dist[p]).collect();
+    loop {
+        order.push(s as i64);
+        selected[s] = true;
+        md[s] = 0.0;
         if order.len() == size {
             return Ok(order);
         }
         intr.check()?;
-        let (best, idx) =
-            update_and_argmax(x, dim, &x[s * dim..(s + 1) * dim], &mut min_dist, intr);
+        let z = x[s * dim..(s + 1) * dim].to_vec();
+        let (top, idx) = update_and_argmax(&x, dim, &z, &mut md, intr);
         intr.check()?;
-        if best > 0.0 {
+        if top > 0.0 {
             s = idx;
         } else {
-            // Every point coincides with a selected one, and stays so: fill deterministically.
             order.extend(
                 (0..n)
                     .filter(|&i| !selected[i])
@@ -300,8 +554,130 @@ fn greedy(
     }
 }
 
+/// Regroup once this fraction of N has changed cluster since the last regrouping.
+const REGROUP_FRACTION: f64 = 0.25;
+
+/// Reorders the working rows (and every per-position array) so that each cluster's
+/// members occupy one contiguous range, in cluster order. Values are moved, not
+/// recomputed, so results are unaffected.
+fn regroup(
+    rows: &mut Vec<f32>,
+    dim: usize,
+    members: &mut [Vec<usize>],
+    id: &mut Vec<usize>,
+    pos_of: &mut [usize],
+    min_dist: &mut Vec<f32>,
+    owner: &mut Vec<usize>,
+) {
+    // New position j takes the row at old position src[j].
+    let src: Vec<usize> = members.iter().flatten().copied().collect();
+    let mut next = 0;
+    for m in members.iter_mut() {
+        let len = m.len();
+        m.clear();
+        m.extend(next..next + len);
+        next += len;
+    }
+    let mut new_rows = Vec::with_capacity(rows.len());
+    new_rows.resize(rows.len(), 0.0f32);
+    new_rows
+        .par_chunks_mut(UPDATE_CHUNK_ROWS * dim)
+        .zip(src.par_chunks(UPDATE_CHUNK_ROWS))
+        .for_each(|(dst, from)| {
+            for (d, &p) in dst.chunks_exact_mut(dim).zip(from) {
+                d.copy_from_slice(&rows[p * dim..(p + 1) * dim]);
+            }
+        });
+    *rows = new_rows;
+    *id = src.iter().map(|&p| id[p]).collect();
+    *min_dist = src.iter().map(|&p| min_dist[p]).collect();
+    *owner = src.iter().map(|&p| owner[p]).collect();
+    for (p, &i) in id.iter().enumerate() {
+        pos_of[i] = p;
+    }
+}
+
+/// Centres per task when computing the new pick's distance to every centre.
+const CENTRE_CHUNK_ROWS: usize = 256;
+
+/// The members of the `active` clusters cut into tasks of about UPDATE_CHUNK_ROWS points:
+/// big clusters are split, consecutive small ones grouped (rayon's per-task cost would
+/// dominate thousands of tiny clusters). Depends only on the cluster sizes.
+/// Each piece carries its centre's squared distance to the pick.
+fn scan_tasks<'a>(
+    active: &[(usize, f32)],
+    members: &'a [Vec<usize>],
+) -> Vec<Vec<(&'a [usize], f32)>> {
+    let mut tasks = Vec::new();
+    let mut cur: Vec<(&[usize], f32)> = Vec::new();
+    let mut cur_len = 0;
+    for &(c, d2) in active {
+        for piece in members[c].chunks(UPDATE_CHUNK_ROWS) {
+            if cur_len + piece.len() > UPDATE_CHUNK_ROWS && !cur.is_empty() {
+                tasks.push(std::mem::take(&mut cur));
+                cur_len = 0;
+            }
+            cur_len += piece.len();
+            cur.push((piece, d2));
+        }
+    }
+    if !cur.is_empty() {
+        tasks.push(cur);
+    }
+    tasks
+}
+
+/// (largest `min_dist` among the positions `points`, lowest input index holding it).
+fn max_over(points: &[usize], min_dist: &[f32], id: &[usize]) -> (f32, usize) {
+    points
+        .iter()
+        .map(|&p| (min_dist[p], id[p]))
+        .fold((f32::NEG_INFINITY, usize::MAX), larger_then_lower_index)
+}
+
+/// The pruning test with a margin for f32 rounding, so it never skips a point that the
+/// plain loop would update.
+///
+/// Used per cluster (with r² the cluster's largest min_dist) and per point (with r² the
+/// point's own min_dist, i.e. m itself); the argument below covers both.
+///
+/// `sq_dist` sums non-negative terms (each with two roundings) along chains of at most
+/// dim/16 + 20 additions, so its result is within a relative error
+/// e = (dim/16 + 22)·u of the exact squared distance (u = 2⁻²⁴); we use the far larger
+/// e = 4·(dim + 20)·u. Let z be the pick, c a centre, r² its computed squared radius and
+/// x a member, with computed m = sq_dist(x, c) <= r². Skipping needs
+/// sq_dist(x, z) >= m. If sq_dist(z, c) > 4·r²·(1 + 8e), then in exact terms
+/// d(z,c) > 2r·(1 + 3.5e), d(c,x) <= r·(1 + 0.6e), so d(z,x) >= d(z,c) − d(c,x)
+/// > r·(1 + 6e), hence sq_dist(x, z) >= d(z,x)²·(1 − e) > r² >= m. The test is done in
+/// f64 (no overflow of 4r², no extra rounding), with an absolute term far above the
+/// error from f32 underflow (at most ~dim·2⁻¹⁴⁹). Overflow to +inf only errs towards
+/// scanning (an infinite r² never prunes).
+#[derive(Clone, Copy)]
+struct PruneMargin {
+    rel: f64,
+}
+
+impl PruneMargin {
+    const ABS: f64 = 1e-30;
+
+    fn new(dim: usize) -> Self {
+        let e = 4.0 * (dim as f64 + 20.0) * (f32::EPSILON as f64 / 2.0);
+        PruneMargin {
+            rel: 4.0 * (1.0 + 8.0 * e),
+        }
+    }
+
+    /// Whether a cluster of squared radius `r2` whose centre is at computed squared
+    /// distance `d2` from the pick may hold a point the pick is closer to.
+    #[inline]
+    fn may_reach(self, d2: f32, r2: f32) -> bool {
+        (d2 as f64) <= self.rel * (r2 as f64) + Self::ABS
+    }
+}
+
 /// `min_dist[i] = min(min_dist[i], ‖x_i − c‖²)` for all i; returns the (largest value,
 /// lowest index holding it). Bails out early (with a meaningless result) if interrupted.
+/// The plain loop's step, used for the first pick.
 fn update_and_argmax(
     x: &[f32],
     dim: usize,
@@ -332,6 +708,38 @@ fn update_and_argmax(
             best
         })
         .reduce(|| (f32::NEG_INFINITY, usize::MAX), larger_then_lower_index)
+}
+
+/// The unpruned loop (the kernel before triangle-inequality pruning): the pruned one
+/// must return exactly the same indices, since it must leave `min_dist` bit-identical.
+#[cfg(test)]
+pub(crate) fn greedy_plain(x: &[f32], n: usize, dim: usize, size: usize, start: usize) -> Vec<i64> {
+    let never = Interrupt::never();
+    let mut min_dist = vec![f32::INFINITY; n];
+    let mut selected = vec![false; n];
+    let mut order = Vec::with_capacity(size);
+    let mut s = start;
+    loop {
+        order.push(s as i64);
+        selected[s] = true;
+        min_dist[s] = 0.0;
+        if order.len() == size {
+            return order;
+        }
+        let (best, idx) =
+            update_and_argmax(x, dim, &x[s * dim..(s + 1) * dim], &mut min_dist, &never);
+        if best > 0.0 {
+            s = idx;
+        } else {
+            order.extend(
+                (0..n)
+                    .filter(|&i| !selected[i])
+                    .take(size - order.len())
+                    .map(|i| i as i64),
+            );
+            return order;
+        }
+    }
 }
 
 /// Total order for the argmax reduction: larger value wins, then the lower index, so
@@ -449,6 +857,35 @@ mod tests {
         }
     }
 
+    /// `coreset` against the plain loop on the same working space, on 1 and 3 threads.
+    /// Returns the fraction of point-centre distances the pruned loop computed.
+    fn assert_same_as_plain(
+        x: ArrayView2<f32>,
+        size: usize,
+        proj: Option<usize>,
+        seed: u64,
+    ) -> f64 {
+        let never = Interrupt::never();
+        let n = x.nrows();
+        let work = match proj {
+            Some(p) => random_projection(x, p, seed, &never).unwrap(),
+            None => x.to_owned(),
+        };
+        let dim = work.ncols();
+        let flat = work.as_slice().unwrap();
+        let start = start_for(seed, n);
+        let want = greedy_plain(flat, n, dim, size, start);
+        for threads in [1, 3] {
+            let got = in_pool(threads, || coreset(x, size, proj, seed, &never).unwrap());
+            assert_eq!(
+                got, want,
+                "n={n} size={size} proj={proj:?} seed={seed} threads={threads}"
+            );
+        }
+        let (_, scanned) = greedy_pruned(Cow::Borrowed(flat), n, dim, size, start, &never).unwrap();
+        scanned as f64 / (n as f64 * (size as f64 - 1.0).max(1.0))
+    }
+
     fn naive_coverage(x: ArrayView2<f32>, selected: &[i64]) -> f64 {
         (0..x.nrows())
             .map(|i| {
@@ -493,6 +930,68 @@ mod tests {
             let want = naive_greedy(x.view(), size, start_for(seed, n));
             assert_eq!(got, want, "n={n} d={d} size={size}");
         }
+    }
+
+    #[test]
+    fn pruned_greedy_matches_plain_on_gaussian_data() {
+        for (n, d, size, proj, seed) in [
+            (3000, 16, 300, None, 1u64),
+            (5000, 64, 500, Some(8), 2),
+            (20_000, 32, 400, None, 3),
+            (50_000, 24, 200, Some(12), 4),
+            // 128-dim i.i.d. data: nothing prunes, so the loop switches to the plain one
+            // after FALLBACK_MIN_PICKS picks; the result must not change.
+            (6000, 128, 900, None, 5),
+        ] {
+            let x = random_matrix(n, d, 300 + seed);
+            assert_same_as_plain(x.view(), size, proj, seed);
+        }
+    }
+
+    #[test]
+    fn pruned_greedy_matches_plain_on_clustered_data_and_prunes() {
+        for (n, d, k, size, proj, seed) in [
+            (8000, 32, 40, 800, None, 5u64),
+            (20_000, 128, 100, 1000, Some(16), 6),
+            (50_000, 16, 200, 2000, None, 7),
+        ] {
+            let x = clustered(n, d, k, 6.0, 400 + seed);
+            let frac = assert_same_as_plain(x.view(), size, proj, seed);
+            // Not a correctness requirement, but the point of the pruning.
+            assert!(frac < 0.5, "n={n}: scanned fraction {frac}");
+        }
+    }
+
+    #[test]
+    fn pruned_greedy_matches_plain_with_duplicates_ties_and_degenerate_data() {
+        // Many exact duplicates (each of 300 points 20 times, shuffled order), so that
+        // ties in min_dist and all-zero tails both occur.
+        let base = clustered(300, 10, 12, 5.0, 8);
+        let mut rng = Rng::new(9);
+        let x = Array2::from_shape_fn((6000, 10), |_| 0.0f32);
+        let mut x = x;
+        for i in 0..6000 {
+            let b = rng.below(300);
+            x.row_mut(i).assign(&base.row(b));
+        }
+        for size in [50, 300, 301, 1000] {
+            assert_same_as_plain(x.view(), size, None, 10);
+            assert_same_as_plain(x.view(), size, Some(4), 11);
+        }
+        // Integer grid: many exactly equal distances (ties decided by the lowest index).
+        let grid = Array2::from_shape_fn((4096, 3), |(i, j)| ((i >> (4 * j)) & 15) as f32);
+        for size in [10, 200, 4096] {
+            assert_same_as_plain(grid.view(), size, None, 12);
+        }
+        // Tiny and huge scales, one dimension, constant data.
+        let tiny = random_matrix(2000, 5, 13).mapv(|v| v * 1e-18);
+        assert_same_as_plain(tiny.view(), 300, None, 14);
+        let huge = random_matrix(2000, 5, 15).mapv(|v| v * 1e18);
+        assert_same_as_plain(huge.view(), 300, None, 16);
+        let line = random_matrix(10_000, 1, 17);
+        assert_same_as_plain(line.view(), 2000, None, 18);
+        let same = Array2::from_elem((500, 4), -2.5f32);
+        assert_same_as_plain(same.view(), 100, None, 19);
     }
 
     #[test]

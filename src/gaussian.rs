@@ -874,6 +874,17 @@ pub fn mahalanobis(
                             *acc += tv * dv;
                         }
                     }
+                    // Features were checked finite, so a NaN/Inf here comes from mean or
+                    // inv_cov; `max(0.0)` would turn a NaN into a silent 0 ("no anomaly").
+                    if d2.iter().any(|v| !v.is_finite()) {
+                        return Err(KernelError::invalid(
+                            "mean/inv_cov",
+                            format!(
+                                "expected finite statistics, but the distance at position {p} is not finite \
+                                 (mean or inv_cov holds NaN/Inf there, or values that overflow)"
+                            ),
+                        ));
+                    }
                     dist.extend(d2.iter().map(|&v| v.max(0.0).sqrt() as f32));
                 }
                 Ok(dist)
@@ -899,6 +910,27 @@ pub fn mahalanobis(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mahalanobis_refuses_non_finite_statistics_instead_of_returning_zero() {
+        let x = Array4::from_shape_fn((3, 2, 1, 2), |(b, c, _, w)| (b * 2 + c + w) as f32 * 0.5);
+        let mean = Array2::<f32>::zeros((2, 2));
+        let mut inv = Array3::<f32>::zeros((2, 2, 2));
+        for p in 0..2 {
+            inv[[p, 0, 0]] = 1.0;
+            inv[[p, 1, 1]] = 1.0;
+        }
+        let flag = AtomicBool::new(false);
+        let intr = Interrupt::new(&flag);
+        assert!(mahalanobis(x.view(), mean.view(), inv.view(), &intr).is_ok());
+        let mut bad_mean = mean.clone();
+        bad_mean[[1, 0]] = f32::NAN;
+        let err = mahalanobis(x.view(), bad_mean.view(), inv.view(), &intr).unwrap_err();
+        assert!(err.to_string().contains("position 1"), "{err}");
+        let mut bad_inv = inv.clone();
+        bad_inv[[0, 1, 0]] = f32::INFINITY;
+        assert!(mahalanobis(x.view(), mean.view(), bad_inv.view(), &intr).is_err());
+    }
+
     use super::*;
     use ndarray::{s, Array4};
     use std::sync::atomic::AtomicBool;

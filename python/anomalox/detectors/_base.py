@@ -57,6 +57,33 @@ class _Silent:
         return None
 
 
+class _Maps:
+    """Collects maps into one preallocated (N, H, W) array while they share a size (no final
+    stacking copy); falls back to a list of (H, W) arrays when sizes differ."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n = n
+        self.array: np.ndarray | None = None
+        self.items: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, amap: np.ndarray) -> None:
+        if self.n is not None and not self.items and (self.array is None or amap.shape == self.array.shape[1:]):
+            if self.array is None:
+                self.array = np.empty((self.n, *amap.shape), np.float32)
+            self.array[self.count] = amap
+        else:
+            if self.array is not None:
+                self.items, self.array = list(self.array[: self.count]), None
+            self.items.append(np.ascontiguousarray(amap))
+        self.count += 1
+
+    def result(self) -> np.ndarray | list[np.ndarray]:
+        if self.array is not None:
+            return self.array[: self.count]
+        return np.stack(self.items) if len({m.shape for m in self.items}) == 1 else self.items
+
+
 def _check_fraction(value: Any, name: str, low: float, high: float, include_low: bool) -> float:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
     ok = ok and (low <= value if include_low else low < value) and value < high
@@ -118,7 +145,7 @@ class BaseDetector(BaseEstimator):
                 f"This {type(self).__name__} instance is not fitted yet: call fit(X) with images of good parts first"
             )
 
-    def _progress(self, total: int | None, desc: str):
+    def _progress(self, total: int | None, desc: str, unit: str = "img"):
         if not self.verbose:
             return _Silent()
         try:  # notebook bars need ipywidgets; without it tqdm.auto only warns, so use text bars
@@ -126,7 +153,7 @@ class BaseDetector(BaseEstimator):
             from tqdm.auto import tqdm
         except ImportError:
             from tqdm import tqdm
-        return tqdm(total=total, desc=desc, unit="img", leave=False)
+        return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
     def _features(self, backbone: Backbone, items: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Size, list]:
         x, sizes = backbone.preprocessing.transform(items if len(items) > 1 else items[0], backbone.device)
@@ -256,7 +283,7 @@ class BaseDetector(BaseEstimator):
 
     def _inspect(self, source: Source, desc: str = "score") -> Inspection:
         scores: list[np.ndarray] = []
-        maps: list[np.ndarray] = []
+        maps = _Maps(len(source) if source.sized else None)
         paths: list[str | None] = []
         with self._progress(len(source) if source.sized else None, desc) as bar:
             for items, batch_paths in source.iter_batches(self.batch_size):
@@ -265,17 +292,16 @@ class BaseDetector(BaseEstimator):
                 full = self._smooth(grid, input_size)
                 if batch_scores is None:
                     batch_scores = full.amax(dim=(-2, -1)).numpy()
-                maps.extend(self._postprocess(full, input_size, sizes))
+                for m in self._postprocess(full, input_size, sizes):
+                    maps.add(m)
                 scores.append(np.asarray(batch_scores, dtype=np.float32))
                 paths.extend(batch_paths if batch_paths is not None else [None] * len(sizes))
                 bar.update(len(sizes))
         if not scores:
             raise ValueError("X: expected at least one image, got none (an empty iterable)")
         all_scores = np.concatenate(scores)
-        shapes = {m.shape for m in maps}
-        stacked: np.ndarray | list[np.ndarray] = np.stack(maps) if len(shapes) == 1 else maps
         labels = None if self.threshold_ is None else (all_scores > self.threshold_).astype(np.int64)
-        return Inspection(all_scores, stacked, labels, paths, self.threshold_)
+        return Inspection(all_scores, maps.result(), labels, paths, self.threshold_)
 
     def inspect(self, X: Any) -> Inspection:
         """Scores, maps, predicted labels and paths from one pass over `X` (nothing computed twice).

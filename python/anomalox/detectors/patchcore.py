@@ -136,7 +136,9 @@ class PatchCore(BaseDetector):
                 selection_space = np.concatenate(projected) if projection is not None else np.array(patches)
                 projected.clear()
                 count = max(1, int(self.coreset_ratio * n_rows))
-                chosen = ops.coreset(selection_space, count, projection_dim=None, seed=seed, n_threads=self.n_threads)
+                with self._progress(1, f"fit: coreset of {count:,} / {n_rows:,} patches", unit="step") as bar:
+                    chosen = ops.coreset(selection_space, count, projection_dim=None, seed=seed, n_threads=self.n_threads)
+                    bar.update(1)
                 del selection_space
                 order = np.argsort(chosen, kind="stable")
                 bank = np.empty((len(chosen), width), np.float32)
