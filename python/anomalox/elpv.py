@@ -1,6 +1,8 @@
 """The ELPV solar-cell data set (electroluminescence images of PV cells) for demos.
 
-The PyPI package ``elpv-dataset`` (Apache-2.0, no download at run time) ships the 2,624 cell
+The PyPI package ``elpv-dataset`` (no download at run time; its licence expression is
+"CC-BY-NC-SA-4.0 AND Apache-2.0": the images are CC BY-NC-SA 4.0, **non-commercial use only**)
+ships the 2,624 cell
 images as 300x300 8-bit grayscale PNG files in ``elpv_dataset/data/images`` with
 ``elpv_dataset/data/labels.csv``: per cell a defect probability (0, 1/3, 2/3 or 1, the experts'
 confidence that the cell is defective) and the cell type (``mono`` or ``poly``). Counts:

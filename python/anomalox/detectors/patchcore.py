@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from typing import Any
 
@@ -12,6 +13,21 @@ import torch
 from anomalox import ops
 from anomalox._convert import positive_int
 from anomalox.detectors._base import BaseDetector, _check_fraction, as_rows, seed_from, stack_taps
+
+
+def _read_rows(spill, indices: np.ndarray, width: int) -> np.ndarray:
+    """Rows `indices` of the spilled (N, width) float32 file, with plain reads in file order.
+
+    Not a memory map: mapped pages of the file would count toward RSS while resident, and fault
+    read-ahead maps far more than the selected rows.
+    """
+    rows = np.empty((len(indices), width), np.float32)
+    row_bytes = width * 4
+    fd = spill.fileno()
+    for k in np.argsort(indices, kind="stable"):
+        data = os.pread(fd, row_bytes, int(indices[k]) * row_bytes)
+        rows[k] = np.frombuffer(data, dtype=np.float32)
+    return rows
 
 
 class PatchCore(BaseDetector):
@@ -129,21 +145,20 @@ class PatchCore(BaseDetector):
                     projected.append((rows @ projection).numpy())
                 n_rows += rows.shape[0]
             spill.flush()
-            patches = np.memmap(spill, dtype=np.float32, mode="r", shape=(n_rows, width))
+            if self.coreset_ratio == 1 or projection is None:
+                spill.seek(0)
+                patches = np.fromfile(spill, dtype=np.float32, count=n_rows * width).reshape(n_rows, width)
             if self.coreset_ratio == 1:
-                bank = np.array(patches)
+                bank = patches
             else:
-                selection_space = np.concatenate(projected) if projection is not None else np.array(patches)
+                selection_space = np.concatenate(projected) if projection is not None else patches
                 projected.clear()
                 count = max(1, int(self.coreset_ratio * n_rows))
                 with self._progress(1, f"fit: coreset of {count:,} / {n_rows:,} patches", unit="step") as bar:
                     chosen = ops.coreset(selection_space, count, projection_dim=None, seed=seed, n_threads=self.n_threads)
                     bar.update(1)
                 del selection_space
-                order = np.argsort(chosen, kind="stable")
-                bank = np.empty((len(chosen), width), np.float32)
-                bank[order] = patches[chosen[order]]  # read in file order
-            del patches
+                bank = _read_rows(spill, np.asarray(chosen), width)
         return {"memory_bank_": bank, "n_train_patches_": n_rows}
 
     def _score_features(self, features):
