@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from anomalox.preprocess import _CHANNELS
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
 
 __all__ = ["IMAGE_EXTENSIONS", "Source", "LabeledSet", "as_source", "list_images", "read_labeled_set"]
@@ -81,11 +83,17 @@ class Source:
             yield [self.items[i] for i in chunk], [self.paths[i] if self.paths else None for i in chunk]
 
 
+def _is_batch(x: np.ndarray) -> bool:
+    """Whether a numpy array holds several images: (N, H, W, C), or (N, H, W) when its last axis
+    cannot be a channel axis (the rule of ``anomalox.preprocess``)."""
+    return x.ndim == 4 or (x.ndim == 3 and x.shape[-1] not in _CHANNELS)
+
+
 def _batch_len(images: Any) -> int:
     if isinstance(images, torch.Tensor):
         return 1 if images.dim() == 3 else int(images.shape[0])
     if isinstance(images, np.ndarray):
-        return int(images.shape[0]) if images.ndim == 4 or (images.ndim == 3 and images.shape[-1] not in (1, 3, 4)) else 1
+        return int(images.shape[0]) if _is_batch(images) else 1
     return len(images) if isinstance(images, (list, tuple)) else 1
 
 
@@ -110,10 +118,10 @@ def _split_array(x: Any) -> list[Any]:
     """One entry per image of an array/tensor batch (views, no copies)."""
     if isinstance(x, torch.Tensor):
         return [x[i] for i in range(x.shape[0])] if x.dim() == 4 else [x]
-    if x.ndim == 4 and x.shape[-1] not in (1, 3, 4):
+    if x.ndim == 4 and x.shape[-1] not in _CHANNELS:
         # Split, each (H, W, C) image would pass for a batch of C-wide grayscale images.
         raise ValueError(f"X: a 4-D array must be (N, H, W, C) with C in (1, 3, 4), got shape {x.shape}")
-    if x.ndim == 4 or (x.ndim == 3 and x.shape[-1] not in (1, 3, 4)):
+    if _is_batch(x):
         return [x[i] for i in range(x.shape[0])]
     return [x]
 

@@ -230,8 +230,9 @@ class BaseDetector(BaseEstimator):
                 n = 0
                 for items, _ in train_batches:
                     feats, _, _ = self._features(backbone, items)
-                    n += next(iter(feats.values())).shape[0]
-                    bar.update(next(iter(feats.values())).shape[0])
+                    count = next(iter(feats.values())).shape[0]
+                    n += count
+                    bar.update(count)
                     yield feats
                 if n == 0:
                     if held:

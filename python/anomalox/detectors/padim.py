@@ -100,12 +100,13 @@ class PaDiM(BaseDetector):
                     wanted = 550 if str(self.backbone) in ("resnet50", "wide_resnet50_2") else 100
                 rng = np.random.default_rng(seed_from(self.random_state))
                 channels = np.sort(rng.choice(total, size=min(wanted, total), replace=False)).astype(np.int64)
-            accumulator.partial_fit(self._embed(feats, channels))
+            embedding = self._embed(feats, channels)
+            grid = tuple(embedding.shape[2:])
+            accumulator.partial_fit(embedding)
         if accumulator.n_samples < 2:
             raise ValueError(f"X: PaDiM needs at least 2 training images, got {accumulator.n_samples}")
-        grid = accumulator._acc.shape[1:]
         mean, inv_cov = accumulator.finalize(eps=0.01)
-        return {"channels_": channels, "mean_": mean.numpy(), "inv_cov_": inv_cov.numpy(), "grid_": tuple(grid)}
+        return {"channels_": channels, "mean_": mean.numpy(), "inv_cov_": inv_cov.numpy(), "grid_": grid}
 
     def _score_features(self, features):
         embedding = self._embed(features, self.channels_)
