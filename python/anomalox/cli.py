@@ -134,17 +134,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _report(model: Any, test_dir: str, out: str) -> dict[str, Any]:
-    import anomalox
-    from anomalox.data import read_labeled_set
-    from anomalox.evaluate import _mask_like_map, read_mask
+    from anomalox.evaluate import _evaluate
     from anomalox.report import write_report
 
-    result = anomalox.evaluate(model, test_dir)
+    result, labeled, masks = _evaluate(model, test_dir)
     ins = result.pop("inspection")
-    labeled = read_labeled_set(test_dir)
-    masks = None
-    if labeled.has_masks:
-        masks = [_mask_like_map(read_mask(m), model) if m else None for m in labeled.mask_paths]
+    if masks is not None:  # good images have no mask file: shown as none in the report
+        masks = [m if path else None for m, path in zip(masks, labeled.mask_paths)]
     write_report(out, paths=ins.paths, scores=ins.scores, threshold=model.threshold_ if model.threshold_ is not None else result["f1_threshold"],
                  gt_labels=labeled.labels, maps=ins.maps, gt_masks=masks, metrics=result, title=f"anomalox report: {test_dir}")
     return result

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from anomalox import metrics, ops
-from anomalox.data import read_labeled_set
+from anomalox.data import LabeledSet, read_labeled_set
 from anomalox.preprocess import _size_pair, center_crop
 
 __all__ = ["evaluate", "read_mask"]
@@ -57,6 +57,12 @@ def evaluate(detector: Any, test_folder: str | os.PathLike, fpr_limit: float = 0
     When the maps do not all share one size, pixel metrics are computed at the detector's input
     resolution (maps resized bilinearly, masks with nearest neighbours), as anomalib does.
     """
+    return _evaluate(detector, test_folder, fpr_limit)[0]
+
+
+def _evaluate(detector: Any, test_folder: str | os.PathLike, fpr_limit: float = 0.3) -> tuple[dict[str, Any], LabeledSet, list[np.ndarray] | None]:
+    """``evaluate``'s result, the labeled test set and the masks it read (each at its map's size;
+    None when the set has no masks), so a caller such as the report reads nothing twice."""
     labeled = read_labeled_set(test_folder)
     if labeled.labels.min() == labeled.labels.max():
         raise ValueError(
@@ -76,6 +82,7 @@ def evaluate(detector: Any, test_folder: str | os.PathLike, fpr_limit: float = 0
         "pixel_auroc": None,
         "aupro": None,
     }
+    masks: list[np.ndarray] | None = None
     if not labeled.has_masks:
         result["pixel_metrics"] = "skipped: the test folder has no ground-truth masks"
     else:
@@ -104,4 +111,4 @@ def evaluate(detector: Any, test_folder: str | os.PathLike, fpr_limit: float = 0
         result["aupro"] = metrics.aupro(all_masks, all_maps, fpr_limit=fpr_limit)
         result["pixel_metrics"] = f"computed {where}"
     result["inspection"] = inspection
-    return result
+    return result, labeled, masks
