@@ -470,12 +470,7 @@ pub(crate) fn greedy_pruned(
             s = idx;
         } else {
             // Every point coincides with a selected one, and stays so: fill deterministically.
-            order.extend(
-                (0..n)
-                    .filter(|&i| !selected[i])
-                    .take(size - order.len())
-                    .map(|i| i as i64),
-            );
+            fill_unselected(&mut order, &selected, size);
             return Ok((order, scanned));
         }
         // Data without structure (nearly every point stays in reach) gains nothing from
@@ -485,7 +480,9 @@ pub(crate) fn greedy_pruned(
             let busy = window_scanned as f64 > FALLBACK_FRACTION * (FALLBACK_WINDOW * n) as f64;
             if busy && order.len() >= FALLBACK_MIN_PICKS {
                 let before = order.len();
-                let order = finish_plain(rows, dim, &pos_of, &min_dist, selected, order, s, size, intr)?;
+                let order = finish_plain(
+                    rows, dim, &pos_of, &min_dist, selected, order, s, size, intr,
+                )?;
                 let plain = (order.len() - before).saturating_sub(1) as u64 * n as u64;
                 return Ok((order, scanned + plain));
             }
@@ -493,6 +490,18 @@ pub(crate) fn greedy_pruned(
             window_picks = 0;
         }
     }
+}
+
+/// Completes `order` to `size` with the unselected points in index order: once every point
+/// coincides with a selected one no pick can cover more, and this keeps the result deterministic.
+fn fill_unselected(order: &mut Vec<i64>, selected: &[bool], size: usize) {
+    let missing = size - order.len();
+    order.extend(
+        (0..selected.len())
+            .filter(|&i| !selected[i])
+            .take(missing)
+            .map(|i| i as i64),
+    );
 }
 
 /// Picks per window over which the scanned fraction is measured, the least picks made
@@ -517,7 +526,6 @@ fn finish_plain(
     size: usize,
     intr: &Interrupt,
 ) -> KernelResult<Vec<i64>> {
-    let n = pos_of.len();
     let mut x = vec![0.0f32; rows.len()];
     x.par_chunks_mut(UPDATE_CHUNK_ROWS * dim)
         .enumerate()
@@ -543,12 +551,7 @@ fn finish_plain(
         if top > 0.0 {
             s = idx;
         } else {
-            order.extend(
-                (0..n)
-                    .filter(|&i| !selected[i])
-                    .take(size - order.len())
-                    .map(|i| i as i64),
-            );
+            fill_unselected(&mut order, &selected, size);
             return Ok(order);
         }
     }
@@ -731,12 +734,7 @@ pub(crate) fn greedy_plain(x: &[f32], n: usize, dim: usize, size: usize, start: 
         if best > 0.0 {
             s = idx;
         } else {
-            order.extend(
-                (0..n)
-                    .filter(|&i| !selected[i])
-                    .take(size - order.len())
-                    .map(|i| i as i64),
-            );
+            fill_unselected(&mut order, &selected, size);
             return order;
         }
     }
