@@ -84,6 +84,40 @@ pub fn coreset(
     greedy(data, n, dim, size, start, intr)
 }
 
+/// [`coreset`] without projection, using `features` (N·D floats, row-major) as the working
+/// copy instead of allocating one: the same indices as `coreset(x, size, None, seed)`, and on
+/// return the rows of `features` are reordered (their contents are unspecified).
+///
+/// For callers that own a large selection space and no longer need it (PatchCore fitting
+/// on millions of projected patches): peak memory is the caller's buffer plus O(N)
+/// per-point state and O(size·D) for the selected rows.
+pub fn coreset_in_place(
+    features: &mut [f32],
+    n: usize,
+    d: usize,
+    size: usize,
+    seed: u64,
+    intr: &Interrupt,
+) -> KernelResult<Vec<i64>> {
+    check_features(n, d)?;
+    if n.checked_mul(d) != Some(features.len()) {
+        return Err(KernelError::invalid(
+            "features",
+            format!("expected {n} x {d} floats, got {}", features.len()),
+        ));
+    }
+    if size < 1 || size > n {
+        return Err(KernelError::invalid(
+            "size",
+            format!("expected 1 <= size <= {n} (the number of rows), got {size}"),
+        ));
+    }
+    intr.check()?;
+    let start = Rng::new(seed ^ START_STREAM).below(n);
+    check_finite(features, d, false)?;
+    greedy_pruned_in_place(features, n, d, size, start, intr).map(|(order, _)| order)
+}
+
 /// Projects features (N, D) to (N, p) with a random Gaussian matrix R (D, p), entries N(0, 1/p), generated from seed in a fixed order.
 ///
 /// Returns `features · R`, contiguous row-major. R is drawn from `Rng::new(seed)` row by
@@ -317,8 +351,20 @@ pub(crate) fn greedy_pruned(
     start: usize,
     intr: &Interrupt,
 ) -> KernelResult<(Vec<i64>, u64)> {
-    let margin = PruneMargin::new(dim);
     let mut rows: Vec<f32> = x.into_owned();
+    greedy_pruned_in_place(&mut rows, n, dim, size, start, intr)
+}
+
+/// [`greedy_pruned`] with `rows` as the working copy: on return its rows are reordered.
+fn greedy_pruned_in_place(
+    rows: &mut [f32],
+    n: usize,
+    dim: usize,
+    size: usize,
+    start: usize,
+    intr: &Interrupt,
+) -> KernelResult<(Vec<i64>, u64)> {
+    let margin = PruneMargin::new(dim);
     // Per position in `rows`: input index, min_dist, cluster. `pos_of` inverts `id`.
     let mut id: Vec<usize> = (0..n).collect();
     let mut pos_of: Vec<usize> = (0..n).collect();
@@ -352,7 +398,7 @@ pub(crate) fn greedy_pruned(
         if members.is_empty() {
             // First pick: every point gets its distance to it, as in the plain loop
             // (positions are still input indices here).
-            best.push(update_and_argmax(&rows, dim, &z, &mut min_dist, intr));
+            best.push(update_and_argmax(rows, dim, &z, &mut min_dist, intr));
             members.push((0..n).collect());
             window_scanned += n as u64;
         } else {
@@ -450,7 +496,7 @@ pub(crate) fn greedy_pruned(
         if moved_since_regroup as f64 >= REGROUP_FRACTION * n as f64 {
             intr.check()?;
             regroup(
-                &mut rows,
+                rows,
                 dim,
                 &mut members,
                 &mut id,
@@ -516,7 +562,7 @@ const FALLBACK_FRACTION: f64 = 0.85;
 /// index as they do in the plain loop: the result is the same as never pruning.
 #[allow(clippy::too_many_arguments)]
 fn finish_plain(
-    rows: Vec<f32>,
+    x: &mut [f32],
     dim: usize,
     pos_of: &[usize],
     min_dist: &[f32],
@@ -526,16 +572,8 @@ fn finish_plain(
     size: usize,
     intr: &Interrupt,
 ) -> KernelResult<Vec<i64>> {
-    let mut x = vec![0.0f32; rows.len()];
-    x.par_chunks_mut(UPDATE_CHUNK_ROWS * dim)
-        .enumerate()
-        .for_each(|(chunk, dst)| {
-            for (k, d) in dst.chunks_exact_mut(dim).enumerate() {
-                let p = pos_of[chunk * UPDATE_CHUNK_ROWS + k];
-                d.copy_from_slice(&rows[p * dim..(p + 1) * dim]);
-            }
-        });
-    drop(rows);
+    // Input index i sits at position pos_of[i].
+    permute_rows(x, dim, pos_of);
     let mut md: Vec<f32> = pos_of.iter().map(|&p| min_dist[p]).collect();
     loop {
         order.push(s as i64);
@@ -546,7 +584,7 @@ fn finish_plain(
         }
         intr.check()?;
         let z = x[s * dim..(s + 1) * dim].to_vec();
-        let (top, idx) = update_and_argmax(&x, dim, &z, &mut md, intr);
+        let (top, idx) = update_and_argmax(x, dim, &z, &mut md, intr);
         intr.check()?;
         if top > 0.0 {
             s = idx;
@@ -564,7 +602,7 @@ const REGROUP_FRACTION: f64 = 0.25;
 /// members occupy one contiguous range, in cluster order. Values are moved, not
 /// recomputed, so results are unaffected.
 fn regroup(
-    rows: &mut Vec<f32>,
+    rows: &mut [f32],
     dim: usize,
     members: &mut [Vec<usize>],
     id: &mut Vec<usize>,
@@ -581,22 +619,43 @@ fn regroup(
         m.extend(next..next + len);
         next += len;
     }
-    let mut new_rows = Vec::with_capacity(rows.len());
-    new_rows.resize(rows.len(), 0.0f32);
-    new_rows
-        .par_chunks_mut(UPDATE_CHUNK_ROWS * dim)
-        .zip(src.par_chunks(UPDATE_CHUNK_ROWS))
-        .for_each(|(dst, from)| {
-            for (d, &p) in dst.chunks_exact_mut(dim).zip(from) {
-                d.copy_from_slice(&rows[p * dim..(p + 1) * dim]);
-            }
-        });
-    *rows = new_rows;
+    permute_rows(rows, dim, &src);
     *id = src.iter().map(|&p| id[p]).collect();
     *min_dist = src.iter().map(|&p| min_dist[p]).collect();
     *owner = src.iter().map(|&p| owner[p]).collect();
     for (p, &i) in id.iter().enumerate() {
         pos_of[i] = p;
+    }
+}
+
+/// Reorders the rows (`dim` floats each) of `rows` in place so that new row j is old row
+/// `src[j]`; `src` must be a permutation of 0..N. Each cycle of the permutation is followed
+/// once with one spare row, so no second N-row buffer is needed (the working copy can be
+/// most of the memory a selection uses): O(N·dim) moves, O(N) flags.
+fn permute_rows(rows: &mut [f32], dim: usize, src: &[usize]) {
+    let mut done = vec![false; src.len()];
+    let mut spare = vec![0.0f32; dim];
+    for start in 0..src.len() {
+        if done[start] {
+            continue;
+        }
+        done[start] = true;
+        if src[start] == start {
+            continue;
+        }
+        spare.copy_from_slice(&rows[start * dim..(start + 1) * dim]);
+        let mut j = start;
+        loop {
+            let from = src[j];
+            if from == start {
+                rows[j * dim..(j + 1) * dim].copy_from_slice(&spare);
+                break;
+            }
+            // Row `from` is still the old one: cycle positions are overwritten in order.
+            rows.copy_within(from * dim..(from + 1) * dim, j * dim);
+            done[from] = true;
+            j = from;
+        }
     }
 }
 
@@ -880,6 +939,12 @@ mod tests {
                 "n={n} size={size} proj={proj:?} seed={seed} threads={threads}"
             );
         }
+        let mut scratch = flat.to_vec();
+        let in_place = coreset_in_place(&mut scratch, n, dim, size, seed, &never).unwrap();
+        assert_eq!(
+            in_place, want,
+            "in place: n={n} size={size} proj={proj:?} seed={seed}"
+        );
         let (_, scanned) = greedy_pruned(Cow::Borrowed(flat), n, dim, size, start, &never).unwrap();
         scanned as f64 / (n as f64 * (size as f64 - 1.0).max(1.0))
     }
@@ -911,6 +976,40 @@ mod tests {
             assert!(!seen[i as usize], "index {i} selected twice in {sel:?}");
             seen[i as usize] = true;
         }
+    }
+
+    #[test]
+    fn permute_rows_in_place_equals_a_gather() {
+        let (n, dim) = (257, 3);
+        let x: Vec<f32> = (0..n * dim).map(|v| v as f32).collect();
+        // Two fixed points, a 2-cycle, and a shuffle of the rest (long cycles).
+        let mut src: Vec<usize> = vec![0, 1, 3, 2];
+        let mut rest: Vec<usize> = (4..n).collect();
+        let mut rng = Rng::new(5);
+        for i in (1..rest.len()).rev() {
+            rest.swap(i, rng.below(i + 1));
+        }
+        src.extend(rest);
+        let want: Vec<f32> = src
+            .iter()
+            .flat_map(|&p| x[p * dim..(p + 1) * dim].to_vec())
+            .collect();
+        let mut got = x.clone();
+        permute_rows(&mut got, dim, &src);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn coreset_in_place_checks_its_buffer_length() {
+        let mut buf = vec![0.0f32; 10];
+        let err = coreset_in_place(&mut buf, 3, 4, 1, 0, &Interrupt::never()).unwrap_err();
+        assert!(
+            err.to_string().contains("expected 3 x 4 floats, got 10"),
+            "{err}"
+        );
+        let mut bad = vec![0.0f32, f32::NAN, 1.0, 2.0];
+        let err = coreset_in_place(&mut bad, 2, 2, 1, 0, &Interrupt::never()).unwrap_err();
+        assert!(err.to_string().contains("row 0"), "{err}");
     }
 
     #[test]

@@ -24,9 +24,13 @@ fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     use pyo3::prelude::*;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("__torch_version__", env!("ANOMALOX_TORCH_VERSION"))?;
-    m.add("InternalError", m.py().get_type::<py::runtime::InternalError>())?;
+    m.add(
+        "InternalError",
+        m.py().get_type::<py::runtime::InternalError>(),
+    )?;
     m.add_function(wrap_pyfunction!(py::ops::knn, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::coreset, m)?)?;
+    m.add_function(wrap_pyfunction!(py::ops::coreset_in_place, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::coreset_coverage, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::gaussian_fit, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::mahalanobis, m)?)?;

@@ -18,6 +18,37 @@ def test_coreset_without_projection_equals_textbook_greedy(rng):
     assert idx.tolist() == greedy_k_center(x, 40, int(idx[0]))
 
 
+def test_coreset_overwrite_features_gives_the_same_selection_and_reorders_rows(rng):
+    x = clustered(rng, n=4000, d=16, centers=40)
+    want = ops.coreset(x, 300, projection_dim=None, seed=5)
+    work = x.copy()
+    got = ops.coreset(work, 300, projection_dim=None, seed=5, overwrite_features=True)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(work, x)  # used as the working copy
+    # Reordered, not altered: the same multiset of rows.
+    np.testing.assert_array_equal(np.unique(work, axis=0), np.unique(x, axis=0))
+    t = torch.from_numpy(x.copy())
+    np.testing.assert_array_equal(ops.coreset(t, 300, projection_dim=None, seed=5, overwrite_features=True).numpy(), want)
+
+
+@pytest.mark.parametrize("kind", ["read-only", "strided", "projected", "float64"])
+def test_coreset_overwrite_features_leaves_inputs_it_cannot_use_untouched(rng, kind):
+    x = clustered(rng, n=1000, d=16)
+    proj = 8 if kind == "projected" else None
+    want = ops.coreset(x, 50, projection_dim=proj, seed=2)
+    work = x.copy()
+    if kind == "read-only":
+        work.setflags(write=False)
+    if kind == "strided":
+        work = np.asfortranarray(work)
+    if kind == "float64":
+        work = work.astype(np.float64)
+    before = work.copy()
+    got = ops.coreset(work, 50, projection_dim=proj, seed=2, overwrite_features=True)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(work, before)
+
+
 @pytest.mark.parametrize("size,expected", [(0.1, 60), (1.0, 600), (1e-9, 1), (7, 7), (600, 600)])
 def test_coreset_size_is_a_count_or_a_ratio(rng, size, expected):
     idx = ops.coreset(clustered(rng), size, seed=0)

@@ -83,6 +83,7 @@ def coreset(
     projection_dim: int | None = 128,
     seed: int = 0,
     n_threads: int | None = None,
+    overwrite_features: bool = False,
 ):
     """Greedy k-center (farthest point) coreset selection, as in PatchCore.
 
@@ -96,6 +97,11 @@ def coreset(
         PatchCore); ``None`` selects in the original space.
     seed : int
         Seeds the projection and the starting point.
+    overwrite_features : bool
+        With ``projection_dim=None``, allow the selection to use ``features`` itself as its
+        working copy when it is a writable C-contiguous float32 array (or CPU tensor): saves a
+        copy of N × D floats, and leaves the rows of ``features`` reordered (as with scipy's
+        ``overwrite_a``). Ignored otherwise. Same result either way.
 
     Returns
     -------
@@ -104,7 +110,9 @@ def coreset(
     Notes
     -----
     Deterministic for a seed, whatever ``n_threads``. Memory: N × projection_dim float32 for the
-    projected features plus O(N); time O(size · N · projection_dim).
+    projected features (with ``None``: a working copy of N × D, none with ``overwrite_features``)
+    plus O(N); time at most O(size · N · projection_dim), usually far less (exact
+    triangle-inequality pruning).
     """
     x, as_torch = as_float32(features, "features", "(N, D)")
     count = _coreset_count(size, x.shape[0])
@@ -112,7 +120,11 @@ def coreset(
         projection_dim = positive_int(projection_dim, "projection_dim")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
-    idx = _core.coreset(x, count, projection_dim, int(seed) % 2**64, resolve_threads(n_threads))
+    seed = int(seed) % 2**64
+    if overwrite_features and projection_dim is None and x.flags.c_contiguous and x.flags.writeable:
+        idx = _core.coreset_in_place(x, count, seed, resolve_threads(n_threads))
+    else:
+        idx = _core.coreset(x, count, projection_dim, seed, resolve_threads(n_threads))
     return same_kind(idx, as_torch)
 
 

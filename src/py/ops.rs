@@ -4,7 +4,7 @@
 
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArray3, PyReadonlyArray1, PyReadonlyArray2,
-    PyReadonlyArray3, PyReadonlyArray4,
+    PyReadonlyArray3, PyReadonlyArray4, PyReadwriteArray2,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -56,6 +56,27 @@ pub fn coreset<'py>(
     let selected = run(py, n_threads, |intr| {
         ensure_finite(&x, "features")?;
         coreset_k::coreset(x, size, projection_dim, seed, intr)
+    })?;
+    Ok(selected.into_pyarray(py))
+}
+
+/// `coreset` without projection on a writable C-contiguous array used as the working copy
+/// (its rows come back reordered).
+#[pyfunction]
+#[pyo3(signature = (features, size, seed, n_threads))]
+pub fn coreset_in_place<'py>(
+    py: Python<'py>,
+    mut features: PyReadwriteArray2<'py, f32>,
+    size: usize,
+    seed: u64,
+    n_threads: usize,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let (n, d) = features.as_array().dim();
+    let rows = features.as_slice_mut().map_err(|_| {
+        PyValueError::new_err("features: expected a C-contiguous array to work in place")
+    })?;
+    let selected = run(py, n_threads, |intr| {
+        coreset_k::coreset_in_place(rows, n, d, size, seed, intr)
     })?;
     Ok(selected.into_pyarray(py))
 }
@@ -118,7 +139,9 @@ pub fn upsample<'py>(
     n_threads: usize,
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
     let mode = upsample_k::Interpolation::parse(mode).ok_or_else(|| {
-        PyValueError::new_err(format!("mode: expected 'bilinear' or 'nearest', got {mode:?}"))
+        PyValueError::new_err(format!(
+            "mode: expected 'bilinear' or 'nearest', got {mode:?}"
+        ))
     })?;
     let m = maps.as_array();
     let out = run(py, n_threads, |intr| {
@@ -154,12 +177,18 @@ pub struct GaussianAccumulator {
 impl GaussianAccumulator {
     #[new]
     fn new(channels: usize, height: usize, width: usize) -> PyResult<Self> {
-        let inner = gaussian::GaussianAccumulator::new(channels, height, width).map_err(to_py_err)?;
+        let inner =
+            gaussian::GaussianAccumulator::new(channels, height, width).map_err(to_py_err)?;
         Ok(GaussianAccumulator { inner })
     }
 
     #[pyo3(signature = (features, n_threads))]
-    fn update(&mut self, py: Python<'_>, features: PyReadonlyArray4<'_, f32>, n_threads: usize) -> PyResult<()> {
+    fn update(
+        &mut self,
+        py: Python<'_>,
+        features: PyReadonlyArray4<'_, f32>,
+        n_threads: usize,
+    ) -> PyResult<()> {
         let x = features.as_array();
         let inner = &mut self.inner;
         run(py, n_threads, |intr| inner.update(x, intr))
@@ -184,7 +213,11 @@ impl GaussianAccumulator {
 
     #[getter]
     fn shape(&self) -> (usize, usize, usize) {
-        (self.inner.channels(), self.inner.height(), self.inner.width())
+        (
+            self.inner.channels(),
+            self.inner.height(),
+            self.inner.width(),
+        )
     }
 }
 
@@ -202,7 +235,13 @@ pub fn _debug_panic(py: Python<'_>, n_threads: usize) -> PyResult<()> {
         use rayon::prelude::*;
         let total: usize = (0..64usize)
             .into_par_iter()
-            .map(|i| if i == 37 { panic!("deliberate test panic in worker {i}") } else { i })
+            .map(|i| {
+                if i == 37 {
+                    panic!("deliberate test panic in worker {i}")
+                } else {
+                    i
+                }
+            })
             .sum();
         Ok(total).map(|_| ())
     })

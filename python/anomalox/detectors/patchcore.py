@@ -23,11 +23,19 @@ def _read_rows(spill, indices: np.ndarray, width: int) -> np.ndarray:
     """
     rows = np.empty((len(indices), width), np.float32)
     row_bytes = width * 4
+    spill.flush()
     fd = spill.fileno()
     for k in np.argsort(indices, kind="stable"):
         data = os.pread(fd, row_bytes, int(indices[k]) * row_bytes)
         rows[k] = np.frombuffer(data, dtype=np.float32)
     return rows
+
+
+def _read_all(spill, n_rows: int, width: int) -> np.ndarray:
+    """The whole spilled (n_rows, width) float32 file as one array."""
+    spill.flush()
+    spill.seek(0)
+    return np.fromfile(spill, dtype=np.float32, count=n_rows * width).reshape(n_rows, width)
 
 
 class PatchCore(BaseDetector):
@@ -41,8 +49,9 @@ class PatchCore(BaseDetector):
     ``reweight=True``: by ``1 - softmax`` of the distances from that patch to the ``num_neighbors``
     bank entries nearest its own nearest entry. Maps are upsampled and smoothed (sigma 4).
 
-    Fitting streams: full-width patch features go to a temporary file with plain writes, only
-    their projection stays in memory, so memory grows with N × projection_dim plus the bank.
+    Fitting streams: full-width patch features and their projections go to temporary files
+    with plain writes; only the projections are read back, as one array that the selection
+    reorders in place, so peak memory grows with N × projection_dim plus the bank.
 
     Parameters
     ----------
@@ -130,9 +139,12 @@ class PatchCore(BaseDetector):
     def _fit_features(self, batches):
         seed = seed_from(self.random_state)
         projection = None
-        projected: list[np.ndarray] = []
         n_rows, width = 0, 0
-        with tempfile.TemporaryFile(prefix="anomalox-patches-") as spill:
+        # Full-width rows and their projections both go to temporary files with plain writes;
+        # the selection space is read back as one array that the selection then works in.
+        with tempfile.TemporaryFile(prefix="anomalox-patches-") as spill, tempfile.TemporaryFile(
+            prefix="anomalox-projected-"
+        ) as projected:
             for feats in batches:
                 rows = as_rows(self._embed(feats))
                 if n_rows == 0:
@@ -142,23 +154,22 @@ class PatchCore(BaseDetector):
                         projection = torch.randn(width, self.projection_dim, generator=gen) / math.sqrt(self.projection_dim)
                 rows.numpy().tofile(spill)
                 if projection is not None:
-                    projected.append((rows @ projection).numpy())
+                    (rows @ projection).numpy().tofile(projected)
                 n_rows += rows.shape[0]
-            spill.flush()
-            if self.coreset_ratio == 1 or projection is None:
-                spill.seek(0)
-                patches = np.fromfile(spill, dtype=np.float32, count=n_rows * width).reshape(n_rows, width)
             if self.coreset_ratio == 1:
-                bank = patches
+                return {"memory_bank_": _read_all(spill, n_rows, width), "n_train_patches_": n_rows}
+            if projection is not None:
+                space = _read_all(projected, n_rows, self.projection_dim)
             else:
-                selection_space = np.concatenate(projected) if projection is not None else patches
-                projected.clear()
-                count = max(1, int(self.coreset_ratio * n_rows))
-                with self._progress(1, f"fit: coreset of {count:,} / {n_rows:,} patches", unit="step") as bar:
-                    chosen = ops.coreset(selection_space, count, projection_dim=None, seed=seed, n_threads=self.n_threads)
-                    bar.update(1)
-                del selection_space
-                bank = _read_rows(spill, np.asarray(chosen), width)
+                space = _read_all(spill, n_rows, width)
+            count = max(1, int(self.coreset_ratio * n_rows))
+            with self._progress(1, f"fit: coreset of {count:,} / {n_rows:,} patches", unit="step") as bar:
+                chosen = ops.coreset(
+                    space, count, projection_dim=None, seed=seed, n_threads=self.n_threads, overwrite_features=True
+                )
+                bar.update(1)
+            del space
+            bank = _read_rows(spill, np.asarray(chosen), width)
         return {"memory_bank_": bank, "n_train_patches_": n_rows}
 
     def _score_features(self, features):
