@@ -34,8 +34,11 @@ class PaDiM(BaseDetector):
     n_features : int, optional
         Channels kept; default 550 for resnet50 / wide_resnet50_2 and 100 otherwise (capped
         at the number of channels).
-    image_size, crop_size, weights, device, batch_size, validation_fraction, contamination,
-    random_state, n_threads, verbose
+    batch_size : int
+        Images per forward pass, default 16 (not 4 as for PatchCore): every batch reads all the
+        H·W·n_features² statistics once, so small batches cost time.
+    image_size, crop_size, weights, device, validation_fraction, contamination, random_state,
+    n_threads, verbose
         As in :class:`anomalox.PatchCore`.
 
     Attributes

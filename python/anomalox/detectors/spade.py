@@ -81,7 +81,7 @@ class SPADE(BaseDetector):
         crop_size: Any = None,
         weights: Any = None,
         device: str = "cpu",
-        batch_size: int = 16,
+        batch_size: int = 4,
         validation_fraction: float = 0.1,
         contamination: float = 0.01,
         random_state: Any = 0,
