@@ -6,7 +6,11 @@ subprocess, so neither library's allocator state affects the other (in one proce
 loop grew by gigabytes after anomalox had run; see BENCHMARKS.md). Coverage = max over all
 points of the Euclidean distance, in the original space, to the nearest selected point.
 
-    .venv-bench/bin/python benches/bench_coreset_isolated.py [--seeds 5]
+    .venv-bench/bin/python benches/bench_coreset_isolated.py [--seeds 5] [--projection-dims 128,256]
+
+``--projection-dims``: one anomalox run per seed for each value (default 128, the kernel's default).
+anomalib's KCenterGreedy projects with a sparse random projection to the Johnson-Lindenstrauss
+dimension for eps = 0.9 (255 dimensions for N = 31,360), so 256 compares at a matched dimension.
 """
 
 from __future__ import annotations
@@ -27,11 +31,11 @@ import numpy as np, torch
 sys.path.insert(0, {bench_dir!r})
 from bench_kernels import make_mixture
 torch.set_num_threads(2)
-which, seed, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+which, seed, out, proj = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 x = make_mixture(31360, 1536, structure_seed=11, sample_seed=3)
 if which == "anomalox":
     from anomalox import ops
-    t = time.perf_counter(); idx = np.asarray(ops.coreset(x, 0.1, projection_dim=128, seed=seed, n_threads=2)); dt = time.perf_counter() - t
+    t = time.perf_counter(); idx = np.asarray(ops.coreset(x, 0.1, projection_dim=proj, seed=seed, n_threads=2)); dt = time.perf_counter() - t
 else:
     from anomalib.models.components import KCenterGreedy
     torch.manual_seed(seed); np.random.seed(seed)
@@ -45,6 +49,7 @@ print(json.dumps({{"seconds": dt, "peak_rss_mib": rss, "n": int(idx.size), "uniq
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--projection-dims", default="128", help="comma-separated anomalox projection_dim values")
     args = ap.parse_args()
     bench_dir = os.path.dirname(os.path.abspath(__file__))
     code = CHILD.format(bench_dir=bench_dir)
@@ -54,17 +59,20 @@ def main() -> int:
     from bench_kernels import make_mixture
 
     x = make_mixture(31360, 1536, structure_seed=11, sample_seed=3)
-    rows: dict[str, list[dict]] = {"anomalox": [], "anomalib": []}
+    dims = [int(p) for p in args.projection_dims.split(",")]
+    runs = [("anomalox", p, f"anomalox (projection_dim={p})") for p in dims] + [("anomalib", 0, "anomalib KCenterGreedy")]
+    rows: dict[str, list[dict]] = {label: [] for _, _, label in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
-            for which in ("anomalox", "anomalib"):
-                out = os.path.join(tmp, f"{which}-{seed}.npy")
-                res = subprocess.run([sys.executable, "-c", code, which, str(seed), out], capture_output=True, text=True, check=True)
+            for which, proj, label in runs:
+                out = os.path.join(tmp, f"{which}-{proj}-{seed}.npy")
+                cmd = [sys.executable, "-c", code, which, str(seed), out, str(proj)]
+                res = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 r = json.loads(res.stdout.strip().splitlines()[-1])
                 idx = np.load(out)
                 r["coverage"] = float(ops.knn(x, x[idx], 1, n_threads=2)[0].max())
-                rows[which].append(r)
-                print(f"seed {seed} {which}: {r}", file=sys.stderr, flush=True)
+                rows[label].append(r)
+                print(f"seed {seed} {label}: {r}", file=sys.stderr, flush=True)
     print(f"load average at end: {os.getloadavg()}")
     print("| implementation | median time | min–max | median coverage | coverage per seed | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|")
@@ -75,8 +83,10 @@ def main() -> int:
         med[which] = (statistics.median(ts), statistics.median(cs))
         print(f"| {which} | {med[which][0]:.2f} s | {min(ts):.2f}–{max(ts):.2f} s | {med[which][1]:.3f} | "
               f"{', '.join(f'{c:.3f}' for c in cs)} | {statistics.median(r['peak_rss_mib'] for r in rs):.0f} |")
-    print(f"\nspeedup (anomalib median / anomalox median): {med['anomalib'][0] / med['anomalox'][0]:.1f}×; "
-          f"coverage ratio (anomalox / anomalib): {med['anomalox'][1] / med['anomalib'][1]:.4f}")
+    ref = med["anomalib KCenterGreedy"]
+    for _, _, label in runs[:-1]:
+        print(f"\n{label}: speedup (anomalib median / anomalox median) {ref[0] / med[label][0]:.1f}×; "
+              f"coverage ratio (anomalox / anomalib) {med[label][1] / ref[1]:.4f}")
     return 0
 
 
