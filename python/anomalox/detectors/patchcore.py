@@ -73,7 +73,7 @@ class PatchCore(BaseDetector):
     weights : see ``anomalox.Backbone``; device : "cpu" or "cuda[:N]"
     batch_size : int
         Images per forward pass (default 4): on the CPU, larger batches add activation memory
-        (about 40 MB per Lite0 image at 256 px) without running faster; raise it on a GPU.
+        (about 35 MB per Lite0 image at 256 px) without running faster; raise it on a GPU.
     validation_fraction : float in [0, 1); contamination : float in (0, 0.5)
         ``fit`` holds out ``validation_fraction`` of the images (not put in the bank) and sets
         ``threshold_`` at the ``1 - contamination`` quantile of their scores.
