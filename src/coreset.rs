@@ -61,12 +61,7 @@ pub fn coreset(
 ) -> KernelResult<Vec<i64>> {
     let (n, d) = features.dim();
     check_features(n, d)?;
-    if size < 1 || size > n {
-        return Err(KernelError::invalid(
-            "size",
-            format!("expected 1 <= size <= {n} (the number of rows), got {size}"),
-        ));
-    }
+    check_size(size, n)?;
     if projection_dim == Some(0) {
         return Err(KernelError::invalid(
             "projection_dim",
@@ -106,12 +101,7 @@ pub fn coreset_in_place(
             format!("expected {n} x {d} floats, got {}", features.len()),
         ));
     }
-    if size < 1 || size > n {
-        return Err(KernelError::invalid(
-            "size",
-            format!("expected 1 <= size <= {n} (the number of rows), got {size}"),
-        ));
-    }
+    check_size(size, n)?;
     intr.check()?;
     let start = Rng::new(seed ^ START_STREAM).below(n);
     check_finite(features, d, false)?;
@@ -214,6 +204,16 @@ fn check_features(n: usize, d: usize) -> KernelResult<()> {
         return Err(KernelError::invalid(
             "features",
             format!("expected a non-empty (N, D) array, got shape ({n}, {d})"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_size(size: usize, n: usize) -> KernelResult<()> {
+    if size < 1 || size > n {
+        return Err(KernelError::invalid(
+            "size",
+            format!("expected 1 <= size <= {n} (the number of rows), got {size}"),
         ));
     }
     Ok(())
@@ -337,7 +337,8 @@ fn greedy(
 /// Determinism: each point's value depends only on the picks; moved points are gathered
 /// in task order, and task boundaries do not depend on the thread count.
 ///
-/// Memory: the working copy (O(N·p); `x` is reused when owned, as after a projection),
+/// Memory: the working copy (O(N·p); `x` is reused when owned, as after a projection, and
+/// [`coreset_in_place`] works in the caller's buffer), regrouped in place,
 /// O(N) per-point state and member lists, O(size·p) for a contiguous copy of the centres'
 /// rows. Time per pick: O(size·p) for the centre distances, O(1) per member of a
 /// cluster that could not be skipped, and O(p) per such member not skipped by the same
