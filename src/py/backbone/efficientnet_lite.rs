@@ -69,9 +69,9 @@ fn round_repeats(repeats: usize, depth: f64) -> usize {
     (depth * repeats as f64).ceil() as usize
 }
 
+/// A convolution and its batch norm, folded into one convolution at load time.
 struct ConvBn {
     conv: Conv2d,
-    bn: BatchNorm2d,
 }
 
 impl ConvBn {
@@ -86,24 +86,25 @@ impl ConvBn {
         stride: i64,
         groups: i64,
     ) -> Self {
+        let conv = Conv2d::load(
+            sd,
+            conv,
+            cin,
+            cout,
+            k,
+            stride,
+            Padding::TfSame,
+            groups,
+            false,
+        );
+        let bn = BatchNorm2d::load(sd, bn, cout, BN_EPS);
         ConvBn {
-            conv: Conv2d::load(
-                sd,
-                conv,
-                cin,
-                cout,
-                k,
-                stride,
-                Padding::TfSame,
-                groups,
-                false,
-            ),
-            bn: BatchNorm2d::load(sd, bn, cout, BN_EPS),
+            conv: conv.fold(&bn),
         }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.bn.forward(&self.conv.forward(x))
+        self.conv.forward(x)
     }
 
     fn forward_relu6(&self, x: &Tensor) -> Tensor {

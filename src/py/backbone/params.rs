@@ -226,6 +226,37 @@ impl Conv2d {
         }
     }
 
+    /// This convolution followed by `bn` (inference mode) as one convolution with a bias:
+    /// weight·γ/√(σ²+ε) and (bias − μ)·γ/√(σ²+ε) + β, computed in f64. Saves the separate
+    /// batch-norm pass over every activation; outputs differ by rounding only. Placeholders of
+    /// missing parameters are left as they are (loading fails before anything runs).
+    pub fn fold(mut self, bn: &BatchNorm2d) -> Conv2d {
+        let params = [
+            &self.weight,
+            &bn.weight,
+            &bn.bias,
+            &bn.running_mean,
+            &bn.running_var,
+        ];
+        if params.iter().any(|t| t.numel() == 0) {
+            return self;
+        }
+        let kind = self.weight.kind();
+        tch::no_grad(|| {
+            let f64_of = |t: &Tensor| t.to_kind(Kind::Double);
+            let scale = (f64_of(&bn.running_var) + bn.eps).rsqrt() * f64_of(&bn.weight);
+            let weight = f64_of(&self.weight) * scale.view([-1, 1, 1, 1]);
+            let bias = match &self.bias {
+                Some(b) => f64_of(b),
+                None => scale.zeros_like(),
+            };
+            let bias = (bias - f64_of(&bn.running_mean)) * &scale + f64_of(&bn.bias);
+            self.weight = channels_last(&weight.to_kind(kind));
+            self.bias = Some(bias.to_kind(kind));
+        });
+        self
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let s = [self.stride, self.stride];
         match self.padding {
