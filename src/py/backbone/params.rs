@@ -298,7 +298,8 @@ impl Conv2d {
     }
 }
 
-/// Batch norm with its running statistics (always eval mode: features must not depend on the batch).
+/// Batch-norm parameters with running statistics (eval mode: features must not depend on the
+/// batch); folded into the preceding convolution by `Conv2d::fold`, never run on its own.
 pub struct BatchNorm2d {
     weight: Tensor,
     bias: Tensor,
@@ -317,19 +318,6 @@ impl BatchNorm2d {
             running_var: take("running_var"),
             eps,
         }
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.batch_norm(
-            Some(&self.weight),
-            Some(&self.bias),
-            Some(&self.running_mean),
-            Some(&self.running_var),
-            false,
-            0.0,
-            self.eps,
-            true,
-        )
     }
 }
 

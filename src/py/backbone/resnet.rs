@@ -46,9 +46,9 @@ pub const SPECS: [ResNetSpec; 4] = [
     },
 ];
 
+/// A convolution and its batch norm, folded into one convolution at load time.
 struct ConvBn {
     conv: Conv2d,
-    bn: BatchNorm2d,
 }
 
 impl ConvBn {
@@ -63,24 +63,25 @@ impl ConvBn {
         stride: i64,
         pad: i64,
     ) -> Self {
+        let conv = Conv2d::load(
+            sd,
+            conv,
+            cin,
+            cout,
+            k,
+            stride,
+            Padding::Fixed(pad),
+            1,
+            false,
+        );
+        let bn = BatchNorm2d::load(sd, bn, cout, BN_EPS);
         ConvBn {
-            conv: Conv2d::load(
-                sd,
-                conv,
-                cin,
-                cout,
-                k,
-                stride,
-                Padding::Fixed(pad),
-                1,
-                false,
-            ),
-            bn: BatchNorm2d::load(sd, bn, cout, BN_EPS),
+            conv: conv.fold(&bn),
         }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.bn.forward(&self.conv.forward(x))
+        self.conv.forward(x)
     }
 
     fn forward_relu(&self, x: &Tensor) -> Tensor {
