@@ -172,10 +172,10 @@ pub enum Padding {
     TfSame,
 }
 
-/// TensorFlow "SAME" padding along one axis: (before, after), the odd pixel going after.
 /// `t` (N, C, H, W) with channels-last strides (the same values, stored NHWC). libtorch's CPU
-/// convolutions run several times faster on channels-last inputs and weights than on NCHW
-/// ones for the 1 × 1 and depthwise convolutions of mobile networks; each output keeps the layout.
+/// convolutions run faster on channels-last inputs and weights than on NCHW ones, most of all
+/// the 1 × 1 and depthwise convolutions of mobile networks (Lite0 at 256 px, batch 4: about 25%
+/// less time per image here); each output keeps the layout.
 /// Tensors of another rank, or empty placeholders, are returned as they are.
 pub fn channels_last(t: &Tensor) -> Tensor {
     if t.dim() != 4 || t.numel() == 0 {
@@ -184,6 +184,7 @@ pub fn channels_last(t: &Tensor) -> Tensor {
     t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
+/// TensorFlow "SAME" padding along one axis: (before, after), the odd pixel going after.
 pub fn tf_same_padding(size: i64, kernel: i64, stride: i64) -> (i64, i64) {
     let out = (size + stride - 1) / stride;
     let pad = ((out - 1) * stride + kernel - size).max(0);
