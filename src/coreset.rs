@@ -76,7 +76,9 @@ pub fn coreset(
         None => (contiguous_rows(features), d),
     };
     check_finite(&data, dim, projection_dim.is_some())?;
-    greedy(data, n, dim, size, start, intr)
+    // The loop reorders its working copy: the projection is one already, input rows are copied.
+    let mut rows = data.into_owned();
+    greedy_pruned(&mut rows, n, dim, size, start, intr).map(|(order, _)| order)
 }
 
 /// [`coreset`] without projection, using `features` (N·D floats, row-major) as the working
@@ -105,7 +107,7 @@ pub fn coreset_in_place(
     intr.check()?;
     let start = Rng::new(seed ^ START_STREAM).below(n);
     check_finite(features, d, false)?;
-    greedy_pruned_in_place(features, n, d, size, start, intr).map(|(order, _)| order)
+    greedy_pruned(features, n, d, size, start, intr).map(|(order, _)| order)
 }
 
 /// Projects features (N, D) to (N, p) with a random Gaussian matrix R (D, p), entries N(0, 1/p), generated from seed in a fixed order.
@@ -297,20 +299,10 @@ fn alloc_f32(len: usize, p: usize) -> KernelResult<Vec<f32>> {
     Ok(v)
 }
 
-/// The greedy loop on contiguous rows `x` (n × dim, all finite), starting at `start`.
-fn greedy(
-    x: Cow<[f32]>,
-    n: usize,
-    dim: usize,
-    size: usize,
-    start: usize,
-    intr: &Interrupt,
-) -> KernelResult<Vec<i64>> {
-    greedy_pruned(x, n, dim, size, start, intr).map(|(order, _)| order)
-}
-
-/// The greedy loop with triangle-inequality pruning. Returns the selection and the total
-/// number of point–centre distances computed after the first pick (for benchmarks).
+/// The greedy loop with triangle-inequality pruning on contiguous rows (n × dim, all
+/// finite), starting at `start`; `rows` is the working copy and comes back reordered.
+/// Returns the selection and the total number of point–centre distances computed after
+/// the first pick (for benchmarks).
 ///
 /// Why: the plain loop streams all N·p floats per pick, so it is memory-bound at
 /// O(size·N·p). Here every point remembers the selected point its `min_dist` came from
@@ -337,27 +329,14 @@ fn greedy(
 /// Determinism: each point's value depends only on the picks; moved points are gathered
 /// in task order, and task boundaries do not depend on the thread count.
 ///
-/// Memory: the working copy (O(N·p); `x` is reused when owned, as after a projection, and
-/// [`coreset_in_place`] works in the caller's buffer), regrouped in place,
+/// Memory: the working copy `rows` (O(N·p): the projection, a copy of the input rows, or,
+/// through [`coreset_in_place`], the caller's buffer), regrouped in place,
 /// O(N) per-point state and member lists, O(size·p) for a contiguous copy of the centres'
 /// rows. Time per pick: O(size·p) for the centre distances, O(1) per member of a
 /// cluster that could not be skipped, and O(p) per such member not skipped by the same
 /// test applied with its own min_dist. No gain on data without structure (e.g. i.i.d.
 /// Gaussian in 128 dimensions, where nearly every point stays in reach).
 pub(crate) fn greedy_pruned(
-    x: Cow<[f32]>,
-    n: usize,
-    dim: usize,
-    size: usize,
-    start: usize,
-    intr: &Interrupt,
-) -> KernelResult<(Vec<i64>, u64)> {
-    let mut rows: Vec<f32> = x.into_owned();
-    greedy_pruned_in_place(&mut rows, n, dim, size, start, intr)
-}
-
-/// [`greedy_pruned`] with `rows` as the working copy: on return its rows are reordered.
-fn greedy_pruned_in_place(
     rows: &mut [f32],
     n: usize,
     dim: usize,
@@ -946,7 +925,7 @@ mod tests {
             in_place, want,
             "in place: n={n} size={size} proj={proj:?} seed={seed}"
         );
-        let (_, scanned) = greedy_pruned(Cow::Borrowed(flat), n, dim, size, start, &never).unwrap();
+        let (_, scanned) = greedy_pruned(&mut flat.to_vec(), n, dim, size, start, &never).unwrap();
         scanned as f64 / (n as f64 * (size as f64 - 1.0).max(1.0))
     }
 
