@@ -9,7 +9,7 @@
 
 use tch::Tensor;
 
-use super::params::{classify, BatchNorm2d, Conv2d, Linear, Padding, StateDict};
+use super::params::{classify, ConvBn, Linear, Padding, StateDict};
 use super::{Backbone, Tap};
 use crate::error::KernelResult;
 use crate::interrupt::Interrupt;
@@ -69,49 +69,30 @@ fn round_repeats(repeats: usize, depth: f64) -> usize {
     (depth * repeats as f64).ceil() as usize
 }
 
-/// A convolution and its batch norm, folded into one convolution at load time.
-struct ConvBn {
-    conv: Conv2d,
-}
-
-impl ConvBn {
-    #[allow(clippy::too_many_arguments)]
-    fn load(
-        sd: &mut StateDict,
-        conv: &str,
-        bn: &str,
-        cin: i64,
-        cout: i64,
-        k: i64,
-        stride: i64,
-        groups: i64,
-    ) -> Self {
-        let conv = Conv2d::load(
-            sd,
-            conv,
-            cin,
-            cout,
-            k,
-            stride,
-            Padding::TfSame,
-            groups,
-            false,
-        );
-        let bn = BatchNorm2d::load(sd, bn, cout, BN_EPS);
-        ConvBn {
-            conv: conv.fold(&bn),
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.conv.forward(x)
-    }
-
-    fn forward_relu6(&self, x: &Tensor) -> Tensor {
-        let mut y = self.forward(x);
-        let _ = y.relu6_();
-        y
-    }
+/// A folded convolution + batch norm with TensorFlow "SAME" padding.
+#[allow(clippy::too_many_arguments)]
+fn conv_bn(
+    sd: &mut StateDict,
+    conv: &str,
+    bn: &str,
+    cin: i64,
+    cout: i64,
+    k: i64,
+    stride: i64,
+    groups: i64,
+) -> ConvBn {
+    ConvBn::load(
+        sd,
+        conv,
+        bn,
+        cin,
+        cout,
+        k,
+        stride,
+        Padding::TfSame,
+        groups,
+        BN_EPS,
+    )
 }
 
 /// Mobile inverted bottleneck: optional 1x1 expansion, depthwise kxk, 1x1 projection, identity skip
@@ -136,7 +117,7 @@ impl MBConv {
         let p = format!("_blocks.{i}");
         let mid = cin * expansion;
         let expand = (expansion != 1).then(|| {
-            ConvBn::load(
+            conv_bn(
                 sd,
                 &format!("{p}._expand_conv"),
                 &format!("{p}._bn0"),
@@ -147,7 +128,7 @@ impl MBConv {
                 1,
             )
         });
-        let depthwise = ConvBn::load(
+        let depthwise = conv_bn(
             sd,
             &format!("{p}._depthwise_conv"),
             &format!("{p}._bn1"),
@@ -157,7 +138,7 @@ impl MBConv {
             stride,
             mid,
         );
-        let project = ConvBn::load(
+        let project = conv_bn(
             sd,
             &format!("{p}._project_conv"),
             &format!("{p}._bn2"),
@@ -197,7 +178,7 @@ pub struct EfficientNetLite {
 
 impl EfficientNetLite {
     pub fn load(spec: &LiteSpec, sd: &mut StateDict) -> Self {
-        let stem = ConvBn::load(sd, "_conv_stem", "_bn0", 3, STEM_CHANNELS, 3, 2, 1);
+        let stem = conv_bn(sd, "_conv_stem", "_bn0", 3, STEM_CHANNELS, 3, 2, 1);
         let mut blocks = vec![];
         let mut taps = vec![];
         let mut total_stride = 2;
@@ -223,7 +204,7 @@ impl EfficientNetLite {
                 cin = cout;
             }
         }
-        let head = ConvBn::load(sd, "_conv_head", "_bn1", cin, HEAD_CHANNELS, 1, 1, 1);
+        let head = conv_bn(sd, "_conv_head", "_bn1", cin, HEAD_CHANNELS, 1, 1, 1);
         let fc = sd.take_linear("_fc", HEAD_CHANNELS);
         EfficientNetLite {
             stem,

@@ -231,7 +231,7 @@ impl Conv2d {
     /// weight·γ/√(σ²+ε) and (bias − μ)·γ/√(σ²+ε) + β, computed in f64. Saves the separate
     /// batch-norm pass over every activation; outputs differ by rounding only. Placeholders of
     /// missing parameters are left as they are (loading fails before anything runs).
-    pub fn fold(mut self, bn: &BatchNorm2d) -> Conv2d {
+    fn fold(mut self, bn: &BatchNorm2d) -> Conv2d {
         let params = [
             &self.weight,
             &bn.weight,
@@ -299,9 +299,51 @@ impl Conv2d {
     }
 }
 
+/// A convolution without bias and the batch norm after it, folded into one convolution at
+/// load time (`Conv2d::fold`): the unit both architectures are built from.
+pub struct ConvBn(Conv2d);
+
+impl ConvBn {
+    /// `conv.weight` (cout, cin / groups, kernel, kernel) and `bn.{weight, bias, running_mean,
+    /// running_var}` (cout).
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        sd: &mut StateDict,
+        conv: &str,
+        bn: &str,
+        cin: i64,
+        cout: i64,
+        kernel: i64,
+        stride: i64,
+        padding: Padding,
+        groups: i64,
+        bn_eps: f64,
+    ) -> Self {
+        let conv = Conv2d::load(sd, conv, cin, cout, kernel, stride, padding, groups, false);
+        let bn = BatchNorm2d::load(sd, bn, cout, bn_eps);
+        ConvBn(conv.fold(&bn))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.0.forward(x)
+    }
+
+    pub fn forward_relu(&self, x: &Tensor) -> Tensor {
+        let mut y = self.forward(x);
+        let _ = y.relu_();
+        y
+    }
+
+    pub fn forward_relu6(&self, x: &Tensor) -> Tensor {
+        let mut y = self.forward(x);
+        let _ = y.relu6_();
+        y
+    }
+}
+
 /// Batch-norm parameters with running statistics (eval mode: features must not depend on the
 /// batch); folded into the preceding convolution by `Conv2d::fold`, never run on its own.
-pub struct BatchNorm2d {
+struct BatchNorm2d {
     weight: Tensor,
     bias: Tensor,
     running_mean: Tensor,
@@ -310,7 +352,7 @@ pub struct BatchNorm2d {
 }
 
 impl BatchNorm2d {
-    pub fn load(sd: &mut StateDict, prefix: &str, channels: i64, eps: f64) -> Self {
+    fn load(sd: &mut StateDict, prefix: &str, channels: i64, eps: f64) -> Self {
         let mut take = |name: &str| sd.take(&format!("{prefix}.{name}"), &[channels]);
         BatchNorm2d {
             weight: take("weight"),

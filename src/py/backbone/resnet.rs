@@ -3,7 +3,7 @@
 
 use tch::Tensor;
 
-use super::params::{classify, BatchNorm2d, Conv2d, Linear, Padding, StateDict};
+use super::params::{classify, ConvBn, Linear, Padding, StateDict};
 use super::{Backbone, Tap};
 use crate::error::KernelResult;
 use crate::interrupt::Interrupt;
@@ -46,49 +46,30 @@ pub const SPECS: [ResNetSpec; 4] = [
     },
 ];
 
-/// A convolution and its batch norm, folded into one convolution at load time.
-struct ConvBn {
-    conv: Conv2d,
-}
-
-impl ConvBn {
-    #[allow(clippy::too_many_arguments)]
-    fn load(
-        sd: &mut StateDict,
-        conv: &str,
-        bn: &str,
-        cin: i64,
-        cout: i64,
-        k: i64,
-        stride: i64,
-        pad: i64,
-    ) -> Self {
-        let conv = Conv2d::load(
-            sd,
-            conv,
-            cin,
-            cout,
-            k,
-            stride,
-            Padding::Fixed(pad),
-            1,
-            false,
-        );
-        let bn = BatchNorm2d::load(sd, bn, cout, BN_EPS);
-        ConvBn {
-            conv: conv.fold(&bn),
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.conv.forward(x)
-    }
-
-    fn forward_relu(&self, x: &Tensor) -> Tensor {
-        let mut y = self.forward(x);
-        let _ = y.relu_();
-        y
-    }
+/// A folded convolution + batch norm with symmetric zero padding `pad`.
+#[allow(clippy::too_many_arguments)]
+fn conv_bn(
+    sd: &mut StateDict,
+    conv: &str,
+    bn: &str,
+    cin: i64,
+    cout: i64,
+    k: i64,
+    stride: i64,
+    pad: i64,
+) -> ConvBn {
+    ConvBn::load(
+        sd,
+        conv,
+        bn,
+        cin,
+        cout,
+        k,
+        stride,
+        Padding::Fixed(pad),
+        1,
+        BN_EPS,
+    )
 }
 
 /// A BasicBlock (two 3x3) or a Bottleneck (1x1, 3x3 with the stride, 1x1), with its shortcut.
@@ -110,7 +91,7 @@ impl Block {
             let width = planes * spec.width_per_group / 64;
             let cout = planes * 4;
             let convs = vec![
-                ConvBn::load(
+                conv_bn(
                     sd,
                     &format!("{p}.conv1"),
                     &format!("{p}.bn1"),
@@ -120,7 +101,7 @@ impl Block {
                     1,
                     0,
                 ),
-                ConvBn::load(
+                conv_bn(
                     sd,
                     &format!("{p}.conv2"),
                     &format!("{p}.bn2"),
@@ -130,7 +111,7 @@ impl Block {
                     stride,
                     1,
                 ),
-                ConvBn::load(
+                conv_bn(
                     sd,
                     &format!("{p}.conv3"),
                     &format!("{p}.bn3"),
@@ -144,7 +125,7 @@ impl Block {
             (convs, cout)
         } else {
             let convs = vec![
-                ConvBn::load(
+                conv_bn(
                     sd,
                     &format!("{p}.conv1"),
                     &format!("{p}.bn1"),
@@ -154,7 +135,7 @@ impl Block {
                     stride,
                     1,
                 ),
-                ConvBn::load(
+                conv_bn(
                     sd,
                     &format!("{p}.conv2"),
                     &format!("{p}.bn2"),
@@ -168,7 +149,7 @@ impl Block {
             (convs, planes)
         };
         let downsample = (stride != 1 || cin != cout).then(|| {
-            ConvBn::load(
+            conv_bn(
                 sd,
                 &format!("{p}.downsample.0"),
                 &format!("{p}.downsample.1"),
@@ -208,7 +189,7 @@ pub struct ResNet {
 
 impl ResNet {
     pub fn load(spec: &ResNetSpec, sd: &mut StateDict) -> Self {
-        let stem = ConvBn::load(sd, "conv1", "bn1", 3, 64, 7, 2, 3);
+        let stem = conv_bn(sd, "conv1", "bn1", 3, 64, 7, 2, 3);
         let mut cin = 64;
         let mut layers = vec![];
         let mut taps = vec![];
