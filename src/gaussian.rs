@@ -910,6 +910,10 @@ pub fn mahalanobis(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use ndarray::{s, Array4};
+    use std::sync::atomic::AtomicBool;
+
     #[test]
     fn mahalanobis_refuses_non_finite_statistics_instead_of_returning_zero() {
         let x = Array4::from_shape_fn((3, 2, 1, 2), |(b, c, _, w)| (b * 2 + c + w) as f32 * 0.5);
@@ -930,10 +934,6 @@ mod tests {
         bad_inv[[0, 1, 0]] = f32::INFINITY;
         assert!(mahalanobis(x.view(), mean.view(), bad_inv.view(), &intr).is_err());
     }
-
-    use super::*;
-    use ndarray::{s, Array4};
-    use std::sync::atomic::AtomicBool;
 
     /// Deterministic pseudo-random features with some cross-channel correlation.
     fn features(b: usize, c: usize, h: usize, w: usize, seed: u64) -> Array4<f32> {
