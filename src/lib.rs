@@ -22,6 +22,7 @@ mod py;
 #[pyo3::pymodule]
 fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     use pyo3::prelude::*;
+    py::configure_allocator();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("__torch_version__", env!("ANOMALOX_TORCH_VERSION"))?;
     m.add(

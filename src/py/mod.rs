@@ -13,3 +13,17 @@ pub mod runtime;
 /// user's process behaving as if anomalox had not run.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `mi_option_purge_delay` (index in its v3 `mi_option_e`).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Freed memory goes back to the OS at once (`purge_delay` 0) unless the user set
+/// `MIMALLOC_PURGE_DELAY`. With mimalloc's default (10 ms, applied only when the freeing thread
+/// allocates again) a dropped buffer of hundreds of MB, such as PaDiM's Gaussian accumulator,
+/// stayed resident for the life of the process. Kernel timings were unchanged by it (measured).
+pub fn configure_allocator() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a process-wide option of the allocator linked into this extension.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    }
+}
