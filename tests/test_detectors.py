@@ -128,6 +128,33 @@ def test_every_input_kind_gives_the_same_scores_in_input_order(fitted, images, m
     np.testing.assert_allclose(fitted.decision_function(loader), reference, rtol=1e-5)
 
 
+def test_maps_from_iterables_of_batches_equal_the_maps_from_one_tensor(fitted, images):
+    """Iterables fill the maps array by an estimated capacity (DataLoader: batches × first batch
+    size), growing it when batches get bigger; a generator has no length at all."""
+    x = torch.from_numpy(np.concatenate([images[1], images[2]])).permute(0, 3, 1, 2)
+    reference = fitted.inspect(x)
+    loader = torch.utils.data.DataLoader(x, batch_size=3)
+    growing = [x[:1], x[1:3], x[3:]]  # first batch of 1: capacity 3 estimated, doubled twice
+    for source in (loader, iter(loader), (b for b in growing), _Sized(growing)):
+        got = fitted.inspect(source)
+        assert isinstance(got.maps, np.ndarray) and got.maps.shape == reference.maps.shape
+        np.testing.assert_allclose(got.maps, reference.maps, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.scores, reference.scores, rtol=1e-5)
+
+
+class _Sized:
+    """An iterable of batches with a length (number of batches), like a DataLoader."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
 def test_fit_accepts_folders_lists_and_loaders_alike(mvtec, images, fitted):
     from_folder = _patchcore(coreset_ratio=1.0).fit(str(mvtec))  # uses train/good, skips notes.txt
     np.testing.assert_array_equal(from_folder.memory_bank_, fitted.memory_bank_)
