@@ -30,9 +30,12 @@ Setup, identical for both libraries:
   (PaDiM), then eval-mode forward passes give ``pred_score`` and ``anomaly_map``.
 - Batches of ``--batch`` images on both sides; ``--threads`` torch / kernel threads.
 
-Each library runs in its own subprocess (peak RSS = that process's VmHWM; both load the
-same .npy inputs, so the inputs count equally on both sides), with a ``--timeout`` (30 min) and an
-RSS cap (``--max-rss-gib``, polled). Both workers run with ``MALLOC_MMAP_THRESHOLD_=131072``
+Each library runs in its own subprocess (peak RSS = that process's VmHWM), with a ``--timeout``
+(30 min) and an RSS cap (``--max-rss-gib``, polled). Inputs (``--inputs``): by default both workers
+stream them, reading each batch of ``--batch`` images from the same .npy file when it is needed (as
+a pipeline reading images from disk would; anomalox gets an iterable of batches with a length, like
+a DataLoader); ``--inputs memory`` loads every input tensor first (573 MB here, counted equally on
+both sides). Both workers run with ``MALLOC_MMAP_THRESHOLD_=131072``
 (glibc returns every block over 128 KiB to the system on free): without it, anomalib's
 ``KCenterGreedy`` loop (a fresh N x d temporary per iteration) sometimes grew the process by about
 1 GB/s until the kernel's OOM killer ended it (22 GB RSS on a 20-image fit; 2 of 5 tries here),
@@ -102,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--max-rss-gib", type=float, default=12.0, help="kill a worker whose RSS passes this")
     p.add_argument("--plain-malloc", action="store_true",
                    help="do not set MALLOC_MMAP_THRESHOLD_=131072 in the workers (see the module docstring)")
+    p.add_argument("--inputs", choices=("stream", "memory"), default="stream",
+                   help="stream: workers read each batch from the .npy files as they go (as a pipeline reading "
+                        "images from disk would); memory: workers load every input tensor first (573 MB here)")
     p.add_argument("--workdir", default=None, help="where the .npy inputs/outputs go (default a fresh /tmp dir)")
     p.add_argument("--worker", choices=LIBS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -150,6 +156,53 @@ def batches(x, size: int):
         yield x[start : start + size]
 
 
+class NpyBatches:
+    """Batches of a float32 .npy file as torch tensors, each read from disk when it is needed.
+
+    Plain reads into a fresh buffer per batch (no memory map), so only the current batch is ever
+    resident; iterable any number of times, with a length, like a DataLoader.
+    """
+
+    def __init__(self, path: str, size: int):
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        assert dtype == np.float32 and not fortran, (path, dtype, fortran)
+        self.path, self.shape, self.size = path, shape, size
+        self.row = int(np.prod(shape[1:]))
+
+    def __len__(self) -> int:
+        return -(-self.shape[0] // self.size)
+
+    def __iter__(self):
+        import torch
+
+        with open(self.path, "rb", buffering=0) as f:
+            for start in range(0, self.shape[0], self.size):
+                n = min(self.size, self.shape[0] - start)
+                f.seek(self.offset + 4 * self.row * start)
+                buf = np.empty((n, *self.shape[1:]), np.float32)
+                assert f.readinto(memoryview(buf).cast("B")) == buf.nbytes
+                yield torch.from_numpy(buf)
+
+
+def load_inputs(args, path: str):
+    """The worker's inputs: streamed batches (``--inputs stream``) or one tensor in memory."""
+    import torch
+
+    if args.inputs == "stream":
+        return NpyBatches(path, args.batch)
+    return torch.from_numpy(np.load(path))
+
+
+def first_images(path: str, start: int, stop: int):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(np.load(path, mmap_mode="r")[start:stop]))
+
+
 # --------------------------------------------------------------------------- workers
 def worker_anomalox(args, cfg: dict) -> dict:
     import torch
@@ -159,8 +212,8 @@ def worker_anomalox(args, cfg: dict) -> dict:
     from anomalox.detectors import PatchCore
 
     out = {"module": anomalox.__file__}
-    xtr = torch.from_numpy(np.load(cfg["x01_train"]))
-    xte = torch.from_numpy(np.load(cfg["x01_test"]))
+    xtr = load_inputs(args, cfg["x01_train"])
+    xte = load_inputs(args, cfg["x01_test"])
     out["rss_after_load_mib"] = current_rss_mib()
     common = dict(
         backbone="efficientnet_lite0",
@@ -190,11 +243,12 @@ def worker_anomalox(args, cfg: dict) -> dict:
 
     # Checks (after the measurements): anomalox's own normalisation == anomalib's inputs, bitwise.
     xn = np.load(cfg["xn_test"], mmap_mode="r")
-    k = min(8, xte.shape[0])
-    mine = model.backbone_.preprocessing.transform(xte[:k])[0].numpy()
+    k = min(8, xn.shape[0])
+    mine = model.backbone_.preprocessing.transform(first_images(cfg["x01_test"], 0, k))[0].numpy()
     out["preprocess_max_abs_diff"] = float(np.abs(mine - np.asarray(xn[:k])).max())
     out["preprocess_identical"] = bool(np.array_equal(mine, np.asarray(xn[:k])))
-    feats = model.backbone_.features(xte[cfg["probe"] : cfg["probe"] + 1], n_threads=args.threads)
+    probe = first_images(cfg["x01_test"], cfg["probe"], cfg["probe"] + 1)
+    feats = model.backbone_.features(probe, n_threads=args.threads)
     emb = model._embed(feats) if args.method == "patchcore" else model._embed(feats, model.channels_)
     np.save(cfg["out"] + "_emb.npy", emb.numpy())
     np.save(cfg["out"] + "_taps.npy", np.concatenate([f.reshape(-1).numpy() for f in feats.values()]))
@@ -254,8 +308,8 @@ def worker_anomalib(args, cfg: dict) -> dict:
     import anomalib
 
     out = {"module": anomalib.__file__, "version": anomalib.__version__}
-    xtr = torch.from_numpy(np.load(cfg["xn_train"]))
-    xte = torch.from_numpy(np.load(cfg["xn_test"]))
+    xtr = load_inputs(args, cfg["xn_train"])
+    xte = load_inputs(args, cfg["xn_test"])
     out["rss_after_load_mib"] = current_rss_mib()
 
     def fake_extractor(backbone=None, layers=None, pre_trained=None, **_):
@@ -279,7 +333,7 @@ def worker_anomalib(args, cfg: dict) -> dict:
                               n_features=len(channels))
         model.idx = channels  # the same channel subset as anomalox (its registered buffer)
     model.train()
-    for xb in batches(xtr, args.batch):
+    for xb in xtr if args.inputs == "stream" else batches(xtr, args.batch):
         model(xb)
     if args.method == "patchcore":
         model.subsample_embedding(args.coreset)
@@ -289,7 +343,7 @@ def worker_anomalib(args, cfg: dict) -> dict:
     t1, c1 = time.perf_counter(), time.process_time()
     scores, maps = [], []
     with torch.no_grad():
-        for xb in batches(xte, args.batch):
+        for xb in xte if args.inputs == "stream" else batches(xte, args.batch):
             res = model(xb)
             scores.append(res.pred_score.reshape(-1).float().numpy())
             maps.append(res.anomaly_map[:, 0].float().numpy())
@@ -301,7 +355,7 @@ def worker_anomalib(args, cfg: dict) -> dict:
         out["memory_bank"] = list(model.memory_bank.shape)
 
     with torch.no_grad():
-        feats = model.feature_extractor(xte[cfg["probe"] : cfg["probe"] + 1])
+        feats = model.feature_extractor(first_images(cfg["xn_test"], cfg["probe"], cfg["probe"] + 1))
         if args.method == "patchcore":
             emb = model.generate_embedding({k: model.feature_pooler(v) for k, v in feats.items()})
         else:
@@ -454,7 +508,7 @@ def main() -> None:
         log(f"{lib}: running (timeout {args.timeout:.0f} s) ...")
         argv = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--workdir", workdir, "--method", args.method,
                 "--threads", str(args.threads), "--batch", str(args.batch), "--coreset", str(args.coreset),
-                "--neighbors", str(args.neighbors), "--layers", ",".join(args.layers)]
+                "--neighbors", str(args.neighbors), "--layers", ",".join(args.layers), "--inputs", args.inputs]
         if args.n_features is not None:
             argv += ["--n-features", str(args.n_features)]
         t0 = time.perf_counter()
