@@ -35,7 +35,10 @@ Each library runs in its own subprocess (peak RSS = that process's VmHWM), with 
 stream them, reading each batch of ``--batch`` images from the same .npy file when it is needed (as
 a pipeline reading images from disk would; anomalox gets an iterable of batches with a length, like
 a DataLoader); ``--inputs memory`` loads every input tensor first (573 MB here, counted equally on
-both sides). Both workers run with ``MALLOC_MMAP_THRESHOLD_=131072``
+both sides). "RSS before fit" is read after each worker has imported everything its run needs
+(for anomalib: its PatchCore/PaDiM modules and the reference EfficientNet-Lite) and, with
+``--inputs memory``, loaded the inputs; "peak − before" is then what the fit and predict added.
+Both workers run with ``MALLOC_MMAP_THRESHOLD_=131072``
 (glibc returns every block over 128 KiB to the system on free): without it, anomalib's
 ``KCenterGreedy`` loop (a fresh N x d temporary per iteration) sometimes grew the process by about
 1 GB/s until the kernel's OOM killer ended it (22 GB RSS on a 20-image fit; 2 of 5 tries here),
@@ -308,6 +311,12 @@ def worker_anomalib(args, cfg: dict) -> dict:
     import anomalib
 
     out = {"module": anomalib.__file__, "version": anomalib.__version__}
+    # Every module the run needs is imported before the clock starts and before the baseline RSS
+    # is read, as for anomalox (its detectors are imported with the package).
+    import efficientnet_lite_pytorch  # noqa: F401
+    from anomalib.models.image.padim import torch_model as padim_tm
+    from anomalib.models.image.patchcore import torch_model as patchcore_tm
+
     xtr = load_inputs(args, cfg["xn_train"])
     xte = load_inputs(args, cfg["xn_test"])
     out["rss_after_load_mib"] = current_rss_mib()
@@ -319,14 +328,12 @@ def worker_anomalib(args, cfg: dict) -> dict:
     np.random.seed(0)  # KCenterGreedy's SparseRandomProjection draws columns from numpy's global RNG
     t0, c0 = time.perf_counter(), time.process_time()
     if args.method == "patchcore":
-        from anomalib.models.image.patchcore import torch_model as tm
-
+        tm = patchcore_tm
         tm.TimmFeatureExtractor = fake_extractor
         model = tm.PatchcoreModel(layers=list(args.layers), backbone="efficientnet_lite0", pre_trained=False,
                                   num_neighbors=args.neighbors)
     else:
-        from anomalib.models.image.padim import torch_model as tm
-
+        tm = padim_tm
         tm.TimmFeatureExtractor = fake_extractor
         channels = torch.from_numpy(np.asarray(cfg["channels"], np.int64))
         model = tm.PadimModel(backbone="efficientnet_lite0", layers=list(args.layers), pre_trained=False,
@@ -535,6 +542,7 @@ def main() -> None:
         r["aupro_without_empty_masks"] = metrics.aupro(masks[keep], maps[keep], fpr_limit=0.3, n_threads=args.threads)
         r["pixel_auroc"] = metrics.pixel_auroc(masks, maps, n_threads=args.threads)
         r["total_s"] = r["fit_s"] + r["predict_s"]
+        r["rss_increase_mib"] = r["peak_rss_mib"] - r["rss_after_load_mib"]
         results[lib] = r
         results[lib]["_scores"], results[lib]["_maps"] = scores, maps
         log(f"{lib}: fit {r['fit_s']:.1f} s, predict {r['predict_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
@@ -583,7 +591,8 @@ def main() -> None:
         return "—" if v is None else format(v, spec)
 
     cols = [("image AUROC", "image_auroc", ".4f"), ("AUPRO", "aupro", ".4f"), ("fit s", "fit_s", ".1f"),
-            ("predict s", "predict_s", ".1f"), ("total s", "total_s", ".1f"), ("peak RSS MiB", "peak_rss_mib", ".0f")]
+            ("predict s", "predict_s", ".1f"), ("total s", "total_s", ".1f"), ("peak RSS MiB", "peak_rss_mib", ".0f"),
+            ("RSS before fit MiB", "rss_after_load_mib", ".0f"), ("peak − before MiB", "rss_increase_mib", ".0f")]
     method = {"patchcore": "PatchCore", "padim": "PaDiM"}[args.method]
     n_test, n_def = len(labels), int(labels.sum())
     lines = [
