@@ -113,6 +113,11 @@ def coreset(
     projected features (with ``None``: a working copy of N × D, none with ``overwrite_features``)
     plus O(N); time at most O(size · N · projection_dim), usually far less (exact
     triangle-inequality pruning).
+
+    Coverage (the largest distance from a point to its nearest selected point, in the original
+    space) depends on ``projection_dim``: on BENCHMARKS.md's 31,360 × 1,536 set, median over 5
+    seeds, 128 dimensions gave 1.03× the coverage of anomalib's ``KCenterGreedy`` (a 255-dim
+    projection) and 224 dimensions 1.001×, at 19× and 13× its speed.
     """
     x, as_torch = as_float32(features, "features", "(N, D)")
     count = _coreset_count(size, x.shape[0])
