@@ -51,7 +51,9 @@ class PatchCore(BaseDetector):
 
     Fitting streams: full-width patch features and their projections go to temporary files
     with plain writes; only the projections are read back, as one array that the selection
-    reorders in place, so peak memory grows with N × projection_dim plus the bank.
+    reorders in place, so peak memory grows with N × projection_dim plus the bank. The selection
+    therefore picks by projected distance, as anomalib does; ``anomalox.ops.coreset`` on features
+    held in memory picks by original-space distance instead (better coverage).
 
     Parameters
     ----------
