@@ -48,8 +48,9 @@ const START_STREAM: u64 = 0xA076_1D64_78BD_642F;
 ///   the projection's, so a seed gives the same start with or without projection.
 /// - Greedy step: keep the squared distance (f32) of every point to the selected set,
 ///   update it with the last selected point, pick the largest; ties go to the lowest
-///   index. Once every remaining distance is 0 (the rest duplicate selected points), the
-///   lowest unselected indices fill the result, so it always has `size` distinct indices.
+///   index. Once every remaining distance (pick key, below) is 0 (the rest duplicate
+///   selected points), the lowest unselected indices fill the result, so it always has
+///   `size` distinct indices.
 /// - With a projection of at least MIN_DIM_FOR_ORIGINAL_PICK (32) dimensions the projected
 ///   distances decide each point's *assigned* selected
 ///   point (its nearest in the projected space), and the pick is the point farthest from
@@ -71,7 +72,8 @@ const START_STREAM: u64 = 0xA076_1D64_78BD_642F;
 /// original rows are read in place (copied once if `features` is not contiguous row-major).
 /// Time: O(N·D·p) for the projection plus at most O(size·N·p) for the greedy loop,
 /// usually far less: triangle-inequality pruning skips the points that the new pick
-/// cannot get closer to (see `greedy_pruned`), with results identical to the plain loop.
+/// cannot get closer to (see `greedy_pruned`), with results identical to the plain loop;
+/// with the original-space pick, O(D) more per change of a point's assigned point.
 pub fn coreset(
     features: ArrayView2<f32>,
     size: usize,
