@@ -542,11 +542,11 @@ pub(crate) fn greedy_pruned(
                 .filter(|(c, _)| touched[*c])
                 .for_each(|(c, ((m, r), b))| {
                     m.retain(|&p| owner[p] == c);
-                    *r = max_over(m, &min_dist, &id).0;
-                    *b = max_over(m, &key, &id);
+                    (*r, *b) = cluster_maxima(m, &min_dist, &key, &id);
                 });
-            radius.push(max_over(&mine, &min_dist, &id).0);
-            best.push(max_over(&mine, &key, &id));
+            let (r, b) = cluster_maxima(&mine, &min_dist, &key, &id);
+            radius.push(r);
+            best.push(b);
             members.push(mine);
         }
         centre_rows.extend_from_slice(&z);
@@ -761,12 +761,23 @@ fn scan_tasks<'a>(
     tasks
 }
 
-/// (largest `min_dist` among the positions `points`, lowest input index holding it).
-fn max_over(points: &[usize], min_dist: &[f32], id: &[usize]) -> (f32, usize) {
-    points
-        .iter()
-        .map(|&p| (min_dist[p], id[p]))
-        .fold((f32::NEG_INFINITY, usize::MAX), larger_then_lower_index)
+/// Over the positions `points`, in one pass: the largest `min_dist` (the cluster's squared
+/// radius) and the (largest `key`, lowest input index holding it).
+fn cluster_maxima(
+    points: &[usize],
+    min_dist: &[f32],
+    key: &[f32],
+    id: &[usize],
+) -> (f32, (f32, usize)) {
+    points.iter().fold(
+        (f32::NEG_INFINITY, (f32::NEG_INFINITY, usize::MAX)),
+        |(r, best), &p| {
+            (
+                r.max(min_dist[p]),
+                larger_then_lower_index(best, (key[p], id[p])),
+            )
+        },
+    )
 }
 
 /// The pruning test with a margin for f32 rounding, so it never skips a point that the
@@ -1050,42 +1061,27 @@ mod tests {
             in_place, want_working,
             "in place: n={n} size={size} proj={proj:?} seed={seed}"
         );
+        // The pruned loop on a fresh copy of the working rows, with a given pick rule.
+        let pruned = |exact: Option<Original>| {
+            greedy_pruned(&mut flat.to_vec(), n, dim, size, start, exact, &never).unwrap()
+        };
         if proj.is_some() {
             // The original-space pick rule, pruned and plain, whatever the dimension.
             let with_original = greedy_plain(flat, n, dim, size, start, Some(original));
-            let (got, _) = greedy_pruned(
-                &mut flat.to_vec(),
-                n,
-                dim,
-                size,
-                start,
-                Some(original),
-                &never,
-            )
-            .unwrap();
             assert_eq!(
-                got, with_original,
+                pruned(Some(original)).0,
+                with_original,
                 "original-space pick: n={n} size={size} proj={proj:?}"
             );
             // That rule on the working rows themselves is the plain rule.
             let on_itself = Original { rows: flat, dim };
-            let (same, _) = greedy_pruned(
-                &mut flat.to_vec(),
-                n,
-                dim,
-                size,
-                start,
-                Some(on_itself),
-                &never,
-            )
-            .unwrap();
             assert_eq!(
-                same, want_working,
+                pruned(Some(on_itself)).0,
+                want_working,
                 "exact = working rows: n={n} size={size}"
             );
         }
-        let (_, scanned) =
-            greedy_pruned(&mut flat.to_vec(), n, dim, size, start, exact, &never).unwrap();
+        let (_, scanned) = pruned(exact);
         scanned as f64 / (n as f64 * (size as f64 - 1.0).max(1.0))
     }
 
