@@ -107,9 +107,11 @@ fn gather_block(features: &ArrayView4<f32>, p0: usize, np: usize, buf: &mut [f32
 /// the test vectorises (a NaN or infinity has all exponent bits set).
 fn all_finite(values: &[f32]) -> bool {
     const EXP: u32 = 0x7f80_0000;
-    values
-        .chunks(1024)
-        .all(|ch| ch.iter().fold(0u32, |acc, v| acc | u32::from(v.to_bits() & EXP == EXP)) == 0)
+    values.chunks(1024).all(|ch| {
+        ch.iter()
+            .fold(0u32, |acc, v| acc | u32::from(v.to_bits() & EXP == EXP))
+            == 0
+    })
 }
 
 fn non_finite_error() -> KernelError {
@@ -824,7 +826,12 @@ pub fn gaussian_fit(
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut acc = [0.0f64; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
             acc[i] += x[i] * y[i];
@@ -1263,7 +1270,10 @@ mod tests {
             let a: Vec<f64> = (0..n).map(|i| 0.5 + i as f64).collect();
             let b: Vec<f64> = (0..n).map(|i| 1.0 - 0.25 * i as f64).collect();
             let want: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            assert!((dot(&a, &b) - want).abs() <= 1e-12 * (1.0 + want.abs()), "n={n}");
+            assert!(
+                (dot(&a, &b) - want).abs() <= 1e-12 * (1.0 + want.abs()),
+                "n={n}"
+            );
         }
     }
 
@@ -1453,7 +1463,8 @@ mod tests {
             let mut y = x.clone();
             y[[5, 2, 7, 7]] = bad;
             for threads in [1, 3] {
-                let err = pool(threads).install(|| gaussian_fit(y.view(), 0.0, &never()).unwrap_err());
+                let err =
+                    pool(threads).install(|| gaussian_fit(y.view(), 0.0, &never()).unwrap_err());
                 assert_eq!(arg_of(err), "features");
                 // Strided (channels-last) input goes through the same check.
                 let mut cl = Array4::<f32>::zeros((6, 8, 8, 3));
