@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomalox.preprocess import _CHANNELS
+from anomalox.preprocess import CHANNELS
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
 
@@ -86,7 +86,7 @@ class Source:
 def _is_batch(x: np.ndarray) -> bool:
     """Whether a numpy array holds several images: (N, H, W, C), or (N, H, W) when its last axis
     cannot be a channel axis (the rule of ``anomalox.preprocess``)."""
-    return x.ndim == 4 or (x.ndim == 3 and x.shape[-1] not in _CHANNELS)
+    return x.ndim == 4 or (x.ndim == 3 and x.shape[-1] not in CHANNELS)
 
 
 def _batch_len(images: Any) -> int:
@@ -118,7 +118,7 @@ def _split_array(x: Any) -> list[Any]:
     """One entry per image of an array/tensor batch (views, no copies)."""
     if isinstance(x, torch.Tensor):
         return [x[i] for i in range(x.shape[0])] if x.dim() == 4 else [x]
-    if x.ndim == 4 and x.shape[-1] not in _CHANNELS:
+    if x.ndim == 4 and x.shape[-1] not in CHANNELS:
         # Split, each (H, W, C) image would pass for a batch of C-wide grayscale images.
         raise ValueError(f"X: a 4-D array must be (N, H, W, C) with C in (1, 3, 4), got shape {x.shape}")
     if _is_batch(x):

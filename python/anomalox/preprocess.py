@@ -38,11 +38,25 @@ SYMMETRIC_STD = (0.5, 0.5, 0.5)
 
 _SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 _TORCH_SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0}
-_CHANNELS = (1, 3, 4)
+#: The channel counts an image may have (gray, RGB, RGBA); ``anomalox.data`` uses the same rule.
+CHANNELS = (1, 3, 4)
 
 
-def _size_pair(value: Any, name: str) -> tuple[int, int]:
-    """An int or an (h, w) pair of positive ints as (h, w)."""
+def size_pair(value: Any, name: str) -> tuple[int, int]:
+    """An int or an (h, w) pair of positive ints as (h, w).
+
+    Parameters
+    ----------
+    value : int or (int, int)
+        A side length, or (height, width).
+    name : str
+        The argument's name, used in the error message.
+
+    Returns
+    -------
+    tuple of int
+        ``(height, width)``; ValueError naming ``name`` otherwise.
+    """
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         pair: tuple[Any, ...] = (value, value)
     elif isinstance(value, (tuple, list)) and len(value) == 2:
@@ -117,11 +131,11 @@ def _numpy_batch(arr: np.ndarray) -> tuple[torch.Tensor, float]:
     if arr.ndim == 2:
         arr = arr[None, :, :, None]
     elif arr.ndim == 3:
-        arr = arr[None] if arr.shape[-1] in _CHANNELS else arr[..., None]
+        arr = arr[None] if arr.shape[-1] in CHANNELS else arr[..., None]
     elif arr.ndim == 4:
-        if arr.shape[-1] not in _CHANNELS:
+        if arr.shape[-1] not in CHANNELS:
             raise ValueError(
-                f"images: a 4-D array must be (N, H, W, C) with C in {_CHANNELS}, got shape {arr.shape}"
+                f"images: a 4-D array must be (N, H, W, C) with C in {CHANNELS}, got shape {arr.shape}"
             )
     else:
         raise ValueError(
@@ -142,9 +156,9 @@ def _torch_batch(x: torch.Tensor) -> tuple[torch.Tensor, float]:
         raise TypeError(f"images: expected uint8, uint16 or floating-point pixels, got dtype {x.dtype}")
     if x.dim() == 3:
         x = x[None]
-    if x.dim() != 4 or x.shape[1] not in _CHANNELS:
+    if x.dim() != 4 or x.shape[1] not in CHANNELS:
         raise ValueError(
-            f"images: a tensor must be (C, H, W) or (N, C, H, W) with C in {_CHANNELS}, "
+            f"images: a tensor must be (C, H, W) or (N, C, H, W) with C in {CHANNELS}, "
             f"got shape {tuple(x.shape)}"
         )
     return x.detach(), scale
@@ -237,10 +251,10 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        _size_pair(self.image_size, "image_size")
+        size_pair(self.image_size, "image_size")
         if self.center_crop is not None:
-            crop = _size_pair(self.center_crop, "center_crop")
-            size = _size_pair(self.image_size, "image_size")
+            crop = size_pair(self.center_crop, "center_crop")
+            size = size_pair(self.image_size, "image_size")
             if crop[0] > size[0] or crop[1] > size[1]:
                 raise ValueError(f"center_crop: {crop} does not fit in image_size {size}")
         for name in ("mean", "std"):
@@ -254,8 +268,8 @@ class Preprocessing:
     def output_size(self) -> tuple[int, int]:
         """(height, width) of the batches this produces."""
         if self.center_crop is not None:
-            return _size_pair(self.center_crop, "center_crop")
-        return _size_pair(self.image_size, "image_size")
+            return size_pair(self.center_crop, "center_crop")
+        return size_pair(self.image_size, "image_size")
 
     def __call__(self, images: Any, device: torch.device | str = "cpu") -> torch.Tensor:
         """A normalised float32 batch (N, 3, H, W) on `device`."""
@@ -263,13 +277,13 @@ class Preprocessing:
 
     def transform(self, images: Any, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """The normalised batch, and each image's (height, width) before resizing."""
-        size = _size_pair(self.image_size, "image_size")
+        size = size_pair(self.image_size, "image_size")
         raw = to_float_batches(images, device)
         sizes = [(int(b.shape[-2]), int(b.shape[-1])) for b in raw for _ in range(b.shape[0])]
         batches = [resize(b, size) for b in raw]
         x = torch.cat(batches) if len(batches) > 1 else batches[0]
         if self.center_crop is not None:
-            x = center_crop(x, _size_pair(self.center_crop, "center_crop"))
+            x = center_crop(x, size_pair(self.center_crop, "center_crop"))
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous(), sizes
