@@ -7,20 +7,19 @@ shares memory too.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
 import torch
+
+from anomalox.params import POSITIVE_INT, check
 
 
 def resolve_threads(n_threads: int | None) -> int:
     """`n_threads`, or torch's intra-op thread count when it is None."""
     if n_threads is None:
         return max(1, torch.get_num_threads())
-    if isinstance(n_threads, bool) or not isinstance(n_threads, numbers.Integral) or n_threads < 1:
-        raise ValueError(f"n_threads: expected a positive integer or None, got {n_threads!r}")
-    return int(n_threads)
+    return int(check("n_threads", n_threads, [POSITIVE_INT, None]))
 
 
 def as_float32(x: Any, name: str, shape_doc: str) -> tuple[np.ndarray, bool]:
@@ -86,8 +85,3 @@ def same_kind(arr: np.ndarray, as_torch: bool) -> Any:
     """Return `arr` as a torch tensor (sharing memory) when the input was one."""
     return torch.from_numpy(arr) if as_torch else arr
 
-
-def positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)

@@ -13,12 +13,15 @@ and stops within about a second on Ctrl-C (``KeyboardInterrupt``).
 from __future__ import annotations
 
 import numbers
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Literal
 
 from anomalox import _core
-from anomalox._convert import as_float32, as_int64, positive_int, resolve_threads, same_kind
+from anomalox._convert import as_float32, as_int64, resolve_threads, same_kind
+from anomalox.params import NON_NEGATIVE_INT, POSITIVE_INT, Interval, check
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 __all__ = [
     "GaussianAccumulator",
@@ -32,7 +35,13 @@ __all__ = [
 ]
 
 
-def knn(queries: Any, bank: Any, k: int, metric: str = "euclidean", n_threads: int | None = None):
+def knn(
+    queries: Any,
+    bank: Any,
+    k: int,
+    metric: Literal["euclidean", "sqeuclidean"] = "euclidean",
+    n_threads: int | None = None,
+) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
     """Exact k nearest neighbours of each query row in ``bank``.
 
     Parameters
@@ -58,7 +67,7 @@ def knn(queries: Any, bank: Any, k: int, metric: str = "euclidean", n_threads: i
     """
     q, q_torch = as_float32(queries, "queries", "(M, D)")
     b, _ = as_float32(bank, "bank", "(N, D)")
-    k = positive_int(k, "k")
+    k = int(check("k", k, [POSITIVE_INT]))
     dist, idx = _core.knn(q, b, k, metric, resolve_threads(n_threads))
     return same_kind(dist, q_torch), same_kind(idx, q_torch)
 
@@ -84,7 +93,7 @@ def coreset(
     seed: int = 0,
     n_threads: int | None = None,
     overwrite_features: bool = False,
-):
+) -> np.ndarray | torch.Tensor:
     """Greedy k-center (farthest point) coreset selection, as in PatchCore.
 
     Parameters
@@ -130,10 +139,8 @@ def coreset(
     x, as_torch = as_float32(features, "features", "(N, D)")
     count = _coreset_count(size, x.shape[0])
     if projection_dim is not None:
-        projection_dim = positive_int(projection_dim, "projection_dim")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
-    seed = int(seed) % 2**64
+        projection_dim = int(check("projection_dim", projection_dim, [POSITIVE_INT]))
+    seed = int(check("seed", seed, [NON_NEGATIVE_INT])) % 2**64
     if overwrite_features and projection_dim is None and x.flags.c_contiguous and x.flags.writeable:
         idx = _core.coreset_in_place(x, count, seed, resolve_threads(n_threads))
     else:
@@ -148,7 +155,7 @@ def coreset_coverage(features: Any, indices: Any, n_threads: int | None = None) 
     return float(_core.coreset_coverage(x, idx, resolve_threads(n_threads)))
 
 
-def gaussian_fit(features: Any, eps: float = 0.01, n_threads: int | None = None):
+def gaussian_fit(features: Any, eps: float = 0.01, n_threads: int | None = None) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
     """Per-position Gaussian of feature maps (PaDiM): mean and inverse covariance.
 
     Parameters
@@ -174,9 +181,7 @@ def gaussian_fit(features: Any, eps: float = 0.01, n_threads: int | None = None)
 
 
 def _eps(eps: Any) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
-    return float(eps)
+    return float(check("eps", eps, [Interval(numbers.Real, 0, None, closed="left")]))
 
 
 class GaussianAccumulator:
@@ -193,7 +198,7 @@ class GaussianAccumulator:
     >>> mean, inv_cov = acc.finalize(eps=0.01)      # doctest: +SKIP
     """
 
-    def __init__(self, n_threads: int | None = None):
+    def __init__(self, n_threads: int | None = None) -> None:
         self.n_threads = n_threads
         self._acc = None
         self._torch = False
@@ -220,7 +225,7 @@ class GaussianAccumulator:
         self._acc.update(x, resolve_threads(self.n_threads))
         return self
 
-    def finalize(self, eps: float = 0.01):
+    def finalize(self, eps: float = 0.01) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
         """``(mean (H·W, C), inv_cov (H·W, C, C))`` of everything seen so far."""
         if self._acc is None:
             raise ValueError("features: no batch was given to partial_fit; need at least 2 samples")
@@ -228,7 +233,7 @@ class GaussianAccumulator:
         return same_kind(mean, self._torch), same_kind(inv_cov, self._torch)
 
 
-def mahalanobis(features: Any, mean: Any, inv_cov: Any, n_threads: int | None = None):
+def mahalanobis(features: Any, mean: Any, inv_cov: Any, n_threads: int | None = None) -> np.ndarray | torch.Tensor:
     """Mahalanobis distance map ``sqrt((x − μ)ᵀ Σ⁻¹ (x − μ))`` at every position.
 
     Parameters
@@ -247,7 +252,12 @@ def mahalanobis(features: Any, mean: Any, inv_cov: Any, n_threads: int | None = 
     return same_kind(_core.mahalanobis(x, mu, prec, resolve_threads(n_threads)), as_torch)
 
 
-def upsample(maps: Any, size: int | tuple[int, int], mode: str = "bilinear", n_threads: int | None = None):
+def upsample(
+    maps: Any,
+    size: int | tuple[int, int],
+    mode: Literal["bilinear", "nearest"] = "bilinear",
+    n_threads: int | None = None,
+) -> np.ndarray | torch.Tensor:
     """Resize anomaly maps (B, h, w) to ``size`` = (H, W) (or H for a square).
 
     ``"bilinear"`` equals ``torch.nn.functional.interpolate(..., mode="bilinear",
@@ -258,17 +268,16 @@ def upsample(maps: Any, size: int | tuple[int, int], mode: str = "bilinear", n_t
         size = (size, size)
     if not isinstance(size, (tuple, list)) or len(size) != 2:
         raise TypeError(f"size: expected an int or a pair of ints (H, W), got {size!r}")
-    height, width = (positive_int(s, "size") for s in size)
+    height, width = (int(check("size", s, [POSITIVE_INT])) for s in size)
     return same_kind(_core.upsample(m, height, width, mode, resolve_threads(n_threads)), as_torch)
 
 
-def gaussian_blur(maps: Any, sigma: float = 4.0, n_threads: int | None = None):
+def gaussian_blur(maps: Any, sigma: float = 4.0, n_threads: int | None = None) -> np.ndarray | torch.Tensor:
     """Gaussian smoothing of each map (B, H, W).
 
     Separable, kernel radius ``int(4·sigma + 0.5)``, reflect padding: equal to
     ``scipy.ndimage.gaussian_filter(map, sigma, mode="reflect", truncate=4.0)``.
     """
     m, as_torch = as_float32(maps, "maps", "(B, H, W)")
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not np.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma: expected a finite number > 0, got {sigma!r}")
+    check("sigma", sigma, [Interval(numbers.Real, 0, None, closed="neither")])
     return same_kind(_core.gaussian_blur(m, float(sigma), resolve_threads(n_threads)), as_torch)
