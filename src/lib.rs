@@ -25,10 +25,6 @@ fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     py::configure_allocator();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("__torch_version__", env!("ANOMALOX_TORCH_VERSION"))?;
-    m.add(
-        "InternalError",
-        m.py().get_type::<py::runtime::InternalError>(),
-    )?;
     m.add_function(wrap_pyfunction!(py::ops::knn, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::coreset, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::coreset_in_place, m)?)?;

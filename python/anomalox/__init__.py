@@ -30,12 +30,18 @@ _check_torch()
 from anomalox import _core  # noqa: E402
 from anomalox import metrics  # noqa: E402
 from anomalox import ops  # noqa: E402
-from anomalox._core import InternalError  # noqa: E402
+from anomalox.exceptions import (  # noqa: E402
+    AnomaloxError,
+    InternalError,
+    KernelArgumentError,
+    ModelFileError,
+    NotFittedError,
+)
 from anomalox.backbone import Backbone  # noqa: E402
 from anomalox import detectors  # noqa: E402
 from anomalox.detectors import *  # noqa: E402,F401,F403  (PatchCore, PaDiM, ...)
 from anomalox.evaluate import evaluate  # noqa: E402
-from anomalox.persist import ModelFileError, load  # noqa: E402
+from anomalox.persist import load  # noqa: E402
 
 if _core.__torch_version__ not in (REQUIRED_TORCH, "unknown"):  # pragma: no cover
     raise ImportError(
@@ -46,9 +52,12 @@ if _core.__torch_version__ not in (REQUIRED_TORCH, "unknown"):  # pragma: no cov
 __version__: str = _core.__version__
 
 __all__ = [
+    "AnomaloxError",
     "Backbone",
     "InternalError",
+    "KernelArgumentError",
     "ModelFileError",
+    "NotFittedError",
     "evaluate",
     "load",
     "metrics",

@@ -218,7 +218,8 @@ class Backbone:
         return dev
 
     def _load(self, spec: BackboneSpec, weights: Any) -> _core.BackboneModel:
-        device = str(self.device)
+        structure = (self.name, spec.family, dict(spec.config))
+        cuda = self.device.index if self.device.type == "cuda" else None
         n_threads = resolve_threads(None)
         self.weights_path: str | None = None  # set for the default (not user-given) weights
         if weights is None or (isinstance(weights, str) and any(weights == t for t, _ in spec.hub_files)):
@@ -230,7 +231,7 @@ class Backbone:
         elif isinstance(weights, Mapping):
             self.weights_source = "state_dict"
             state_dict = unwrap(weights, "the state_dict given")
-            return _core.BackboneModel(self.name, list(state_dict.items()), device, n_threads)
+            return _core.BackboneModel(*structure, list(state_dict.items()), cuda, n_threads)
         elif isinstance(weights, (str, os.PathLike)):
             path = os.fspath(weights)
             if not os.path.isfile(path):
@@ -242,9 +243,9 @@ class Backbone:
                 f"got {type(weights).__name__}"
             )
         if path.endswith(".safetensors"):
-            return _core.BackboneModel.from_safetensors(self.name, path, device, n_threads)
+            return _core.BackboneModel.from_safetensors(*structure, path, cuda, n_threads)
         # Read here and referenced nowhere else: the model may keep these tensors instead of copying.
-        return _core.BackboneModel(self.name, list(load_file(path).items()), device, n_threads, exclusive=True)
+        return _core.BackboneModel(*structure, list(load_file(path).items()), cuda, n_threads, exclusive=True)
 
     def _input(self, images: Any, preprocess: bool) -> torch.Tensor:
         if preprocess:

@@ -49,14 +49,14 @@ fn set_allocator_option(
 /// - Freed memory goes back to the OS at once (`purge_delay` 0) unless the user set
 ///   `MIMALLOC_PURGE_DELAY`. With mimalloc's default (1 s, applied only when the freeing thread
 ///   allocates again) a dropped buffer of hundreds of MB, such as PaDiM's Gaussian accumulator,
-///   stayed resident for the life of the process. Kernel timings were unchanged by it (measured).
+///   stays resident for the life of the process.
 /// - mimalloc does not ask for transparent huge pages (`allow_thp` 0) unless the user set
 ///   `MIMALLOC_ALLOW_THP`. By default it marks its arenas `MADV_HUGEPAGE`; where the kernel's THP
 ///   defrag setting is `madvise` (a common default), each first touch of a 2 MB page can then
-///   stall in compaction and zeroing, and fresh outputs cost far more than with 4 KB pages
-///   (`ops.gaussian_fit` of 200 × 100 × 56 × 56, whose 125 MB inverse is new memory on each call:
-///   0.63 s → 0.40 s on a 2-core VM). Only this allocator's own `madvise` is skipped; the process
-///   setting (`prctl`) and other libraries' memory are left alone.
+///   stall in compaction and zeroing, so large fresh outputs (such as `ops.gaussian_fit`'s
+///   inverse covariances, new memory on each call) cost more than with 4 KB pages. Only this
+///   allocator's own `madvise` is skipped; the process setting (`prctl`) and other libraries'
+///   memory are left alone. Both effects are measured in BENCHMARKS.md.
 pub fn configure_allocator() {
     set_allocator_option(
         "MIMALLOC_PURGE_DELAY",

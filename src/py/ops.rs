@@ -6,10 +6,9 @@ use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArray3, PyReadonlyArray1, PyReadonlyArray2,
     PyReadonlyArray3, PyReadonlyArray4, PyReadwriteArray2,
 };
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::py::runtime::{run, to_py_err};
+use crate::py::runtime::{argument_error, run, to_py_err};
 use crate::validate::ensure_finite;
 use crate::{blur, coreset as coreset_k, gaussian, knn as knn_k, upsample as upsample_k};
 
@@ -27,9 +26,10 @@ pub fn knn<'py>(
     check_finite: bool,
 ) -> PyResult<Pair<'py, PyArray2<f32>, PyArray2<i64>>> {
     let metric = knn_k::Metric::parse(metric).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "metric: expected 'euclidean' or 'sqeuclidean', got {metric:?}"
-        ))
+        argument_error(
+            "metric",
+            format!("expected 'euclidean' or 'sqeuclidean', got {metric:?}"),
+        )
     })?;
     let (q, b) = (queries.as_array(), bank.as_array());
     let (dist, idx) = run(py, n_threads, |intr| {
@@ -73,7 +73,7 @@ pub fn coreset_in_place<'py>(
 ) -> PyResult<Bound<'py, PyArray1<i64>>> {
     let (n, d) = features.as_array().dim();
     let rows = features.as_slice_mut().map_err(|_| {
-        PyValueError::new_err("features: expected a C-contiguous array to work in place")
+        argument_error("features", "expected a C-contiguous array to work in place")
     })?;
     let selected = run(py, n_threads, |intr| {
         coreset_k::coreset_in_place(rows, n, d, size, seed, intr)
@@ -139,9 +139,10 @@ pub fn upsample<'py>(
     n_threads: usize,
 ) -> PyResult<Bound<'py, PyArray3<f32>>> {
     let mode = upsample_k::Interpolation::parse(mode).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "mode: expected 'bilinear' or 'nearest', got {mode:?}"
-        ))
+        argument_error(
+            "mode",
+            format!("expected 'bilinear' or 'nearest', got {mode:?}"),
+        )
     })?;
     let m = maps.as_array();
     let out = run(py, n_threads, |intr| {

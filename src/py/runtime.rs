@@ -1,5 +1,6 @@
 //! How every heavy call runs: off the GIL, on a rayon pool of the requested size, interruptible by
-//! Ctrl-C, with Rust panics turned into a Python `RuntimeError` subclass instead of an abort.
+//! Ctrl-C, with Rust panics turned into `anomalox.exceptions.InternalError` instead of an abort.
+//! Errors are raised as the classes of `anomalox.exceptions`, so there is one hierarchy to catch.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -8,19 +9,20 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use pyo3::create_exception;
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
+use pyo3::import_exception;
 use pyo3::prelude::*;
 
 use crate::error::{KernelError, KernelResult};
 use crate::interrupt::Interrupt;
 
-create_exception!(
-    _core,
-    InternalError,
-    PyRuntimeError,
-    "An internal failure (a Rust panic) in anomalox. Please report it with the message."
-);
+import_exception!(anomalox.exceptions, InternalError);
+import_exception!(anomalox.exceptions, KernelArgumentError);
+
+/// A `KernelArgumentError` ("`arg: msg`", a `ValueError`) whose `.arg` names the argument.
+pub fn argument_error(arg: &str, msg: impl std::fmt::Display) -> PyErr {
+    KernelArgumentError::new_err((format!("{arg}: {msg}"), arg.to_string()))
+}
 
 /// How often the calling thread wakes up to look for Ctrl-C while a kernel runs.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
@@ -28,7 +30,9 @@ const SIGNAL_POLL: Duration = Duration::from_millis(50);
 fn pool(n_threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
     static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
     let pools = POOLS.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut pools = pools.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut pools = pools
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(p) = pools.get(&n_threads) {
         return Ok(p.clone());
     }
@@ -36,7 +40,9 @@ fn pool(n_threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
         .num_threads(n_threads)
         .thread_name(|i| format!("anomalox-{i}"))
         .build()
-        .map_err(|e| PyRuntimeError::new_err(format!("could not start {n_threads} threads: {e}")))?;
+        .map_err(|e| {
+            PyRuntimeError::new_err(format!("could not start {n_threads} threads: {e}"))
+        })?;
     let p = Arc::new(p);
     pools.insert(n_threads, p.clone());
     Ok(p)
@@ -54,9 +60,8 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 
 pub fn to_py_err(err: KernelError) -> PyErr {
     match err {
-        KernelError::InvalidArgument { .. } | KernelError::Numerical(_) => {
-            PyValueError::new_err(err.to_string())
-        }
+        KernelError::InvalidArgument { arg, msg } => argument_error(arg, msg),
+        KernelError::Numerical(_) => PyValueError::new_err(err.to_string()),
         KernelError::Interrupted => PyKeyboardInterrupt::new_err("interrupted"),
     }
 }
@@ -72,7 +77,10 @@ where
     F: FnOnce(&Interrupt) -> KernelResult<T> + Send,
 {
     if n_threads == 0 {
-        return Err(PyValueError::new_err("n_threads: expected a positive integer, got 0"));
+        return Err(argument_error(
+            "n_threads",
+            "expected a positive integer, got 0",
+        ));
     }
     let pool = pool(n_threads)?;
     let flag = AtomicBool::new(false);
@@ -103,9 +111,7 @@ where
                 }
             }
             // The worker caught its own panics, so join cannot fail; map it anyway.
-            let outcome = worker
-                .join()
-                .unwrap_or_else(|payload| Err(payload));
+            let outcome = worker.join().unwrap_or_else(|payload| Err(payload));
             (outcome, signal)
         })
     });

@@ -18,29 +18,13 @@ const BN_EPS: f64 = 1e-3;
 const STEM_CHANNELS: i64 = 32;
 const HEAD_CHANNELS: i64 = 1280;
 
-pub struct LiteSpec {
-    pub name: &'static str,
-    width: f64,
-    depth: f64,
+/// One EfficientNet-Lite: the multipliers that scale EfficientNet-B0's stages (Lite0: 1.0 and 1.0).
+pub struct LiteConfig {
+    /// Channel multiplier, applied by `round_filters`.
+    pub width: f64,
+    /// Repeat multiplier, applied by `round_repeats`.
+    pub depth: f64,
 }
-
-pub const SPECS: [LiteSpec; 3] = [
-    LiteSpec {
-        name: "efficientnet_lite0",
-        width: 1.0,
-        depth: 1.0,
-    },
-    LiteSpec {
-        name: "efficientnet_lite1",
-        width: 1.0,
-        depth: 1.1,
-    },
-    LiteSpec {
-        name: "efficientnet_lite2",
-        width: 1.1,
-        depth: 1.2,
-    },
-];
 
 /// EfficientNet-B0's stages: (repeats, kernel, stride, expansion, input filters, output filters).
 const STAGES: [(usize, i64, i64, i64, i64, i64); 7] = [
@@ -177,7 +161,7 @@ pub struct EfficientNetLite {
 }
 
 impl EfficientNetLite {
-    pub fn load(spec: &LiteSpec, sd: &mut StateDict) -> Self {
+    pub fn load(spec: &LiteConfig, sd: &mut StateDict) -> Self {
         let stem = conv_bn(sd, "_conv_stem", "_bn0", 3, STEM_CHANNELS, 3, 2, 1);
         let mut blocks = vec![];
         let mut taps = vec![];
@@ -219,10 +203,6 @@ impl EfficientNetLite {
 impl Backbone for EfficientNetLite {
     fn taps(&self) -> &[Tap] {
         &self.taps
-    }
-
-    fn has_logits(&self) -> bool {
-        self.fc.is_some()
     }
 
     fn forward(

@@ -1,5 +1,7 @@
 //! Backbones run with tch inside Rust: `anomalox._core.BackboneModel`, behind `anomalox.Backbone`.
 //!
+//! Python owns the list of architectures (`anomalox.backbone.BACKBONES`) and device parsing: a
+//! model is built from a family and its structural parameters, on a device already resolved.
 //! Weights arrive as tensors (read in Python with `torch.load(weights_only=True)`, or read here from
 //! a `.safetensors` file) and are copied into the model on its device. A forward pass stops after the
 //! deepest requested tap and hands the feature maps back as torch tensors without a copy.
@@ -13,12 +15,13 @@ use std::sync::Mutex;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use pyo3_tch::PyTensor;
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{KernelError, KernelResult};
+use crate::error::KernelResult;
 use crate::interrupt::Interrupt;
-use crate::py::runtime::run;
+use crate::py::runtime::{argument_error, run};
 use params::StateDict;
 
 /// A named intermediate output: its channels and its stride relative to the input.
@@ -32,9 +35,6 @@ pub struct Tap {
 pub trait Backbone: Send {
     /// Taps in forward order.
     fn taps(&self) -> &[Tap];
-
-    /// Whether the weights included the classifier, so that `logits` can run.
-    fn has_logits(&self) -> bool;
 
     /// Run the network on `x` (B, 3, H, W) up to and including tap `last`, calling `emit(i, t)` for
     /// every tap `i <= last` as it is reached, and stop there. Returns the last tap's output.
@@ -50,49 +50,63 @@ pub trait Backbone: Send {
     fn logits(&self, x: &Tensor, intr: &Interrupt) -> KernelResult<Option<Tensor>>;
 }
 
-fn architectures() -> Vec<&'static str> {
-    let lite = efficientnet_lite::SPECS.iter().map(|s| s.name);
-    lite.chain(resnet::SPECS.iter().map(|s| s.name)).collect()
+/// The structure of a network, resolved in Python from `anomalox.backbone.BACKBONES`.
+enum Structure {
+    Lite(efficientnet_lite::LiteConfig),
+    ResNet(resnet::ResNetConfig),
 }
 
-fn build(arch: &str, sd: &mut StateDict) -> KernelResult<Box<dyn Backbone>> {
-    if let Some(spec) = efficientnet_lite::SPECS.iter().find(|s| s.name == arch) {
-        return Ok(Box::new(efficientnet_lite::EfficientNetLite::load(
-            spec, sd,
-        )));
+impl Structure {
+    /// The family's structural parameters, read from `config`.
+    fn from_config(family: &str, config: &Bound<'_, PyDict>) -> PyResult<Self> {
+        match family {
+            "efficientnet_lite" => Ok(Structure::Lite(efficientnet_lite::LiteConfig {
+                width: config_item(config, family, "width")?,
+                depth: config_item(config, family, "depth")?,
+            })),
+            "resnet" | "resnet_bottleneck" => Ok(Structure::ResNet(resnet::ResNetConfig {
+                bottleneck: family == "resnet_bottleneck",
+                blocks: config_item(config, family, "layers")?,
+                width_per_group: config_item(config, family, "width_per_group")?,
+            })),
+            _ => Err(argument_error(
+                "family",
+                format!(
+                    "expected 'efficientnet_lite', 'resnet' or 'resnet_bottleneck', got {family:?}"
+                ),
+            )),
+        }
     }
-    if let Some(spec) = resnet::SPECS.iter().find(|s| s.name == arch) {
-        return Ok(Box::new(resnet::ResNet::load(spec, sd)));
-    }
-    Err(KernelError::invalid(
-        "name",
-        format!("expected one of {:?}, got {arch:?}", architectures()),
-    ))
-}
 
-fn parse_device(device: &str) -> PyResult<Device> {
-    if device == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let index = device
-        .strip_prefix("cuda:")
-        .and_then(|i| i.parse::<usize>().ok())
-        .ok_or_else(|| {
-            PyValueError::new_err(format!(
-                "device: expected 'cpu' or 'cuda:N', got {device:?}"
-            ))
-        })?;
-    if !tch::Cuda::is_available() || index >= tch::Cuda::device_count() as usize {
-        return Err(PyValueError::new_err(format!(
-            "device: {device:?} requested, but libtorch sees {} CUDA device(s)",
-            if tch::Cuda::is_available() {
-                tch::Cuda::device_count()
-            } else {
-                0
+    fn build(&self, sd: &mut StateDict) -> Box<dyn Backbone> {
+        match self {
+            Structure::Lite(config) => {
+                Box::new(efficientnet_lite::EfficientNetLite::load(config, sd))
             }
-        )));
+            Structure::ResNet(config) => Box::new(resnet::ResNet::load(config, sd)),
+        }
     }
-    Ok(Device::Cuda(index))
+}
+
+fn config_item<'py, T: FromPyObject<'py>>(
+    config: &Bound<'py, PyDict>,
+    family: &str,
+    key: &str,
+) -> PyResult<T> {
+    config
+        .get_item(key)?
+        .and_then(|value| value.extract().ok())
+        .ok_or_else(|| {
+            argument_error(
+                "config",
+                format!("expected {family}'s {key:?}, got {config}"),
+            )
+        })
+}
+
+/// `cuda`: None for the CPU, or the index of a CUDA device that Python checked torch sees.
+fn to_device(cuda: Option<usize>) -> Device {
+    cuda.map_or(Device::Cpu, Device::Cuda)
 }
 
 fn device_name(device: Device) -> String {
@@ -115,7 +129,6 @@ pub struct BackboneModel {
     arch: String,
     device: Device,
     taps: Vec<(String, i64, i64)>,
-    has_logits: bool,
     /// How many taps the last `features` pass reached: lets tests see that it stopped early.
     taps_reached: AtomicUsize,
 }
@@ -124,6 +137,7 @@ impl BackboneModel {
     fn assemble(
         py: Python<'_>,
         arch: &str,
+        structure: Structure,
         entries: Vec<(String, Tensor)>,
         device: Device,
         exclusive: bool,
@@ -132,7 +146,7 @@ impl BackboneModel {
         let net = run(py, n_threads, move |_| {
             set_threads(n_threads);
             let mut sd = StateDict::new(entries, device, exclusive);
-            let net = build(arch, &mut sd)?;
+            let net = structure.build(&mut sd);
             sd.finish(arch)?;
             Ok(net)
         })?;
@@ -141,13 +155,11 @@ impl BackboneModel {
             .iter()
             .map(|t| (t.name.clone(), t.channels, t.stride))
             .collect();
-        let has_logits = net.has_logits();
         Ok(BackboneModel {
             net: Mutex::new(net),
             arch: arch.to_string(),
             device,
             taps,
-            has_logits,
             taps_reached: AtomicUsize::new(0),
         })
     }
@@ -155,22 +167,26 @@ impl BackboneModel {
     fn check_input(&self, x: &Tensor) -> PyResult<()> {
         let size = x.size();
         if size.len() != 4 || size[1] != 3 || size[0] < 1 || size[2] < 1 || size[3] < 1 {
-            return Err(PyValueError::new_err(format!(
-                "x: expected a batch (B, 3, H, W), got shape {size:?}"
-            )));
+            return Err(argument_error(
+                "x",
+                format!("expected a batch (B, 3, H, W), got shape {size:?}"),
+            ));
         }
         if x.kind() != Kind::Float {
-            return Err(PyValueError::new_err(format!(
-                "x: expected float32, got {:?}",
-                x.kind()
-            )));
+            return Err(argument_error(
+                "x",
+                format!("expected float32, got {:?}", x.kind()),
+            ));
         }
         if x.device() != self.device {
-            return Err(PyValueError::new_err(format!(
-                "x: expected a tensor on {}, the backbone's device, got one on {}",
-                device_name(self.device),
-                device_name(x.device())
-            )));
+            return Err(argument_error(
+                "x",
+                format!(
+                    "expected a tensor on {}, the backbone's device, got one on {}",
+                    device_name(self.device),
+                    device_name(x.device())
+                ),
+            ));
         }
         Ok(())
     }
@@ -178,47 +194,53 @@ impl BackboneModel {
 
 #[pymethods]
 impl BackboneModel {
-    /// Build `arch` from (name, tensor) pairs in state_dict order. `exclusive`: the caller holds
-    /// no other reference to these tensors (it read them from a file for this model), so they
-    /// may be used in place instead of copied.
+    /// Build the network `arch` (a name for messages) of `family` with the structural parameters
+    /// `config` from (name, tensor) pairs in state_dict order, on the CPU (`cuda` None) or CUDA
+    /// device `cuda`. `exclusive`: the caller holds no other reference to these tensors (it read
+    /// them from a file for this model), so they may be used in place instead of copied.
     #[new]
-    #[pyo3(signature = (arch, state_dict, device, n_threads, exclusive=false))]
+    #[pyo3(signature = (arch, family, config, state_dict, cuda, n_threads, exclusive=false))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         arch: &str,
+        family: &str,
+        config: &Bound<'_, PyDict>,
         state_dict: Vec<(String, PyTensor)>,
-        device: &str,
+        cuda: Option<usize>,
         n_threads: usize,
         exclusive: bool,
     ) -> PyResult<Self> {
-        let device = parse_device(device)?;
+        let structure = Structure::from_config(family, config)?;
         let entries = state_dict.into_iter().map(|(k, t)| (k, t.0)).collect();
-        Self::assemble(py, arch, entries, device, exclusive, n_threads)
+        let device = to_device(cuda);
+        Self::assemble(py, arch, structure, entries, device, exclusive, n_threads)
     }
 
-    /// Build `arch` from a `.safetensors` file, read here without going through Python.
+    /// Build as `new` does, from a `.safetensors` file read here without going through Python.
     #[staticmethod]
-    #[pyo3(signature = (arch, path, device, n_threads))]
+    #[pyo3(signature = (arch, family, config, path, cuda, n_threads))]
     fn from_safetensors(
         py: Python<'_>,
         arch: &str,
+        family: &str,
+        config: &Bound<'_, PyDict>,
         path: std::path::PathBuf,
-        device: &str,
+        cuda: Option<usize>,
         n_threads: usize,
     ) -> PyResult<Self> {
-        let device = parse_device(device)?;
+        let structure = Structure::from_config(family, config)?;
         let entries = Tensor::read_safetensors(&path).map_err(|e| {
-            PyValueError::new_err(format!(
-                "weights: could not read {} as a safetensors file: {e}",
-                path.display()
-            ))
+            argument_error(
+                "weights",
+                format!(
+                    "could not read {} as a safetensors file: {e}",
+                    path.display()
+                ),
+            )
         })?;
-        Self::assemble(py, arch, entries, device, true, n_threads)
-    }
-
-    #[staticmethod]
-    fn architectures() -> Vec<&'static str> {
-        architectures()
+        let device = to_device(cuda);
+        Self::assemble(py, arch, structure, entries, device, true, n_threads)
     }
 
     #[getter]
@@ -235,11 +257,6 @@ impl BackboneModel {
     #[getter]
     fn taps(&self) -> Vec<(String, i64, i64)> {
         self.taps.clone()
-    }
-
-    #[getter]
-    fn has_logits(&self) -> bool {
-        self.has_logits
     }
 
     /// Taps the last `features` pass went through (a test hook for the early stop).
@@ -262,16 +279,17 @@ impl BackboneModel {
         for name in &layers {
             let i = self.taps.iter().position(|t| &t.0 == name).ok_or_else(|| {
                 let names: Vec<&str> = self.taps.iter().map(|t| t.0.as_str()).collect();
-                PyValueError::new_err(format!(
-                    "layers: {} has no tap {name:?}; its taps are {names:?}",
-                    self.arch
-                ))
+                argument_error(
+                    "layers",
+                    format!("{} has no tap {name:?}; its taps are {names:?}", self.arch),
+                )
             })?;
             wanted.push(i);
         }
         let Some(&last) = wanted.iter().max() else {
-            return Err(PyValueError::new_err(
-                "layers: expected at least one tap name, got none",
+            return Err(argument_error(
+                "layers",
+                "expected at least one tap name, got none",
             ));
         };
         let x = x.0;
@@ -307,19 +325,20 @@ impl BackboneModel {
     #[pyo3(signature = (x, n_threads))]
     fn logits(&self, py: Python<'_>, x: PyTensor, n_threads: usize) -> PyResult<PyTensor> {
         self.check_input(&x)?;
-        if !self.has_logits {
-            return Err(PyValueError::new_err(format!(
-                "logits: the weights given for {} have no classifier (fc) parameters",
-                self.arch
-            )));
-        }
         let x = x.0;
         let net = &self.net;
         let scores = run(py, n_threads, move |intr| {
             set_threads(n_threads);
             let net = net.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let x = params::channels_last(&x);
-            tch::no_grad(|| net.logits(&x, intr)).map(|s| s.expect("has_logits was checked"))
+            tch::no_grad(|| net.logits(&x, intr))
+        })?;
+        // Without a classifier `logits` returns None before running anything.
+        let scores = scores.ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "logits: the weights given for {} have no classifier (fc) parameters",
+                self.arch
+            ))
         })?;
         Ok(PyTensor(scores))
     }

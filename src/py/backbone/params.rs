@@ -174,8 +174,8 @@ pub enum Padding {
 
 /// `t` (N, C, H, W) with channels-last strides (the same values, stored NHWC). libtorch's CPU
 /// convolutions run faster on channels-last inputs and weights than on NCHW ones, most of all
-/// the 1 × 1 and depthwise convolutions of mobile networks (Lite0 at 256 px, batch 4: about 25%
-/// less time per image here); each output keeps the layout.
+/// the 1 × 1 and depthwise convolutions of mobile networks (figures in BENCHMARKS.md); each
+/// output keeps the layout.
 /// Tensors of another rank, or empty placeholders, are returned as they are.
 pub fn channels_last(t: &Tensor) -> Tensor {
     if t.dim() != 4 || t.numel() == 0 {

@@ -11,40 +11,15 @@ use crate::interrupt::Interrupt;
 /// torchvision's batch-norm epsilon.
 const BN_EPS: f64 = 1e-5;
 
-pub struct ResNetSpec {
-    pub name: &'static str,
-    bottleneck: bool,
-    blocks: [usize; 4],
+/// One ResNet, with torchvision's structural parameters.
+pub struct ResNetConfig {
+    /// Bottleneck blocks (1x1, 3x3, 1x1; ResNet-50 and wider) instead of BasicBlocks (two 3x3).
+    pub bottleneck: bool,
+    /// Blocks in each of `layer1` .. `layer4`.
+    pub blocks: [usize; 4],
     /// Channels of a bottleneck's 3x3 convolution per 64 output planes (torchvision's `width_per_group`).
-    width_per_group: i64,
+    pub width_per_group: i64,
 }
-
-pub const SPECS: [ResNetSpec; 4] = [
-    ResNetSpec {
-        name: "resnet18",
-        bottleneck: false,
-        blocks: [2, 2, 2, 2],
-        width_per_group: 64,
-    },
-    ResNetSpec {
-        name: "resnet34",
-        bottleneck: false,
-        blocks: [3, 4, 6, 3],
-        width_per_group: 64,
-    },
-    ResNetSpec {
-        name: "resnet50",
-        bottleneck: true,
-        blocks: [3, 4, 6, 3],
-        width_per_group: 64,
-    },
-    ResNetSpec {
-        name: "wide_resnet50_2",
-        bottleneck: true,
-        blocks: [3, 4, 6, 3],
-        width_per_group: 128,
-    },
-];
 
 /// A folded convolution + batch norm with symmetric zero padding `pad`.
 #[allow(clippy::too_many_arguments)]
@@ -82,7 +57,7 @@ impl Block {
     fn load(
         sd: &mut StateDict,
         p: &str,
-        spec: &ResNetSpec,
+        spec: &ResNetConfig,
         cin: i64,
         planes: i64,
         stride: i64,
@@ -188,7 +163,7 @@ pub struct ResNet {
 }
 
 impl ResNet {
-    pub fn load(spec: &ResNetSpec, sd: &mut StateDict) -> Self {
+    pub fn load(spec: &ResNetConfig, sd: &mut StateDict) -> Self {
         let stem = conv_bn(sd, "conv1", "bn1", 3, 64, 7, 2, 3);
         let mut cin = 64;
         let mut layers = vec![];
@@ -229,10 +204,6 @@ impl ResNet {
 impl Backbone for ResNet {
     fn taps(&self) -> &[Tap] {
         &self.taps
-    }
-
-    fn has_logits(&self) -> bool {
-        self.fc.is_some()
     }
 
     fn forward(
