@@ -114,6 +114,16 @@ def test_report_reads_paths(tmp_path, rng):
     _check_self_contained(doc)
 
 
+def test_report_roc_auroc_is_metrics_image_auroc_with_ties(tmp_path):
+    from anomalox.metrics import image_auroc
+
+    labels = [0, 0, 1, 1, 0, 1, 0, 1]
+    scores = [0.1, 0.5, 0.5, 0.9, 0.3, 0.3, 0.7, 0.2]  # ties across classes count one half
+    doc = Path(write_report(tmp_path / "r.html", paths=[None] * 8, scores=scores, threshold=0.5,
+                            gt_labels=labels)).read_text(encoding="utf-8")
+    assert f"AUROC {image_auroc(labels, np.float32(scores)):.4f}" in doc
+
+
 def test_report_validates_lengths(tmp_path):
     with pytest.raises(ValueError, match="gt_labels"):
         write_report(tmp_path / "r.html", paths=[None] * 3, scores=[1.0, 2.0, 3.0], threshold=1.0,

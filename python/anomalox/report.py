@@ -4,7 +4,9 @@
 threshold, the ROC curve, the PRO curve (when ground-truth masks are given) and example grids
 (input, heatmap overlay, ground truth) of the worst false alarms and misses. Plots are inline
 SVG and images base64 PNG data URIs, so the file has no external CSS, JS, fonts or images.
-:func:`overlay` draws one heatmap over one image (pure numpy + PIL).
+:func:`write_evaluation_report` writes it for an :class:`anomalox.Evaluation`.
+:func:`overlay` draws one heatmap over one image (pure numpy + PIL); :func:`write_heatmaps` saves
+one overlay PNG per image.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ import html
 import io
 import numbers
 import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["overlay", "write_report"]
+from anomalox.metrics import image_auroc, pro_curve, roc_curve
+
+if TYPE_CHECKING:
+    from anomalox.evaluate import Evaluation
+
+__all__ = ["overlay", "write_evaluation_report", "write_heatmaps", "write_report"]
 
 _T = np.linspace(0.0, 1.0, 256)[:, None]
 #: Jet colour map, 256 x RGB uint8: dark blue (low) through green and yellow to dark red (high).
@@ -185,8 +192,6 @@ def _colourbar(vmin: float, vmax: float, threshold: float, w=380, h=44) -> str:
 
 def _pro_plot(maps: list[np.ndarray], masks: list, notes: list[str]) -> str:
     """PRO curve over the whole set; maps/masks are resampled to one grid when sizes differ."""
-    from anomalox.metrics import pro_curve
-
     shapes = [m.shape if k is None else np.shape(k) for m, k in zip(maps, masks)]
     h, w = next((np.shape(k) for k in masks if k is not None), shapes[0])
     scale = min(1.0, float(np.sqrt(_PRO_PIXEL_BUDGET / (len(maps) * h * w))))
@@ -227,10 +232,8 @@ def _score_plots(s: np.ndarray, y: np.ndarray | None, thr: float, notes: list[st
     plots = [_plot("Score histogram", "image score", "fraction of class", (edges[0], edges[-1]), (0, ymax),
                    bars + [("vline", thr, "#000", f"threshold {thr:.4g}")])]
     if y is not None and 0 < y.sum() < y.size:
-        from anomalox.metrics import roc_curve
-
         fpr, tpr, _ = (np.asarray(c, float) for c in roc_curve(y, s.astype(np.float32)))
-        auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+        auc = image_auroc(y, s.astype(np.float32))  # the figure evaluate reports
         fpr, tpr = _decimate(fpr, tpr)
         lines = [("line", [0, 1], [0, 1], "#999", "", True),
                  ("line", fpr, tpr, "#d62728", f"AUROC {auc:.4f}", False)]
@@ -350,3 +353,83 @@ def write_report(out_path: str | os.PathLike, *, paths: Sequence[str | None], sc
     with open(out, "w", encoding="utf-8") as f:
         f.write(doc)
     return out
+
+
+def write_evaluation_report(out_path: str | os.PathLike, evaluation: Evaluation, *, title: str = "anomalox report",
+                            metrics: dict[str, Any] | None = None, max_examples: int = 8) -> str:
+    """Write the HTML report of an :func:`anomalox.evaluate` result (see :func:`write_report`).
+
+    Parameters
+    ----------
+    out_path : str or path
+        The HTML file to write.
+    evaluation : Evaluation
+        Its scores, labels and paths; its maps and masks when it kept them
+        (``evaluate(..., keep_maps=True, keep_masks=True)``).
+    title : str
+    metrics : dict, optional
+        The metrics table; default ``evaluation.metrics``.
+    max_examples : int
+        Images per example grid.
+
+    Returns
+    -------
+    str
+        The path written. The threshold drawn is the detector's, else the F1-max threshold.
+    """
+    threshold = evaluation.threshold if evaluation.threshold is not None else evaluation.metrics["f1_threshold"]
+    return write_report(out_path, paths=evaluation.paths, scores=evaluation.scores, threshold=threshold,
+                        gt_labels=evaluation.labels, maps=evaluation.maps, gt_masks=evaluation.masks,
+                        metrics=evaluation.metrics if metrics is None else metrics, title=title,
+                        max_examples=max_examples)
+
+
+def _heatmap_names(paths: Sequence[str | None]) -> list[str]:
+    """One file name per image: its path below the images' common folder, so that test/good/000 and
+    test/crack/000 differ; ``image_<i>`` where there is no path."""
+    real = [os.path.abspath(p) for p in paths if p]
+    root = os.path.commonpath([os.path.dirname(p) for p in real]) if real else ""
+    names = []
+    for i, path in enumerate(paths):
+        rel = os.path.splitext(os.path.relpath(os.path.abspath(path), root))[0] if path else f"image_{i:05d}"
+        names.append(rel.replace(os.sep, "_") + "_map.png")
+    return names
+
+
+def write_heatmaps(out_dir: str | os.PathLike, paths: Sequence[str | None], maps: Any, *,
+                   vmin: float | None = None, vmax: float | None = None, alpha: float = 0.5) -> list[str]:
+    """Save one heatmap overlay PNG per image into ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir : str or path
+        Folder to write into (created).
+    paths : sequence of str or None, length N
+        The images under the maps; None draws the map over a gray canvas of the map's size.
+    maps : array (N, H, W) or list of (H_i, W_i) float arrays
+    vmin, vmax : float, optional
+        The colour scale (see :func:`overlay`); default the min and max over all maps, so colours
+        compare across images.
+    alpha : float
+        Weight of the colour map in the blend.
+
+    Returns
+    -------
+    list of str
+        The files written, in order: ``<path below the common folder, "/" as "_">_map.png``
+        (``image_<i>_map.png`` without a path).
+    """
+    maps = list(maps)
+    if len(maps) != len(paths):
+        raise ValueError(f"maps: expected {len(paths)} maps (one per path), got {len(maps)}")
+    lo = float(min(np.min(m) for m in maps)) if vmin is None and maps else vmin
+    hi = float(max(np.max(m) for m in maps)) if vmax is None and maps else vmax
+    out = os.fspath(out_dir)
+    os.makedirs(out, exist_ok=True)
+    written = []
+    for path, amap, name in zip(paths, maps, _heatmap_names(paths)):
+        image = path if path else np.full((*np.shape(np.squeeze(amap)), 3), 128, np.uint8)
+        file = os.path.join(out, name)
+        Image.fromarray(overlay(image, amap, lo, hi, alpha)).save(file)
+        written.append(file)
+    return written
