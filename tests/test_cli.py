@@ -70,7 +70,8 @@ def test_predict_writes_csv_in_path_order_and_heatmaps(model_file, mvtec, tmp_pa
     defective = np.array(["/spot/" in p for p in paths])
     assert scores[defective].min() > scores[~defective].max()
     assert {r["label"] for r in rows} <= {"0", "1"}
-    assert len(list(maps.glob("*_map.png"))) == len(paths)
+    expected = sorted(f"{kind}_{i:03d}_map.png" for kind in ("good", "spot") for i in range(4))
+    assert sorted(p.name for p in maps.glob("*")) == expected  # the path below test/, one file each
 
 
 def test_evaluate_prints_a_table_or_json(model_file, mvtec, capsys):
@@ -86,6 +87,7 @@ def test_report_writes_a_self_contained_html(model_file, mvtec, tmp_path):
     assert main(["report", str(model_file), str(mvtec), "--out", str(out), "--quiet"]) == 0
     text = out.read_text()
     assert 'id="metrics"' in text and "data:image/png;base64," in text and "http" not in text.split("<body", 1)[1]
+    assert "PRO curve" in text and 'alt="heatmap"' in text and 'alt="ground truth"' in text  # maps and masks kept
 
 
 def test_demo_wiring_on_a_small_split(monkeypatch, images, tmp_path, capsys):

@@ -40,7 +40,7 @@ from anomalox.exceptions import (  # noqa: E402
 from anomalox.backbone import Backbone  # noqa: E402
 from anomalox import detectors  # noqa: E402
 from anomalox.detectors import *  # noqa: E402,F401,F403  (PatchCore, PaDiM, ...)
-from anomalox.evaluate import evaluate  # noqa: E402
+from anomalox.evaluate import Evaluation, evaluate  # noqa: E402
 from anomalox.persist import load  # noqa: E402
 
 if _core.__torch_version__ not in (REQUIRED_TORCH, "unknown"):  # pragma: no cover
@@ -54,6 +54,7 @@ __version__: str = _core.__version__
 __all__ = [
     "AnomaloxError",
     "Backbone",
+    "Evaluation",
     "InternalError",
     "KernelArgumentError",
     "ModelFileError",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -87,7 +86,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from anomalox.report import overlay
+    from anomalox.report import write_heatmaps
 
     model = _load(args.model, not args.quiet)
     images = args.images[0] if len(args.images) == 1 else args.images
@@ -103,18 +102,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         if args.out:
             out.close()
     if args.maps:
-        from PIL import Image
-
-        os.makedirs(args.maps, exist_ok=True)
-        vmin = float(min(m.min() for m in result.maps))
-        vmax = float(max(m.max() for m in result.maps))
-        real = [p for p in result.paths if p]
-        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in real]) if real else ""
-        for i, (path, amap) in enumerate(zip(result.paths, result.maps)):
-            # The path below the common folder names the file, so test/good/000 and test/crack/000 differ.
-            rel = os.path.splitext(os.path.relpath(os.path.abspath(path), root))[0] if path else f"image_{i:05d}"
-            name = rel.replace(os.sep, "_")
-            Image.fromarray(overlay(path, amap, vmin, vmax)).save(os.path.join(args.maps, f"{name}_map.png"))
+        write_heatmaps(args.maps, result.paths, result.maps)
     if args.out:
         print(f"scored {len(result.scores)} images; wrote {args.out}" + (f" and heatmaps in {args.maps}" if args.maps else ""))
 
@@ -128,26 +116,17 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import anomalox
 
-    result = anomalox.evaluate(_load(args.model, not args.quiet), args.test_dir)
-    result.pop("inspection")
-    print(json.dumps(result, indent=2) if args.json else _metrics_table(result))
-
-
-def _report(model: Any, test_dir: str, out: str) -> dict[str, Any]:
-    from anomalox.evaluate import _evaluate
-    from anomalox.report import write_report
-
-    result, labeled, masks = _evaluate(model, test_dir)
-    ins = result.pop("inspection")
-    if masks is not None:  # good images have no mask file: shown as none in the report
-        masks = [m if path else None for m, path in zip(masks, labeled.mask_paths)]
-    write_report(out, paths=ins.paths, scores=ins.scores, threshold=model.threshold_ if model.threshold_ is not None else result["f1_threshold"],
-                 gt_labels=labeled.labels, maps=ins.maps, gt_masks=masks, metrics=result, title=f"anomalox report: {test_dir}")
-    return result
+    evaluation = anomalox.evaluate(_load(args.model, not args.quiet), args.test_dir)
+    print(json.dumps(evaluation.metrics, indent=2) if args.json else _metrics_table(evaluation.metrics))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    _report(_load(args.model, not args.quiet), args.test_dir, args.out)
+    import anomalox
+    from anomalox.report import write_evaluation_report
+
+    model = _load(args.model, not args.quiet)
+    evaluation = anomalox.evaluate(model, args.test_dir, keep_maps=True, keep_masks=True)
+    write_evaluation_report(args.out, evaluation, title=f"anomalox report: {args.test_dir}")
     print(f"wrote {args.out}")
 
 

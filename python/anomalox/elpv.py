@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ def load_elpv() -> tuple[list[str], np.ndarray, list[str]]:
     return paths, np.asarray(probs, dtype=np.float64), types
 
 
-def demo_split(n_train: int, seed: int = 0, cell_type: str | None = None) -> dict:
+def demo_split(n_train: int, seed: int = 0, cell_type: str | None = None) -> dict[str, Any]:
     """A one-class split: train on defect-free cells, test on defect-free and defective ones.
 
     Parameters
