@@ -41,7 +41,7 @@ from anomalox.backbone import Backbone  # noqa: E402
 from anomalox import detectors  # noqa: E402
 from anomalox.detectors import *  # noqa: E402,F401,F403  (PatchCore, PaDiM, ...)
 from anomalox.evaluate import Evaluation, evaluate  # noqa: E402
-from anomalox.persist import load  # noqa: E402
+from anomalox.persist import load, save  # noqa: E402
 
 if _core.__torch_version__ not in (REQUIRED_TORCH, "unknown"):  # pragma: no cover
     raise ImportError(
@@ -61,6 +61,7 @@ __all__ = [
     "NotFittedError",
     "evaluate",
     "load",
+    "save",
     "metrics",
     "ops",
     "__version__",

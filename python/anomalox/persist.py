@@ -6,6 +6,10 @@ SHA-256 instead); metadata (all strings): ``format`` = ``anomalox-detector``, ``
 ``anomalox_version``, ``class``, ``params`` and ``state`` (JSON), ``backbone`` (JSON: name and
 weights reference) and ``checksum``, the SHA-256 of every tensor (name, dtype, shape, bytes) and
 of the other metadata. Loading checks all of it before building anything.
+
+Detectors are read and written through their public state contract only (``state_dict``,
+``load_state_dict``, ``build_backbone``, ``get_params``); this module registers ``save`` as the
+writer behind ``BaseDetector.save``, so detectors never import it.
 """
 
 from __future__ import annotations
@@ -20,22 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
+import anomalox
+from anomalox import detectors
+from anomalox.detectors import BaseDetector
+from anomalox.exceptions import ModelFileError
+from anomalox.weights import read_state_dict, sha256_file
+
 FORMAT = "anomalox-detector"
 FORMAT_VERSION = "1"
 
 __all__ = ["load", "save", "ModelFileError"]
-
-
-class ModelFileError(ValueError):
-    """A file that is not a readable anomalox detector (wrong format, corrupt, incompatible)."""
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _checksum(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> str:
@@ -61,38 +59,22 @@ def _jsonable(value: Any) -> Any:
 
 
 def _user_weights(weights: Any) -> dict[str, np.ndarray]:
-    from anomalox.backbone import _load_file, _unwrap
-
-    if isinstance(weights, Mapping):
-        state = _unwrap(weights, "the state_dict given")
-    elif str(weights).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(os.fspath(weights))
-    else:
-        state = _load_file(os.fspath(weights))
-    return {k: v.detach().cpu().contiguous().numpy() for k, v in state.items()}
+    return {k: v.detach().cpu().contiguous().numpy() for k, v in read_state_dict(weights).items()}
 
 
-def save(detector: Any, path: str | os.PathLike) -> str:
-    """Write a fitted detector to `path` (one safetensors file); returns the path."""
+def save(detector: BaseDetector, path: str | os.PathLike[str]) -> str:
+    """Write a fitted detector to `path` (one safetensors file); returns the path.
+
+    Also ``detector.save(path)`` and ``anomalox.save(detector, path)``. Raises ``NotFittedError``
+    before ``fit``, and ``ValueError`` when backbone parameters changed after ``fit``.
+    """
     from safetensors.numpy import save_file
 
-    import anomalox
-
-    detector._check_fitted()
-    changed = detector._changed_since_fit()
-    if changed:
-        raise ValueError(
-            f"detector: {', '.join(changed)} changed (set_params) after fit, so the fitted state no longer "
-            f"matches the parameters; refit it (or set them back) before saving"
-        )
+    fitted = detector.state_dict()
     params = detector.get_params(deep=False)
     tensors: dict[str, np.ndarray] = {}
     state: dict[str, Any] = {}
-    for name, value in vars(detector).items():
-        if not name.endswith("_") or name.startswith("_") or name == "backbone_":
-            continue
+    for name, value in fitted.items():
         if isinstance(value, np.ndarray):
             tensors[f"state.{name}"] = np.ascontiguousarray(value)
         else:
@@ -101,7 +83,7 @@ def save(detector: Any, path: str | os.PathLike) -> str:
     reference: dict[str, Any] = {"name": backbone.name, "layers": list(backbone.layers)}
     if backbone.weights_path is not None:
         reference.update(kind="default", tag=params["weights"], file=os.path.basename(backbone.weights_path),
-                         sha256=_sha256_file(backbone.weights_path))
+                         sha256=sha256_file(backbone.weights_path))
     else:
         reference["kind"] = "embedded"
         for k, v in _user_weights(params["weights"]).items():
@@ -149,15 +131,12 @@ def _read(path: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     return metadata, tensors
 
 
-def load(path: str | os.PathLike) -> Any:
+def load(path: str | os.PathLike[str]) -> BaseDetector:
     """Read a detector written by ``save``; it scores bit-identically to the saved one.
 
     Raises ``ModelFileError`` (a ValueError) for a pickle, a truncated or corrupt file, a wrong
     checksum, or a format version this anomalox cannot read; nothing in the file is executed.
     """
-    import anomalox
-    from anomalox import detectors
-
     path = os.fspath(path)
     metadata, tensors = _read(path)
     if metadata.get("format") != FORMAT:
@@ -170,7 +149,7 @@ def load(path: str | os.PathLike) -> Any:
     if metadata.get("checksum") != _checksum(tensors, metadata):
         raise ModelFileError(f"{path!r} fails its checksum: the file was corrupted or modified")
     cls = getattr(detectors, metadata.get("class", ""), None)
-    if not (isinstance(cls, type) and issubclass(cls, detectors.BaseDetector)):
+    if not (isinstance(cls, type) and issubclass(cls, BaseDetector)):
         raise ModelFileError(f"{path!r} holds an unknown detector class {metadata.get('class')!r}")
     params = json.loads(metadata["params"])
     reference = json.loads(metadata["backbone"])
@@ -179,21 +158,22 @@ def load(path: str | os.PathLike) -> Any:
     else:
         params["weights"] = reference.get("tag")
     detector = cls(**params)
-    backbone = detector._make_backbone()
+    backbone = detector.build_backbone()
     if list(backbone.layers) != reference["layers"]:
         raise ModelFileError(
             f"{path!r} was fitted on taps {reference['layers']}, but this anomalox resolves {list(backbone.layers)}"
         )
-    if reference["kind"] == "default" and _sha256_file(backbone.weights_path) != reference["sha256"]:
+    if reference["kind"] == "default" and sha256_file(backbone.weights_path) != reference["sha256"]:
         raise ModelFileError(
             f"{path!r} was fitted with backbone weights {reference['file']} (sha256 {reference['sha256'][:12]}…), "
             f"but the file found here ({backbone.weights_path}) differs"
         )
-    for name, value in json.loads(metadata["state"]).items():
-        setattr(detector, name, tuple(value) if isinstance(value, list) else value)
-    for name, value in tensors.items():
-        if name.startswith("state."):
-            setattr(detector, name[len("state."):], value)
-    detector.backbone_ = backbone
-    detector._fitted_with = detector._structural_params()
-    return detector
+    state = {name: tuple(value) if isinstance(value, list) else value for name, value in json.loads(metadata["state"]).items()}
+    state.update({name[len("state."):]: value for name, value in tensors.items() if name.startswith("state.")})
+    try:
+        return detector.load_state_dict(state, backbone=backbone)
+    except ValueError as exc:
+        raise ModelFileError(f"{path!r} does not hold the state of a {cls.__name__}: {exc}") from exc
+
+
+BaseDetector.register_saver(save)

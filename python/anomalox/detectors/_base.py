@@ -7,15 +7,23 @@ A detector subclass implements three hooks:
 - ``_score_features(features)``: ``(scores or None, maps)`` with ``maps`` (n, h, w) on the feature
   grid; ``None`` scores mean "the maximum of the smoothed map at input resolution".
 - ``_summary()``: a short description of the fitted state for the repr.
+
+and declares three tables: ``learned_attributes`` (the names ``_fit_features`` returns: the
+fitted state that ``state_dict`` exports and model files hold), ``_parameter_constraints`` (its
+own parameters' constraints, checked by ``fit``; the shared ones are declared here) and
+``_default_layers`` (its default taps per tap naming, see ``anomalox.detectors.families``).
+Its docstring lists its own parameters and the line ``<shared parameters>``, replaced by the
+shared parameters' text.
 """
 
 from __future__ import annotations
 
 import html
-import numbers
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from numbers import Real
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -25,8 +33,24 @@ from sklearn.exceptions import NotFittedError
 from anomalox import ops
 from anomalox.backbone import Backbone
 from anomalox.data import Source, as_source
+from anomalox.detectors.families import rules_for
+from anomalox.params import POSITIVE_INT, Interval, Unchecked, check, validate_params
 
-__all__ = ["BaseDetector", "Inspection", "NotFittedError"]
+__all__ = ["BaseDetector", "Inspection", "NotFittedError", "SHARED_PARAMETERS_DOC", "as_rows", "seed_from", "stack_taps"]
+
+# Placed in each detector's Parameters section in place of the line "    <shared parameters>".
+SHARED_PARAMETERS_DOC = """\
+    image_size, crop_size : int or (h, w)
+        Resize target and optional center crop (maps then cover the crop).
+    weights : see ``anomalox.Backbone``; device : "cpu" or "cuda[:N]"
+    batch_size : int
+        Images per forward pass.
+    validation_fraction : float in [0, 1); contamination : float in (0, 0.5)
+        ``fit`` holds out ``validation_fraction`` of the images (not learned from) and sets
+        ``threshold_`` at the ``1 - contamination`` quantile of their scores.
+    random_state : int or None; n_threads : int or None; verbose : bool (progress bars)"""
+
+_SHARED_MARKER = "    <shared parameters>"
 
 
 @dataclass
@@ -109,27 +133,58 @@ def _n_batches(source: Source) -> int | None:
         return None
 
 
-def _check_fraction(value: Any, name: str, low: float, high: float, include_low: bool) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
-    ok = ok and (low <= value if include_low else low < value) and value < high
-    if not ok:
-        bracket = "[" if include_low else "("
-        raise ValueError(f"{name}: expected a number in {bracket}{low}, {high}), got {value!r}")
-    return float(value)
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)
+_BACKBONE = Unchecked("anomalox.Backbone")
+_CONTAMINATION = [Interval(Real, 0.0, 0.5, closed="neither")]
 
 
 class BaseDetector(BaseEstimator):
-    """Shared machinery; see the module docstring. Not used directly."""
+    """Shared machinery; see the module docstring. Not used directly.
 
-    # Subclasses: default taps per backbone family, and the sigma of the map smoothing.
-    _default_layers: dict[str, tuple[str, ...]] = {}
-    _sigma: float = 4.0
+    State contract: ``learned_attributes`` names what ``fit`` learns; ``state_dict()`` exports it
+    (with ``threshold_``) and ``load_state_dict(state)`` restores it, rebuilding the backbone from
+    the parameters. Model files (``anomalox.save`` / ``anomalox.load``) go through these only.
+    """
+
+    # Subclasses: the names _fit_features returns (besides threshold_ and backbone_, set here).
+    learned_attributes: ClassVar[tuple[str, ...]] = ()
+    # Subclasses: default taps per tap naming (FamilyRules.taps), and the sigma of the map smoothing.
+    _default_layers: ClassVar[dict[str, tuple[str, ...]]] = {}
+    _sigma: ClassVar[float] = 4.0
+    # The parameters every detector has; a subclass's table adds its own (see parameter_constraints).
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "backbone": [_BACKBONE],
+        "layers": [_BACKBONE],
+        "image_size": [_BACKBONE],
+        "crop_size": [_BACKBONE],
+        "weights": [_BACKBONE],
+        "device": [_BACKBONE],
+        "batch_size": [POSITIVE_INT],
+        "validation_fraction": [Interval(Real, 0.0, 1.0, closed="left")],
+        "contamination": _CONTAMINATION,
+        "random_state": [Unchecked("numpy.random.default_rng")],
+        "n_threads": [POSITIVE_INT, None],
+        "verbose": [Unchecked("its truth value selects progress bars")],
+    }
+    # The model-file writer, registered by anomalox.persist (detectors never import it).
+    _saver: ClassVar[Callable[[BaseDetector, str | os.PathLike[str]], str] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__doc__ and _SHARED_MARKER in cls.__doc__:
+            cls.__doc__ = cls.__doc__.replace(_SHARED_MARKER, SHARED_PARAMETERS_DOC)
+
+    @classmethod
+    def parameter_constraints(cls) -> dict[str, list[Any]]:
+        """Every parameter's constraints: the shared table merged with the subclasses' own."""
+        merged: dict[str, list[Any]] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("_parameter_constraints", {}))
+        return merged
+
+    @classmethod
+    def register_saver(cls, saver: Callable[[BaseDetector, str | os.PathLike[str]], str]) -> None:
+        """Make ``detector.save(path)`` call ``saver(detector, path)`` (``anomalox.persist`` registers its own)."""
+        BaseDetector._saver = saver
 
     # ------------------------------------------------------------------ hooks
     def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -141,14 +196,17 @@ class BaseDetector(BaseEstimator):
     def _summary(self) -> str:
         return ""
 
+    def _check_params(self) -> None:
+        """Subclass rules the constraint table cannot express (called by fit before anything is changed)."""
+
     # --------------------------------------------------------------- helpers
     def _layers_for(self, backbone: str) -> tuple[str, ...] | None:
         if self.layers is not None:
             return (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
-        family = "efficientnet_lite" if backbone.startswith("efficientnet_lite") else "resnet"
-        return self._default_layers.get(family)
+        return self._default_layers.get(rules_for(backbone).taps)
 
-    def _make_backbone(self) -> Backbone:
+    def build_backbone(self) -> Backbone:
+        """A new backbone for the current parameters (``backbone``, ``layers``, sizes, weights, device)."""
         name = str(self.backbone).replace("-", "_")
         return Backbone(
             name,
@@ -159,18 +217,17 @@ class BaseDetector(BaseEstimator):
             center_crop=self.crop_size,
         )
 
-    def _check_common(self) -> None:
-        _check_positive_int(self.batch_size, "batch_size")
-        _check_fraction(self.validation_fraction, "validation_fraction", 0.0, 1.0, include_low=True)
-        _check_fraction(self.contamination, "contamination", 0.0, 0.5, include_low=False)
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "backbone_")
 
-    def _check_fitted(self) -> None:
+    def check_is_fitted(self) -> None:
+        """Raise ``NotFittedError`` unless ``fit`` (or ``load_state_dict``) has run."""
         if not hasattr(self, "backbone_"):
             raise NotFittedError(
                 f"This {type(self).__name__} instance is not fitted yet: call fit(X) with images of good parts first"
             )
 
-    def _progress(self, total: int | None, desc: str, unit: str = "img"):
+    def _progress(self, total: int | None, desc: str, unit: str = "img") -> Any:
         if not self.verbose:
             return _Silent()
         try:  # notebook bars need ipywidgets; without it tqdm.auto only warns, so use text bars
@@ -180,12 +237,12 @@ class BaseDetector(BaseEstimator):
             from tqdm import tqdm
         return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
-    def _features(self, backbone: Backbone, items: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Size, list]:
+    def _features(self, backbone: Backbone, items: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Size, list[Any]]:
         x, sizes = backbone.preprocessing.transform(items if len(items) > 1 else items[0], backbone.device)
         feats = backbone.features(x, preprocess=False, n_threads=self.n_threads)
         return {k: v.cpu() for k, v in feats.items()}, x.shape[-2:], sizes
 
-    def _split(self, source: Source) -> tuple[Iterator, list[Any]]:
+    def _split(self, source: Source) -> tuple[Iterator[Any], list[Any]]:
         """The training batches and the held-out validation items (never put in the model)."""
         rng = np.random.default_rng(self.random_state)
         if source.sized:
@@ -197,7 +254,7 @@ class BaseDetector(BaseEstimator):
             return source.iter_batches(self.batch_size, train), [source.items[i] for i in val]
         held: list[Any] = []
 
-        def batches():
+        def batches() -> Iterator[tuple[list[Any], None]]:
             for items, _ in source.iter_batches(self.batch_size):
                 x = items[0]
                 per_image = list(x) if isinstance(x, (torch.Tensor, np.ndarray)) and len(x.shape) == 4 else [x]
@@ -215,7 +272,7 @@ class BaseDetector(BaseEstimator):
             full = ops.gaussian_blur(full, sigma=self._sigma, n_threads=self.n_threads)
         return full
 
-    def _postprocess(self, full: torch.Tensor, input_size: torch.Size, sizes: list) -> list[np.ndarray]:
+    def _postprocess(self, full: torch.Tensor, input_size: torch.Size, sizes: list[Any]) -> list[np.ndarray]:
         """Input-resolution maps → each image's own size (with a crop: the crop's resolution)."""
         # The fitted backbone's crop, not self.crop_size: set_params after fit must not mix the two.
         if self.backbone_.preprocessing.center_crop is not None:
@@ -240,18 +297,18 @@ class BaseDetector(BaseEstimator):
         -------
         self
         """
-        self._check_common()
+        validate_params(self.parameter_constraints(), self.get_params(deep=False))
         self._check_params()
         learned = {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
         for k in learned:
             delattr(self, k)
         try:
-            backbone = self._make_backbone()
+            backbone = self.build_backbone()
             source = as_source(X, "train")
             train_batches, held = self._split(source)
             bar = self._progress(None if not source.sized else len(source) - len(held), "fit: features")
 
-            def features():
+            def features() -> Iterator[dict[str, torch.Tensor]]:
                 n = 0
                 for items, _ in train_batches:
                     feats, _, _ = self._features(backbone, items)
@@ -266,6 +323,11 @@ class BaseDetector(BaseEstimator):
 
             with bar:
                 state = self._fit_features(features())
+            if set(state) != set(self.learned_attributes):
+                raise TypeError(
+                    f"{type(self).__name__}._fit_features returned {sorted(state)}, but its learned_attributes "
+                    f"list {sorted(self.learned_attributes)}: the two must name the same attributes"
+                )
             for k, v in state.items():
                 setattr(self, k, v)
             self.backbone_ = backbone
@@ -304,8 +366,43 @@ class BaseDetector(BaseEstimator):
                 changed.append(k)
         return changed
 
-    def _check_params(self) -> None:
-        """Subclass parameter checks (called by fit before anything is changed)."""
+    def state_dict(self) -> dict[str, Any]:
+        """The fitted state, by attribute name: ``learned_attributes`` and ``threshold_``.
+
+        Arrays are the detector's own (not copies); the backbone is not included (it is rebuilt
+        from the parameters). Raises ``NotFittedError`` before ``fit``, and ``ValueError`` when
+        backbone parameters were changed (``set_params``) after ``fit``: the state would not
+        match them.
+        """
+        self.check_is_fitted()
+        changed = self._changed_since_fit()
+        if changed:
+            raise ValueError(
+                f"detector: {', '.join(changed)} changed (set_params) after fit, so the fitted state no longer "
+                f"matches the parameters; refit it (or set them back) before saving"
+            )
+        return {name: getattr(self, name) for name in (*self.learned_attributes, "threshold_")}
+
+    def load_state_dict(self, state: Mapping[str, Any], backbone: Backbone | None = None) -> BaseDetector:
+        """Restore a ``state_dict()``: the detector then scores as the one it came from.
+
+        `backbone` is this detector's ``build_backbone()`` when the caller has already built
+        (and checked) it; None builds it. Raises ``ValueError`` when `state` does not name
+        exactly ``learned_attributes`` and ``threshold_``.
+        """
+        expected = {*self.learned_attributes, "threshold_"}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"state: expected the attributes {sorted(expected)} of a {type(self).__name__}, "
+                f"got {len(missing)} missing {missing} and {len(unexpected)} unexpected {unexpected}"
+            )
+        backbone = self.build_backbone() if backbone is None else backbone
+        for name in expected:
+            setattr(self, name, state[name])
+        self.backbone_ = backbone
+        self._fitted_with = self._structural_params()
+        return self
 
     def _inspect(self, source: Source, desc: str = "score") -> Inspection:
         scores: list[np.ndarray] = []
@@ -339,7 +436,7 @@ class BaseDetector(BaseEstimator):
         Folders are read in sorted path order (an MVTec category: its ``test`` folder); the
         outputs follow that order, and ``paths`` says which image each row is.
         """
-        self._check_fitted()
+        self.check_is_fitted()
         return self._inspect(as_source(X, "test"))
 
     def decision_function(self, X: Any) -> np.ndarray:
@@ -356,7 +453,7 @@ class BaseDetector(BaseEstimator):
 
     def predict(self, X: Any) -> np.ndarray:
         """0 (normal) / 1 (anomalous) per image: score > ``threshold_``."""
-        self._check_fitted()
+        self.check_is_fitted()
         if self.threshold_ is None:
             raise ValueError(
                 "threshold_: this detector has no threshold (validation_fraction=0 and no set_threshold call); "
@@ -366,18 +463,18 @@ class BaseDetector(BaseEstimator):
 
     def set_threshold(self, X_normal: Any, contamination: float | None = None) -> BaseDetector:
         """Set ``threshold_`` at the ``1 - contamination`` quantile of the scores of good images."""
-        self._check_fitted()
+        self.check_is_fitted()
         contamination = self.contamination if contamination is None else contamination
-        _check_fraction(contamination, "contamination", 0.0, 0.5, include_low=False)
+        check("contamination", contamination, _CONTAMINATION)
         scores = self.decision_function(X_normal)
         self.threshold_ = float(np.quantile(scores.astype(np.float64), 1.0 - contamination))
         return self
 
-    def save(self, path: str) -> str:
-        """Write the fitted detector to one safetensors file (see ``anomalox.load``)."""
-        from anomalox.persist import save
-
-        return save(self, path)
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Write the fitted detector to one safetensors file: ``anomalox.save(self, path)``."""
+        if BaseDetector._saver is None:
+            raise RuntimeError("save: no model-file writer is registered; import anomalox (anomalox.persist registers it)")
+        return BaseDetector._saver(self, path)
 
     # ------------------------------------------------------------------ repr
     def __repr__(self, N_CHAR_MAX: int = 700) -> str:
@@ -393,7 +490,12 @@ class BaseDetector(BaseEstimator):
         return f"<pre>{html.escape(repr(self))}</pre>"
 
 
-def stack_taps(features: dict[str, torch.Tensor], layers: tuple[str, ...], pool: int = 0, mode: str = "bilinear") -> torch.Tensor:
+def stack_taps(
+    features: dict[str, torch.Tensor],
+    layers: tuple[str, ...],
+    pool: int = 0,
+    mode: Literal["bilinear", "nearest"] = "bilinear",
+) -> torch.Tensor:
     """Concatenate the taps on the first tap's grid: (n, sum C, h, w).
 
     ``pool`` > 1 first averages each tap over a pool × pool neighbourhood (stride 1, zero padding

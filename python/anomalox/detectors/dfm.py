@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from numbers import Real
 from typing import Any
 
 import numpy as np
 import torch
 
-from anomalox._convert import positive_int
-from anomalox.detectors._base import BaseDetector, _check_fraction
+from anomalox.detectors._base import BaseDetector
+from anomalox.params import POSITIVE_INT, Interval, Options
 
 
 class DFM(BaseDetector):
@@ -43,13 +45,7 @@ class DFM(BaseDetector):
     pca_variance : float in (0, 1)
         Fraction of the training variance the kept components explain.
     score : {"fre", "nll"}
-    image_size, crop_size : int or (h, w)
-        Resize target and optional center crop (maps then cover the crop).
-    weights : see ``anomalox.Backbone``; device : "cpu" or "cuda[:N]"
-    batch_size : int; validation_fraction : float in [0, 1); contamination : float in (0, 0.5)
-        ``fit`` holds out ``validation_fraction`` of the images (not in the PCA) and sets
-        ``threshold_`` at the ``1 - contamination`` quantile of their scores.
-    random_state : int or None; n_threads : int or None; verbose : bool (progress bars)
+    <shared parameters>
 
     Attributes
     ----------
@@ -69,7 +65,20 @@ class DFM(BaseDetector):
     >>> scores = model.decision_function(["tile_1.png", "tile_2.png"])
     """
 
+    learned_attributes = (
+        "mean_",
+        "components_",
+        "explained_variance_",
+        "explained_variance_ratio_",
+        "n_components_",
+        "n_train_images_",
+    )
     _default_layers = {"efficientnet_lite": ("_blocks.10",), "resnet": ("layer3",)}
+    _parameter_constraints = {
+        "pooling_kernel_size": [POSITIVE_INT],
+        "pca_variance": [Interval(Real, 0.0, 1.0, closed="neither")],
+        "score": [Options({"fre", "nll"})],
+    }
 
     def __init__(
         self,
@@ -88,7 +97,7 @@ class DFM(BaseDetector):
         random_state: Any = 0,
         n_threads: int | None = None,
         verbose: bool = False,
-    ):
+    ) -> None:
         self.backbone = backbone
         self.layers = layers
         self.pooling_kernel_size = pooling_kernel_size
@@ -110,10 +119,6 @@ class DFM(BaseDetector):
             raise ValueError(
                 f"layers: DFM uses one tap, expected a sequence of one name such as ('layer3',), got {self.layers!r}"
             )
-        positive_int(self.pooling_kernel_size, "pooling_kernel_size")
-        _check_fraction(self.pca_variance, "pca_variance", 0.0, 1.0, include_low=False)
-        if self.score not in ("fre", "nll"):
-            raise ValueError(f"score: expected 'fre' or 'nll', got {self.score!r}")
 
     def _pool(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         (name, tap), k = next(iter(features.items())), int(self.pooling_kernel_size)
@@ -126,7 +131,7 @@ class DFM(BaseDetector):
             tap = torch.nn.functional.avg_pool2d(tap, k)
         return tap
 
-    def _fit_features(self, batches):
+    def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
         x = torch.cat([self._pool(feats).flatten(1) for feats in batches]).double()
         if x.shape[0] < 2:
             raise ValueError(f"X: DFM needs at least 2 training images (after the validation hold-out), got {len(x)}")
@@ -148,7 +153,7 @@ class DFM(BaseDetector):
             "n_train_images_": int(x.shape[0]),
         }
 
-    def _score_features(self, features):
+    def _score_features(self, features: dict[str, torch.Tensor]) -> tuple[np.ndarray, torch.Tensor]:
         pooled = self._pool(features)
         n, c, h, w = pooled.shape
         if c * h * w != self.mean_.shape[0]:

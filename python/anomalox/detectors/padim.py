@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from anomalox import ops
-from anomalox._convert import positive_int
 from anomalox.detectors._base import BaseDetector, seed_from, stack_taps
+from anomalox.detectors.families import rules_for
+from anomalox.params import POSITIVE_INT, Hidden
 
 
 class PaDiM(BaseDetector):
@@ -24,6 +26,9 @@ class PaDiM(BaseDetector):
     Memory: H·W·n_features² · 8 bytes while fitting (Lite0 at 256 px: 64·64·100² → 328 MB), and
     the float32 inverse covariances (half that) once fitted.
 
+    Default ``batch_size`` 16 (not 4 as for PatchCore): every batch reads all the
+    H·W·n_features² statistics once, so small batches cost time.
+
     Parameters
     ----------
     backbone : str
@@ -32,14 +37,9 @@ class PaDiM(BaseDetector):
         Default Lite: ``("_blocks.2", "_blocks.4", "_blocks.10")`` (strides 4, 8, 16: 176
         channels); ResNets: ``("layer1", "layer2", "layer3")``.
     n_features : int, optional
-        Channels kept; default 550 for resnet50 / wide_resnet50_2 and 100 otherwise (capped
-        at the number of channels).
-    batch_size : int
-        Images per forward pass, default 16 (not 4 as for PatchCore): every batch reads all the
-        H·W·n_features² statistics once, so small batches cost time.
-    image_size, crop_size, weights, device, validation_fraction, contamination, random_state,
-    n_threads, verbose
-        As in :class:`anomalox.PatchCore`.
+        Channels kept; default by backbone family (``anomalox.detectors.families``): 550 for
+        resnet50 / wide_resnet50_2 and 100 otherwise (capped at the number of channels).
+    <shared parameters>
 
     Attributes
     ----------
@@ -49,10 +49,12 @@ class PaDiM(BaseDetector):
     threshold_ : float or None
     """
 
+    learned_attributes = ("channels_", "mean_", "inv_cov_", "grid_")
     _default_layers = {
         "efficientnet_lite": ("_blocks.2", "_blocks.4", "_blocks.10"),
         "resnet": ("layer1", "layer2", "layer3"),
     }
+    _parameter_constraints = {"n_features": [POSITIVE_INT, Hidden(None)]}
 
     def __init__(
         self,
@@ -69,7 +71,7 @@ class PaDiM(BaseDetector):
         random_state: Any = 0,
         n_threads: int | None = None,
         verbose: bool = False,
-    ):
+    ) -> None:
         self.backbone = backbone
         self.layers = layers
         self.n_features = n_features
@@ -84,15 +86,11 @@ class PaDiM(BaseDetector):
         self.n_threads = n_threads
         self.verbose = verbose
 
-    def _check_params(self) -> None:
-        if self.n_features is not None:
-            positive_int(self.n_features, "n_features")
-
     def _embed(self, features: dict[str, torch.Tensor], channels: np.ndarray) -> torch.Tensor:
         stacked = stack_taps(features, tuple(features), mode="nearest")
         return stacked[:, torch.from_numpy(channels)].contiguous()
 
-    def _fit_features(self, batches):
+    def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
         accumulator = ops.GaussianAccumulator(n_threads=self.n_threads)
         channels = None
         for feats in batches:
@@ -100,7 +98,7 @@ class PaDiM(BaseDetector):
                 total = sum(f.shape[1] for f in feats.values())
                 wanted = self.n_features
                 if wanted is None:
-                    wanted = 550 if str(self.backbone) in ("resnet50", "wide_resnet50_2") else 100
+                    wanted = rules_for(str(self.backbone)).padim_n_features
                 rng = np.random.default_rng(seed_from(self.random_state))
                 channels = np.sort(rng.choice(total, size=min(wanted, total), replace=False)).astype(np.int64)
             embedding = self._embed(feats, channels)
@@ -111,7 +109,7 @@ class PaDiM(BaseDetector):
         mean, inv_cov = accumulator.finalize(eps=0.01)
         return {"channels_": channels, "mean_": mean.numpy(), "inv_cov_": inv_cov.numpy(), "grid_": grid}
 
-    def _score_features(self, features):
+    def _score_features(self, features: dict[str, torch.Tensor]) -> tuple[None, torch.Tensor]:
         embedding = self._embed(features, self.channels_)
         if tuple(embedding.shape[2:]) != tuple(self.grid_):
             raise ValueError(

@@ -5,17 +5,19 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from typing import Any
+from collections.abc import Iterator
+from numbers import Real
+from typing import IO, Any
 
 import numpy as np
 import torch
 
 from anomalox import ops
-from anomalox._convert import positive_int
-from anomalox.detectors._base import BaseDetector, _check_fraction, as_rows, seed_from, stack_taps
+from anomalox.detectors._base import BaseDetector, as_rows, seed_from, stack_taps
+from anomalox.params import POSITIVE_INT, Hidden, Interval, Options, Unchecked
 
 
-def _read_rows(spill, indices: np.ndarray, width: int) -> np.ndarray:
+def _read_rows(spill: IO[bytes], indices: np.ndarray, width: int) -> np.ndarray:
     """Rows `indices` of the spilled (N, width) float32 file, with plain reads in file order.
 
     Not a memory map: mapped pages of the file would count toward RSS while resident, and fault
@@ -31,7 +33,7 @@ def _read_rows(spill, indices: np.ndarray, width: int) -> np.ndarray:
     return rows
 
 
-def _read_all(spill, n_rows: int, width: int) -> np.ndarray:
+def _read_all(spill: IO[bytes], n_rows: int, width: int) -> np.ndarray:
     """The whole spilled (n_rows, width) float32 file as one array."""
     spill.flush()
     spill.seek(0)
@@ -55,6 +57,9 @@ class PatchCore(BaseDetector):
     therefore picks by projected distance, as anomalib does; ``anomalox.ops.coreset`` on features
     held in memory picks by original-space distance instead (better coverage).
 
+    Default ``batch_size`` 4: on the CPU, larger batches add activation memory (about 35 MB per
+    Lite0 image at 256 px) without running faster; raise it on a GPU.
+
     Parameters
     ----------
     backbone : str
@@ -70,16 +75,7 @@ class PatchCore(BaseDetector):
     projection_dim : int or None
         Dimension of the random projection used to select the coreset; None selects on the full
         features (slower). Features no wider than this are not projected.
-    image_size, crop_size : int or (h, w)
-        Resize target and optional center crop (maps then cover the crop).
-    weights : see ``anomalox.Backbone``; device : "cpu" or "cuda[:N]"
-    batch_size : int
-        Images per forward pass (default 4): on the CPU, larger batches add activation memory
-        (about 35 MB per Lite0 image at 256 px) without running faster; raise it on a GPU.
-    validation_fraction : float in [0, 1); contamination : float in (0, 0.5)
-        ``fit`` holds out ``validation_fraction`` of the images (not put in the bank) and sets
-        ``threshold_`` at the ``1 - contamination`` quantile of their scores.
-    random_state : int or None; n_threads : int or None; verbose : bool (progress bars)
+    <shared parameters>
 
     Attributes
     ----------
@@ -93,7 +89,15 @@ class PatchCore(BaseDetector):
     >>> scores = model.decision_function(["tile_1.png", "tile_2.png"])
     """
 
+    learned_attributes = ("memory_bank_", "n_train_patches_")
     _default_layers = {"efficientnet_lite": ("_blocks.4", "_blocks.10"), "resnet": ("layer2", "layer3")}
+    _parameter_constraints = {
+        # 1 (keep every patch) is allowed, but the message names the selection's range.
+        "coreset_ratio": [Interval(Real, 0.0, 1.0, closed="neither"), Hidden(Options({1}))],
+        "num_neighbors": [POSITIVE_INT],
+        "reweight": [Unchecked("its truth value")],
+        "projection_dim": [POSITIVE_INT, Hidden(None)],
+    }
 
     def __init__(
         self,
@@ -113,7 +117,7 @@ class PatchCore(BaseDetector):
         random_state: Any = 0,
         n_threads: int | None = None,
         verbose: bool = False,
-    ):
+    ) -> None:
         self.backbone = backbone
         self.layers = layers
         self.coreset_ratio = coreset_ratio
@@ -131,17 +135,10 @@ class PatchCore(BaseDetector):
         self.n_threads = n_threads
         self.verbose = verbose
 
-    def _check_params(self) -> None:
-        if self.coreset_ratio != 1:
-            _check_fraction(self.coreset_ratio, "coreset_ratio", 0.0, 1.0, include_low=False)
-        positive_int(self.num_neighbors, "num_neighbors")
-        if self.projection_dim is not None:
-            positive_int(self.projection_dim, "projection_dim")
-
     def _embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return stack_taps(features, tuple(features), pool=3)
 
-    def _fit_features(self, batches):
+    def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
         seed = seed_from(self.random_state)
         projection = None
         n_rows, width = 0, 0
@@ -177,7 +174,7 @@ class PatchCore(BaseDetector):
             bank = _read_rows(spill, np.asarray(chosen), width)
         return {"memory_bank_": bank, "n_train_patches_": n_rows}
 
-    def _score_features(self, features):
+    def _score_features(self, features: dict[str, torch.Tensor]) -> tuple[np.ndarray, torch.Tensor]:
         embedding = self._embed(features)
         n, width, h, w = embedding.shape
         bank = torch.from_numpy(self.memory_bank_)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from anomalox import ops
-from anomalox._convert import positive_int
 from anomalox.detectors._base import BaseDetector, as_rows, stack_taps
+from anomalox.params import POSITIVE_INT
 
 
 def _deepest(features: dict[str, torch.Tensor]) -> str:
@@ -46,13 +47,7 @@ class SPADE(BaseDetector):
         Nearest training images: averaged for the image score, and the patch gallery of the map.
     num_neighbors : int
         Nearest gallery patches averaged for a patch's score (the paper: 1).
-    image_size, crop_size : int or (h, w)
-        Resize target and optional center crop (maps then cover the crop).
-    weights : see ``anomalox.Backbone``; device : "cpu" or "cuda[:N]"
-    batch_size : int; validation_fraction : float in [0, 1); contamination : float in (0, 0.5)
-        ``fit`` holds out ``validation_fraction`` of the images (not kept) and sets
-        ``threshold_`` at the ``1 - contamination`` quantile of their scores.
-    random_state : int or None; n_threads : int or None; verbose : bool (progress bars)
+    <shared parameters>
 
     Attributes
     ----------
@@ -69,7 +64,9 @@ class SPADE(BaseDetector):
     >>> maps = model.anomaly_map(["tile_1.png", "tile_2.png"])
     """
 
+    learned_attributes = ("train_global_", "train_maps_", "global_layer_")
     _default_layers = {"efficientnet_lite": ("_blocks.4", "_blocks.10"), "resnet": ("layer1", "layer2", "layer3")}
+    _parameter_constraints = {"top_k_images": [POSITIVE_INT], "num_neighbors": [POSITIVE_INT]}
 
     def __init__(
         self,
@@ -87,7 +84,7 @@ class SPADE(BaseDetector):
         random_state: Any = 0,
         n_threads: int | None = None,
         verbose: bool = False,
-    ):
+    ) -> None:
         self.backbone = backbone
         self.layers = layers
         self.top_k_images = top_k_images
@@ -103,11 +100,7 @@ class SPADE(BaseDetector):
         self.n_threads = n_threads
         self.verbose = verbose
 
-    def _check_params(self) -> None:
-        positive_int(self.top_k_images, "top_k_images")
-        positive_int(self.num_neighbors, "num_neighbors")
-
-    def _fit_features(self, batches):
+    def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
         global_parts: list[np.ndarray] = []
         map_parts: list[np.ndarray] = []
         name = None
@@ -121,7 +114,7 @@ class SPADE(BaseDetector):
             "global_layer_": name,
         }
 
-    def _score_features(self, features):
+    def _score_features(self, features: dict[str, torch.Tensor]) -> tuple[np.ndarray, torch.Tensor]:
         embedding = stack_taps(features, tuple(features), pool=0)
         n, width, h, w = embedding.shape
         train_maps = torch.from_numpy(self.train_maps_)
