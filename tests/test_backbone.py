@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import anomalox
-from anomalox import Backbone
-from anomalox.backbone import BACKBONES
+from anomalox import Backbone, _core, weights
+from anomalox.backbone import BACKBONES, family_of
 
 torchvision = pytest.importorskip("torchvision")
 skimage_data = pytest.importorskip("skimage.data")
@@ -461,6 +461,71 @@ def test_cuda_features_match_cpu(resnet18):
         assert rel_err(fmap.cpu(), cpu[name]) <= 1e-3  # TF32 / cuDNN algorithms differ from CPU
     lite = Backbone("efficientnet_lite0", device="cuda")
     assert int(lite.logits(skimage_data.chelsea()).argmax()) in IMAGENET_CAT_CLASSES
+
+
+# --- one source of truth: architectures and weights in Python ------------------------------------
+
+
+def test_family_of_every_backbone():
+    families = {name: family_of(name) for name in BACKBONES}
+    assert families == {
+        "efficientnet_lite0": "efficientnet_lite",
+        "efficientnet_lite1": "efficientnet_lite",
+        "efficientnet_lite2": "efficientnet_lite",
+        "resnet18": "resnet",
+        "resnet34": "resnet",
+        "resnet50": "resnet_bottleneck",
+        "wide_resnet50_2": "resnet_bottleneck",
+    }
+    assert all(BACKBONES[name].family == family for name, family in families.items())
+    assert family_of("wide-resnet50-2") == "resnet_bottleneck"
+    with pytest.raises(ValueError, match=r"name: expected one of \[.*'resnet18'.*\], got 'vgg16'"):
+        family_of("vgg16")
+
+
+def test_rust_builds_the_structure_python_gives():
+    """No architecture list in Rust: a ResNet with one BasicBlock per stage, which no name in
+    BACKBONES describes, equals torchvision's when built from its family and config."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]).eval()
+    config = {"layers": (1, 1, 1, 1), "width_per_group": 64}
+    net = _core.BackboneModel("resnet10", "resnet", config, list(model.state_dict().items()), None, 2)
+    x = torch.randn(1, 3, 96, 96)
+    ref_taps, ref_logits = torchvision_taps(model, x)
+    ours = net.features(x, ["layer1", "layer2", "layer3", "layer4"], 2)
+    for ref, got in zip(ref_taps.values(), ours):
+        assert rel_err(got, ref) <= 1e-5
+    assert rel_err(net.logits(x, 2), ref_logits) <= 1e-5
+
+
+def test_read_state_dict_from_a_mapping_and_files(resnet18, tmp_path):
+    sd = resnet18.state_dict()
+    pth = tmp_path / "weights.pth"
+    torch.save({"state_dict": sd}, pth)
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    st = tmp_path / "weights.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(st))
+    for source in (sd, pth, str(st)):
+        state = weights.read_state_dict(source)
+        assert sorted(state) == sorted(sd)
+        assert all(torch.equal(state[k], sd[k]) for k in sd)
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=r"weights: could not read .*garbage\.safetensors"):
+        weights.read_state_dict(bad)
+
+
+def test_sha256_file(tmp_path):
+    import hashlib
+
+    path = tmp_path / "blob"
+    data = os.urandom(3 << 20)
+    path.write_bytes(data)
+    assert weights.sha256_file(str(path)) == hashlib.sha256(data).hexdigest()
+
+
+def test_hub_checkpoint_dir_is_still_reachable_from_backbone():
+    assert anomalox.backbone.hub_checkpoint_dir is weights.hub_checkpoint_dir
 
 
 def test_backbone_is_exported():
