@@ -240,7 +240,9 @@ def test_knn_feature_dimension_mismatch_names_both_dimensions(dq, db):
     q = np.ones((2, dq), F32)
     b = torch.ones(db, 6).T  # transposed tensor bank: the check is on the logical shape
     before = snapshot(q, b)
-    with pytest.raises(ValueError, match=rx(f"bank: expected as many columns as queries (D={dq}), got bank with D={db}")):
+    with pytest.raises(
+        ValueError, match=rx(f"bank: expected as many columns as queries (D={dq}), got bank with D={db}")
+    ):
         ops.knn(q, b, 1)
     assert_unchanged(before, [q, b])
 
@@ -274,14 +276,19 @@ def test_coreset_count_outside_one_to_n(size):
     assert_unchanged(before, [x])
 
 
-@pytest.mark.parametrize("size", [0.0, -0.0, -0.5, 1.0000001, 2.0, float("nan"), float("inf"), -float("inf"), np.float32(1.5)])
+@pytest.mark.parametrize(
+    "size", [0.0, -0.0, -0.5, 1.0000001, 2.0, float("nan"), float("inf"), -float("inf"), np.float32(1.5)]
+)
 def test_coreset_ratio_outside_zero_one(size):
     x = np.ones((10, 3), F32)
     with pytest.raises(ValueError, match=rx(f"size: expected a ratio in (0, 1], got {size}")):
         ops.coreset(x, size)
 
 
-@pytest.mark.parametrize("size,shown", [(True, "True"), (False, "False"), (np.True_, "bool"), (None, "NoneType"), ("3", "str"), ([3], "list")])
+@pytest.mark.parametrize(
+    "size,shown",
+    [(True, "True"), (False, "False"), (np.True_, "bool"), (None, "NoneType"), ("3", "str"), ([3], "list")],
+)
 def test_coreset_size_of_the_wrong_kind_is_a_type_error(size, shown):
     with pytest.raises(TypeError, match=rx("size: expected an int count or a float ratio, got ") + re.escape(shown)):
         ops.coreset(np.ones((10, 3), F32), size)
@@ -363,9 +370,13 @@ def test_gaussian_fit_needs_two_samples():
 
 def test_singular_covariance_without_eps_is_a_clear_value_error():
     x = np.ones((5, 3, 2, 2), F32)  # zero variance: covariance 0, not invertible with eps=0
-    with pytest.raises(ValueError, match=r"^covariance at position 0 \(h=0, w=0\) is not positive definite .*increase eps"):
+    with pytest.raises(
+        ValueError, match=r"^covariance at position 0 \(h=0, w=0\) is not positive definite .*increase eps"
+    ):
         ops.gaussian_fit(x, eps=0.0)
-    with pytest.raises(ValueError, match=r"^inverse covariance at position 0 \(h=0, w=0\) overflows float32; increase eps"):
+    with pytest.raises(
+        ValueError, match=r"^inverse covariance at position 0 \(h=0, w=0\) overflows float32; increase eps"
+    ):
         ops.gaussian_fit(x, eps=1e-300)
     assert np.isfinite(ops.gaussian_fit(x, eps=0.01)[1]).all()
 
@@ -378,12 +389,12 @@ def test_accumulator_refused_batch_leaves_the_state_unchanged():
     bad[1, 2, 1, 0] = np.nan
     before = snapshot(bad)
     for batch, exc in [
-        (bad, ValueError),                                # NaN
-        (good[3:, :2], ValueError),                       # other channel count
-        (good[3:, :, :1], ValueError),                    # other height
-        (good[3:, :, :, :0], ValueError),                 # empty
-        (good[3:, 0], ValueError),                        # rank 3
-        (good[3:].astype(np.int32), TypeError),           # dtype
+        (bad, ValueError),  # NaN
+        (good[3:, :2], ValueError),  # other channel count
+        (good[3:, :, :1], ValueError),  # other height
+        (good[3:, :, :, :0], ValueError),  # empty
+        (good[3:, 0], ValueError),  # rank 3
+        (good[3:].astype(np.int32), TypeError),  # dtype
     ]:
         with pytest.raises(exc, match="^features: "):
             acc.partial_fit(batch)
@@ -408,7 +419,9 @@ def test_accumulator_refused_first_batch_does_not_fix_the_shape():
 
 def test_accumulator_batch_shape_mismatch_names_expected_and_given_shape():
     acc = ops.GaussianAccumulator().partial_fit(np.zeros((2, 2, 3, 3), F32))
-    with pytest.raises(ValueError, match=rx("features: expected batches of shape (B, 2, 3, 3) like the first batch, got (4, 3, 3, 3)")):
+    with pytest.raises(
+        ValueError, match=rx("features: expected batches of shape (B, 2, 3, 3) like the first batch, got (4, 3, 3, 3)")
+    ):
         acc.partial_fit(torch.zeros(4, 3, 3, 3))
 
 
@@ -416,15 +429,40 @@ def test_accumulator_batch_shape_mismatch_names_expected_and_given_shape():
     "f_shape,m_shape,p_shape,message",
     [
         # channels of features vs mean
-        ((2, 4, 2, 2), (4, 3), (4, 3, 3), "mean: expected shape (4, 4) to match features (2, 4, 2, 2) (H*W, C), got (4, 3)"),
+        (
+            (2, 4, 2, 2),
+            (4, 3),
+            (4, 3, 3),
+            "mean: expected shape (4, 4) to match features (2, 4, 2, 2) (H*W, C), got (4, 3)",
+        ),
         # positions of features vs mean
-        ((2, 3, 3, 2), (4, 3), (4, 3, 3), "mean: expected shape (6, 3) to match features (2, 3, 3, 2) (H*W, C), got (4, 3)"),
+        (
+            (2, 3, 3, 2),
+            (4, 3),
+            (4, 3, 3),
+            "mean: expected shape (6, 3) to match features (2, 3, 3, 2) (H*W, C), got (4, 3)",
+        ),
         # inv_cov channels
-        ((2, 3, 2, 2), (4, 3), (4, 2, 2), "inv_cov: expected shape (4, 3, 3) to match features (2, 3, 2, 2) (H*W, C, C), got (4, 2, 2)"),
+        (
+            (2, 3, 2, 2),
+            (4, 3),
+            (4, 2, 2),
+            "inv_cov: expected shape (4, 3, 3) to match features (2, 3, 2, 2) (H*W, C, C), got (4, 2, 2)",
+        ),
         # inv_cov not square
-        ((2, 3, 2, 2), (4, 3), (4, 3, 4), "inv_cov: expected shape (4, 3, 3) to match features (2, 3, 2, 2) (H*W, C, C), got (4, 3, 4)"),
+        (
+            (2, 3, 2, 2),
+            (4, 3),
+            (4, 3, 4),
+            "inv_cov: expected shape (4, 3, 3) to match features (2, 3, 2, 2) (H*W, C, C), got (4, 3, 4)",
+        ),
         # inv_cov positions
-        ((2, 3, 2, 2), (4, 3), (5, 3, 3), "inv_cov: expected shape (4, 3, 3) to match features (2, 3, 2, 2) (H*W, C, C), got (5, 3, 3)"),
+        (
+            (2, 3, 2, 2),
+            (4, 3),
+            (5, 3, 3),
+            "inv_cov: expected shape (4, 3, 3) to match features (2, 3, 2, 2) (H*W, C, C), got (5, 3, 3)",
+        ),
     ],
 )
 def test_mahalanobis_dimension_mismatch_names_the_argument_and_both_shapes(f_shape, m_shape, p_shape, message):
@@ -437,7 +475,12 @@ def test_mahalanobis_dimension_mismatch_names_the_argument_and_both_shapes(f_sha
 
 @pytest.mark.parametrize(
     "which,bad_shape,doc",
-    [("mean", (4,), "(H*W, C)"), ("mean", (1, 4, 3), "(H*W, C)"), ("inv_cov", (4, 9), "(H*W, C, C)"), ("inv_cov", (1, 4, 3, 3), "(H*W, C, C)")],
+    [
+        ("mean", (4,), "(H*W, C)"),
+        ("mean", (1, 4, 3), "(H*W, C)"),
+        ("inv_cov", (4, 9), "(H*W, C, C)"),
+        ("inv_cov", (1, 4, 3, 3), "(H*W, C, C)"),
+    ],
 )
 def test_mahalanobis_statistics_of_the_wrong_rank(which, bad_shape, doc):
     mean, inv_cov = _gauss_stats()
@@ -464,7 +507,9 @@ def test_mahalanobis_non_finite_statistics_are_refused(which, value):
     args = {"mean": mean.copy(), "inv_cov": inv_cov.copy()}
     args[which][1, 0] = value
     # The kernel sees a non-finite distance and cannot tell which of the two holds the NaN/Inf.
-    with pytest.raises(ValueError, match=rx("mean/inv_cov: expected finite statistics, but the distance at position 1")):
+    with pytest.raises(
+        ValueError, match=rx("mean/inv_cov: expected finite statistics, but the distance at position 1")
+    ):
         ops.mahalanobis(np.ones((2, 3, 2, 2), F32), **args)
 
 
@@ -539,7 +584,9 @@ def test_a_single_class_in_labels_is_a_value_error_with_the_counts(fn, labels, n
     # must occur") and refused, never NaN.
     with pytest.raises(
         ValueError,
-        match=rx(f"labels: need both normal (0) and anomalous (1) samples, got {normal} normal and {anomalous} anomalous"),
+        match=rx(
+            f"labels: need both normal (0) and anomalous (1) samples, got {normal} normal and {anomalous} anomalous"
+        ),
     ):
         fn(labels, S)
 
@@ -572,7 +619,9 @@ def test_non_finite_scores(fn, value, shown):
 def test_label_and_score_dtypes(fn):
     # labels: int or bool (numpy or torch) of 0/1 only; anything else is a TypeError.
     for labels in (Y.astype(np.float32), Y.astype(np.float64), Y.astype(np.complex64), Y.astype(str), Y.astype(object)):
-        with pytest.raises(TypeError, match=rx(f"labels: expected an int or bool array (N) of 0/1, got dtype {labels.dtype}")):
+        with pytest.raises(
+            TypeError, match=rx(f"labels: expected an int or bool array (N) of 0/1, got dtype {labels.dtype}")
+        ):
             fn(labels, S)
     for dt in (torch.float32, torch.float16, torch.complex64):
         with pytest.raises(TypeError, match=rx(f"labels: expected an int or bool tensor (N) of 0/1, got dtype {dt}")):
@@ -584,7 +633,13 @@ def test_label_and_score_dtypes(fn):
             fn(Y, scores)
     # Every int width and bool is fine.
     ref = fn(Y, S)
-    for labels in (Y.astype(np.int8), Y.astype(np.uint64), Y.astype(bool), torch.from_numpy(Y).to(torch.uint8), Y.tolist()):
+    for labels in (
+        Y.astype(np.int8),
+        Y.astype(np.uint64),
+        Y.astype(bool),
+        torch.from_numpy(Y).to(torch.uint8),
+        Y.tolist(),
+    ):
         got = fn(labels, S)
         for a, b in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -603,7 +658,11 @@ def test_label_values_other_than_0_and_1(fn, bad):
 
 @pytest.mark.parametrize("fn", IMAGE_METRICS, ids=IMAGE_IDS)
 def test_empty_image_inputs(fn):
-    for labels, scores in [([], []), (np.zeros(0, int), np.zeros(0, F32)), (torch.zeros(0, dtype=torch.int64), torch.zeros(0))]:
+    for labels, scores in [
+        ([], []),
+        (np.zeros(0, int), np.zeros(0, F32)),
+        (torch.zeros(0, dtype=torch.int64), torch.zeros(0)),
+    ]:
         with pytest.raises(ValueError, match=rx("scores: expected a non-empty array (N), got shape (0,)")):
             fn(labels, scores)
 
@@ -655,7 +714,9 @@ def test_pixel_dtypes_and_values(name):
     fn = PIXEL_METRICS[name]
     with pytest.raises(TypeError, match=rx("masks: expected an int or bool array (N, H, W) of 0/1, got dtype float32")):
         fn(masks.astype(F32), maps)
-    with pytest.raises(TypeError, match=rx("masks: expected an int or bool tensor (N, H, W) of 0/1, got dtype torch.float64")):
+    with pytest.raises(
+        TypeError, match=rx("masks: expected an int or bool tensor (N, H, W) of 0/1, got dtype torch.float64")
+    ):
         fn(torch.from_numpy(masks).double(), maps)
     with pytest.raises(TypeError, match=rx("maps: expected a float32 array (N, H, W), got dtype int64")):
         fn(masks, masks)
@@ -680,7 +741,9 @@ def test_a_single_class_in_masks(name, fill, normal, anomalous):
     _, maps = pixel_data()
     with pytest.raises(
         ValueError,
-        match=rx(f"masks: need both normal (0) and anomalous (1) pixels, got {normal} normal and {anomalous} anomalous"),
+        match=rx(
+            f"masks: need both normal (0) and anomalous (1) pixels, got {normal} normal and {anomalous} anomalous"
+        ),
     ):
         PIXEL_METRICS[name](np.full((2, 6, 5), fill, np.uint8), maps)
 
@@ -694,7 +757,14 @@ def test_pro_at_threshold_needs_a_defect_but_not_a_normal_pixel():
     assert got == pytest.approx(np.mean(maps >= 0.5), abs=1e-12)
 
 
-@pytest.mark.parametrize("threshold,exc,message", [("0.5", TypeError, "threshold: expected a number, got '0.5'"), (None, TypeError, "threshold: expected a number, got None"), (False, TypeError, "threshold: expected a number, got False")])
+@pytest.mark.parametrize(
+    "threshold,exc,message",
+    [
+        ("0.5", TypeError, "threshold: expected a number, got '0.5'"),
+        (None, TypeError, "threshold: expected a number, got None"),
+        (False, TypeError, "threshold: expected a number, got False"),
+    ],
+)
 def test_pro_at_threshold_bad_threshold(threshold, exc, message):
     masks, maps = pixel_data()
     with pytest.raises(exc, match=rx(message)):

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-from conftest import SIZE
 from sklearn.base import clone
 
 import anomalox
 from anomalox import PaDiM, PatchCore
 from anomalox.detectors import NotFittedError
-
+from conftest import SIZE
 
 
 def _patchcore(**kw):
@@ -64,7 +60,9 @@ def _reference_patchcore(model, images, num_neighbors=9):
     layers = list(feats)
     grid = feats[layers[0]].shape[-2:]
     parts = [F.avg_pool2d(feats[name], 3, 1, 1) for name in layers]
-    parts = [p if p.shape[-2:] == grid else F.interpolate(p, size=grid, mode="bilinear", align_corners=False) for p in parts]
+    parts = [
+        p if p.shape[-2:] == grid else F.interpolate(p, size=grid, mode="bilinear", align_corners=False) for p in parts
+    ]
     emb = torch.cat(parts, 1).double()
     n, c, h, w = emb.shape
     rows = emb.permute(0, 2, 3, 1).reshape(n, h * w, c)
@@ -88,11 +86,15 @@ def test_patchcore_matches_a_torch_reference_of_the_published_method(fitted, ima
     # The map is the patch-score grid upsampled (bilinear) and smoothed (sigma 4).
     from scipy.ndimage import gaussian_filter
 
-    up = F.interpolate(torch.from_numpy(expected_patches)[:, None].float(), size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    up = F.interpolate(
+        torch.from_numpy(expected_patches)[:, None].float(), size=(SIZE, SIZE), mode="bilinear", align_corners=False
+    )
     smooth = np.stack([gaussian_filter(m, 4.0, mode="reflect", truncate=4.0) for m in up[:, 0].numpy()])
     np.testing.assert_allclose(fitted.anomaly_map(x), smooth, rtol=1e-3, atol=1e-3)
     plain = clone(fitted).set_params(reweight=False, coreset_ratio=1.0).fit(images[0])
-    np.testing.assert_allclose(plain.decision_function(x), expected_patches.reshape(len(x), -1).max(1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        plain.decision_function(x), expected_patches.reshape(len(x), -1).max(1), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_coreset_bank_is_a_subset_of_training_patches_and_deterministic(images, fitted):
@@ -217,7 +219,11 @@ def test_load_refuses_pickles_truncation_and_tampering(fitted, tmp_path):
         anomalox.load(tmp_path / "tampered.ax")
     from safetensors.numpy import save_file
 
-    save_file({"x": np.zeros(2, np.float32)}, str(tmp_path / "other.ax"), metadata={"format": "anomalox-detector", "format_version": "99"})
+    save_file(
+        {"x": np.zeros(2, np.float32)},
+        str(tmp_path / "other.ax"),
+        metadata={"format": "anomalox-detector", "format_version": "99"},
+    )
     with pytest.raises(anomalox.ModelFileError, match="format version '99'"):
         anomalox.load(tmp_path / "other.ax")
     with pytest.raises(FileNotFoundError, match="no such model file"):
@@ -254,7 +260,9 @@ def test_padim_matches_a_numpy_gaussian_reference(images):
     feats = model.backbone_.features(images[0])
     layers = list(feats)
     grid = feats[layers[0]].shape[-2:]
-    emb = torch.cat([f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="nearest") for f in feats.values()], 1)
+    emb = torch.cat(
+        [f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="nearest") for f in feats.values()], 1
+    )
     emb = emb[:, torch.from_numpy(model.channels_)].double().numpy()  # (N, C, h, w)
     n, c, h, w = emb.shape
     rows = emb.reshape(n, c, h * w).transpose(2, 0, 1)  # (hw, N, C)
@@ -265,13 +273,17 @@ def test_padim_matches_a_numpy_gaussian_reference(images):
     np.testing.assert_allclose(model.inv_cov_, inv, rtol=1e-3, atol=1e-3 * np.abs(inv).max())
     test = images[2][:2]
     tfeats = model.backbone_.features(test)
-    temb = torch.cat([f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="nearest") for f in tfeats.values()], 1)
+    temb = torch.cat(
+        [f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="nearest") for f in tfeats.values()], 1
+    )
     temb = temb[:, torch.from_numpy(model.channels_)].double().numpy().reshape(2, c, h * w).transpose(0, 2, 1)
     delta = temb - mean[None]
     dist = np.sqrt(np.einsum("bpc,pcd,bpd->bp", delta, inv, delta)).reshape(2, h, w)
     from scipy.ndimage import gaussian_filter
 
-    up = F.interpolate(torch.from_numpy(dist)[:, None].float(), size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0].numpy()
+    up = F.interpolate(
+        torch.from_numpy(dist)[:, None].float(), size=(SIZE, SIZE), mode="bilinear", align_corners=False
+    )[:, 0].numpy()
     smooth = np.stack([gaussian_filter(m, 4.0, mode="reflect", truncate=4.0) for m in up])
     np.testing.assert_allclose(model.anomaly_map(test), smooth, rtol=1e-3, atol=1e-3 * smooth.max())
     np.testing.assert_allclose(model.decision_function(test), smooth.max(axis=(1, 2)), rtol=1e-3)

@@ -12,7 +12,6 @@ from numbers import Integral, Real
 
 import numpy as np
 import pytest
-from conftest import SIZE
 
 import anomalox
 from anomalox import detectors
@@ -21,12 +20,23 @@ from anomalox.detectors import DFM, SPADE, BaseDetector, NotFittedError, PaDiM, 
 from anomalox.detectors._base import SHARED_PARAMETERS_DOC
 from anomalox.detectors.families import FAMILIES, rules_for
 from anomalox.params import NON_NEGATIVE_INT, POSITIVE_INT, Hidden, Interval, Options, Unchecked, check, validate_params
+from conftest import SIZE
 
 PACKAGE = pathlib.Path(anomalox.__file__).parent
 DETECTORS = [getattr(detectors, name) for name in detectors.__all__]
 DETECTORS = [c for c in DETECTORS if isinstance(c, type) and issubclass(c, BaseDetector) and c is not BaseDetector]
-SHARED = ["image_size", "crop_size", "weights", "device", "batch_size", "validation_fraction", "contamination",
-          "random_state", "n_threads", "verbose"]
+SHARED = [
+    "image_size",
+    "crop_size",
+    "weights",
+    "device",
+    "batch_size",
+    "validation_fraction",
+    "contamination",
+    "random_state",
+    "n_threads",
+    "verbose",
+]
 
 
 # ----------------------------------------------------------------------- tables and signatures
@@ -176,7 +186,9 @@ def test_state_dict_refuses_an_unfitted_or_changed_detector_and_load_refuses_for
 def test_top_level_save_and_the_method_write_the_same_model(fitted_dfm, images, tmp_path):
     a = anomalox.save(fitted_dfm, tmp_path / "a.ax")
     b = fitted_dfm.save(tmp_path / "b.ax")
-    np.testing.assert_array_equal(anomalox.load(a).decision_function(images[1]), anomalox.load(b).decision_function(images[1]))
+    np.testing.assert_array_equal(
+        anomalox.load(a).decision_function(images[1]), anomalox.load(b).decision_function(images[1])
+    )
 
 
 # ------------------------------------------------------------------------- one-way module contracts
@@ -186,7 +198,11 @@ def _tree(path: pathlib.Path) -> ast.Module:
 
 def test_persist_uses_no_private_detector_attribute_and_imports_no_private_name():
     tree = _tree(PACKAGE / "persist.py")
-    private = [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.endswith("__")]
+    private = [
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.endswith("__")
+    ]
     assert private == []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):

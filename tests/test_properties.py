@@ -146,7 +146,9 @@ def test_coreset_is_a_deterministic_greedy_k_center_selection(data, n, d):
     assert len(np.unique(idx)) == count  # no duplicates
     assert idx.min() >= 0 and idx.max() < n
     # Deterministic for a seed, whatever the thread count or the memory layout.
-    np.testing.assert_array_equal(as_np(ops.coreset(x, size, projection_dim=projection_dim, seed=seed, n_threads=2)), idx)
+    np.testing.assert_array_equal(
+        as_np(ops.coreset(x, size, projection_dim=projection_dim, seed=seed, n_threads=2)), idx
+    )
     x_c = f32_values(x).astype(F32)
     np.testing.assert_array_equal(ops.coreset(x_c, size, projection_dim=projection_dim, seed=seed, n_threads=2), idx)
     # The starting point is the first index and does not depend on the size: greedy selections
@@ -292,7 +294,13 @@ def test_image_auroc_and_aupr_match_sklearn(data, n, levels, kind):
 
 
 @SETTINGS
-@given(data=st.data(), n=st.integers(1, 4), h=st.integers(1, 20), w=st.integers(1, 20), levels=st.sampled_from([None, 4, 30]))
+@given(
+    data=st.data(),
+    n=st.integers(1, 4),
+    h=st.integers(1, 20),
+    w=st.integers(1, 20),
+    levels=st.sampled_from([None, 4, 30]),
+)
 def test_pixel_auroc_matches_sklearn_on_all_pixels(data, n, h, w, levels):
     rng = np.random.default_rng(data.draw(seeds, "seed"))
     if n * h * w < 2:

@@ -22,11 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SIZE
-
 import anomalox
 from anomalox import PaDiM, PatchCore, _core, ops
 from anomalox.detectors import patchcore as patchcore_module
+from conftest import SIZE
 
 
 def _patchcore(**kw):
@@ -111,13 +110,20 @@ def test_non_finite_float_images_are_refused_naming_the_image(pc, images, value,
 def test_non_finite_images_in_a_loader_or_a_float_file_are_refused(pc, images, tmp_path):
     x = torch.from_numpy(_nan_batch(images, np.nan, where=1)).permute(0, 3, 1, 2)
     loader = torch.utils.data.DataLoader([{"image": t} for t in x], batch_size=3)
-    refused(pc, ValueError, r"^images: expected finite pixel values, got NaN/Inf in image 1$", "decision_function", loader)
+    refused(
+        pc, ValueError, r"^images: expected finite pixel values, got NaN/Inf in image 1$", "decision_function", loader
+    )
     plane = np.full((SIZE, SIZE), 0.5, np.float32)
     plane[3, 3] = np.inf
     path = tmp_path / "float.tif"
     Image.fromarray(plane, mode="F").save(path)
-    refused(pc, ValueError, r"^images: expected finite pixel values, got NaN/Inf in image 0 \(.*float\.tif'\)$",
-            "decision_function", str(path))
+    refused(
+        pc,
+        ValueError,
+        r"^images: expected finite pixel values, got NaN/Inf in image 0 \(.*float\.tif'\)$",
+        "decision_function",
+        str(path),
+    )
 
 
 @pytest.mark.parametrize(
@@ -155,8 +161,14 @@ def test_integer_bool_and_complex_images_are_a_type_error_naming_the_dtype(pc, d
     [
         ([], r"^X: expected at least one image, got an empty sequence$"),
         ((), r"^X: expected at least one image, got an empty sequence$"),
-        (np.zeros((0, SIZE, SIZE, 3), np.uint8), r"^X: expected at least one image, got an empty batch of shape \(0, 64, 64, 3\)$"),
-        (torch.zeros(0, 3, SIZE, SIZE), r"^X: expected at least one image, got an empty batch of shape \(0, 3, 64, 64\)$"),
+        (
+            np.zeros((0, SIZE, SIZE, 3), np.uint8),
+            r"^X: expected at least one image, got an empty batch of shape \(0, 64, 64, 3\)$",
+        ),
+        (
+            torch.zeros(0, 3, SIZE, SIZE),
+            r"^X: expected at least one image, got an empty batch of shape \(0, 3, 64, 64\)$",
+        ),
         (np.zeros((0, SIZE, 3), np.uint8), r"^images: expected non-empty images, got shape \(1, 3, 0, 64\)$"),
         (np.zeros((SIZE, 0), np.float32), r"^images: expected non-empty images, got shape \(1, 1, 64, 0\)$"),
         (torch.zeros(3, 0, SIZE), r"^images: expected non-empty images, got shape \(1, 3, 0, 64\)$"),
@@ -189,7 +201,9 @@ def _png16_rgb(path, rgb16: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
 
 
 def test_grayscale_rgba_and_16_bit_files_score_like_the_8_bit_rgb_image(pc, images, tmp_path):
@@ -227,7 +241,13 @@ def test_corrupt_truncated_and_fake_image_files_name_the_file(pc, images, tmp_pa
         refused(pc, ValueError, pattern, "decision_function", path)
         refused(pc, ValueError, pattern, "decision_function", [str(tmp_path / "ok.png"), path])
         refused(pc, ValueError, pattern, "fit", [str(tmp_path / "ok.png")] * 3 + [path])
-    refused(pc, FileNotFoundError, r"^X: no such file or folder: .*missing\.png", "decision_function", str(tmp_path / "missing.png"))
+    refused(
+        pc,
+        FileNotFoundError,
+        r"^X: no such file or folder: .*missing\.png",
+        "decision_function",
+        str(tmp_path / "missing.png"),
+    )
 
 
 def test_folders_skip_other_extensions_but_name_a_fake_image_and_need_images(pc, images, tmp_path):
@@ -263,14 +283,19 @@ def _copy_category(mvtec, tmp_path):
 def test_evaluate_missing_masks_for_some_defect_images_is_a_clear_error(pc, mvtec, tmp_path):
     root = _copy_category(mvtec, tmp_path)
     os.remove(root / "ground_truth/spot/002_mask.png")
-    with pytest.raises(FileNotFoundError, match=r"^ground truth: 1 defect image\(s\) have no mask under .*002\.png.*_mask\.png"):
+    with pytest.raises(
+        FileNotFoundError, match=r"^ground truth: 1 defect image\(s\) have no mask under .*002\.png.*_mask\.png"
+    ):
         anomalox.evaluate(pc, str(root))
 
 
 def test_evaluate_masks_of_the_wrong_size_or_unreadable_name_the_mask(pc, mvtec, tmp_path):
     root = _copy_category(mvtec, tmp_path)
     Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "ground_truth/spot/001_mask.png")
-    with pytest.raises(ValueError, match=r"^ground truth: the mask '.*001_mask\.png' is 48x32 but its image '.*001\.png' \(and its map\) is 64x64$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^ground truth: the mask '.*001_mask\.png' is 48x32 but its image '.*001\.png' \(and its map\) is 64x64$",
+    ):
         anomalox.evaluate(pc, str(root))
     (root / "ground_truth/spot/001_mask.png").write_text("not a mask")
     with pytest.raises(ValueError, match=r"^ground truth: could not read the mask '.*001_mask\.png'"):
@@ -282,14 +307,19 @@ def test_feature_dimension_mismatch_between_fit_and_predict_is_a_clear_error(pc,
     bank = pc.memory_bank_
     try:
         pc.memory_bank_ = np.ascontiguousarray(bank[:, :100])
-        with pytest.raises(ValueError, match=rf"^X: the backbone gives {bank.shape[1]}-dim patch features but memory_bank_ holds 100-dim ones; .*refit"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^X: the backbone gives {bank.shape[1]}-dim patch features but memory_bank_ holds 100-dim ones; .*refit",
+        ):
             pc.decision_function(test_x)
     finally:
         pc.memory_bank_ = bank
     grid = pd.grid_
     try:
         pd.grid_ = (grid[0] + 1, grid[1])
-        with pytest.raises(ValueError, match=r"^X: the features form a .* grid but the Gaussians were fitted on .*refit"):
+        with pytest.raises(
+            ValueError, match=r"^X: the features form a .* grid but the Gaussians were fitted on .*refit"
+        ):
             pd.decision_function(test_x)
     finally:
         pd.grid_ = grid
@@ -311,7 +341,9 @@ def test_set_params_after_fit_does_not_mix_the_fitted_state_with_the_new_paramet
     result = anomalox.evaluate(model, str(mvtec))
     assert result["pixel_auroc"] == baseline["pixel_auroc"] and result["aupro"] == baseline["aupro"]
     # Saving would write the new parameters next to the old state: refused, naming them.
-    with pytest.raises(ValueError, match=r"^detector: layers, image_size, crop_size changed \(set_params\) after fit.*refit"):
+    with pytest.raises(
+        ValueError, match=r"^detector: layers, image_size, crop_size changed \(set_params\) after fit.*refit"
+    ):
         model.save(tmp_path / "mixed.ax")
     assert not (tmp_path / "mixed.ax").exists()
     model.set_params(layers=None, image_size=SIZE, crop_size=None)
@@ -413,7 +445,10 @@ def test_same_random_state_gives_bit_identical_fits_scores_and_maps(images, test
 
 def test_coreset_selection_does_not_depend_on_the_thread_count(images, test_x):
     full = _patchcore(validation_fraction=0.0, n_threads=1).fit(images[0]).memory_bank_
-    banks = {t: _patchcore(coreset_ratio=0.5, validation_fraction=0.0, n_threads=t).fit(images[0]).memory_bank_ for t in (1, 2)}
+    banks = {
+        t: _patchcore(coreset_ratio=0.5, validation_fraction=0.0, n_threads=t).fit(images[0]).memory_bank_
+        for t in (1, 2)
+    }
     # The backbone's convolutions may round differently with another thread count (~1e-6), so
     # compare which training patches were chosen, and the values to a tolerance.
     chosen = {t: ((b[:, None, :] - full[None]) ** 2).sum(-1).argmin(1) for t, b in banks.items()}
@@ -444,7 +479,9 @@ def _panic(*args, **kwargs):
 
 
 @pytest.mark.parametrize("which, kernel", [("pc", "knn"), ("pd", "mahalanobis"), ("pc", "gaussian_blur")])
-def test_a_rust_panic_in_a_detector_call_is_an_internal_error_and_the_detector_survives(which, kernel, request, monkeypatch, images, test_x):
+def test_a_rust_panic_in_a_detector_call_is_an_internal_error_and_the_detector_survives(
+    which, kernel, request, monkeypatch, images, test_x
+):
     model = request.getfixturevalue(which)
     expected = model.decision_function(test_x)
     before = fitted_state(model)
@@ -489,6 +526,7 @@ def _edited(saved, edit) -> bytes:
 def _shape(delta):
     def edit(h):
         h["state.memory_bank_"]["shape"][1] += delta
+
     return edit
 
 

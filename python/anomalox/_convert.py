@@ -84,4 +84,3 @@ def as_int64(x: Any, name: str, n: int) -> np.ndarray:
 def same_kind(arr: np.ndarray, as_torch: bool) -> Any:
     """Return `arr` as a torch tensor (sharing memory) when the input was one."""
     return torch.from_numpy(arr) if as_torch else arr
-

@@ -13,15 +13,18 @@ and stops within about a second on Ctrl-C (``KeyboardInterrupt``).
 from __future__ import annotations
 
 import numbers
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import torch
 
 from anomalox import _core
 from anomalox._convert import as_float32, as_int64, resolve_threads, same_kind
 from anomalox.params import NON_NEGATIVE_INT, POSITIVE_INT, Interval, check
 
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
+# Results are of the kind given: numpy arrays for numpy (or array-like) input, tensors for tensors.
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 __all__ = [
     "GaussianAccumulator",
@@ -36,12 +39,12 @@ __all__ = [
 
 
 def knn(
-    queries: Any,
+    queries: ArrayT,
     bank: Any,
     k: int,
     metric: Literal["euclidean", "sqeuclidean"] = "euclidean",
     n_threads: int | None = None,
-) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
+) -> tuple[ArrayT, ArrayT]:
     """Exact k nearest neighbours of each query row in ``bank``.
 
     Parameters
@@ -76,24 +79,24 @@ def _coreset_count(size: Any, n: int) -> int:
     if isinstance(size, bool):
         raise TypeError(f"size: expected an int count or a float ratio, got {size!r}")
     if isinstance(size, numbers.Integral):
-        if not 1 <= size <= n:
+        if not 1 <= int(size) <= n:
             raise ValueError(f"size: expected a count in [1, {n}] (the number of features), got {size}")
         return int(size)
     if isinstance(size, numbers.Real):
-        if not 0.0 < size <= 1.0:
+        if not 0.0 < float(size) <= 1.0:
             raise ValueError(f"size: expected a ratio in (0, 1], got {size}")
         return max(1, int(float(size) * n))
     raise TypeError(f"size: expected an int count or a float ratio, got {type(size).__name__}")
 
 
 def coreset(
-    features: Any,
+    features: ArrayT,
     size: int | float,
     projection_dim: int | None = 128,
     seed: int = 0,
     n_threads: int | None = None,
     overwrite_features: bool = False,
-) -> np.ndarray | torch.Tensor:
+) -> ArrayT:
     """Greedy k-center (farthest point) coreset selection, as in PatchCore.
 
     Parameters
@@ -155,7 +158,7 @@ def coreset_coverage(features: Any, indices: Any, n_threads: int | None = None) 
     return float(_core.coreset_coverage(x, idx, resolve_threads(n_threads)))
 
 
-def gaussian_fit(features: Any, eps: float = 0.01, n_threads: int | None = None) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
+def gaussian_fit(features: ArrayT, eps: float = 0.01, n_threads: int | None = None) -> tuple[ArrayT, ArrayT]:
     """Per-position Gaussian of feature maps (PaDiM): mean and inverse covariance.
 
     Parameters
@@ -200,7 +203,7 @@ class GaussianAccumulator:
 
     def __init__(self, n_threads: int | None = None) -> None:
         self.n_threads = n_threads
-        self._acc = None
+        self._acc: Any = None
         self._torch = False
 
     @property
@@ -225,7 +228,7 @@ class GaussianAccumulator:
         self._acc.update(x, resolve_threads(self.n_threads))
         return self
 
-    def finalize(self, eps: float = 0.01) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
+    def finalize(self, eps: float = 0.01) -> tuple[Any, Any]:
         """``(mean (H·W, C), inv_cov (H·W, C, C))`` of everything seen so far."""
         if self._acc is None:
             raise ValueError("features: no batch was given to partial_fit; need at least 2 samples")
@@ -233,7 +236,7 @@ class GaussianAccumulator:
         return same_kind(mean, self._torch), same_kind(inv_cov, self._torch)
 
 
-def mahalanobis(features: Any, mean: Any, inv_cov: Any, n_threads: int | None = None) -> np.ndarray | torch.Tensor:
+def mahalanobis(features: ArrayT, mean: Any, inv_cov: Any, n_threads: int | None = None) -> ArrayT:
     """Mahalanobis distance map ``sqrt((x − μ)ᵀ Σ⁻¹ (x − μ))`` at every position.
 
     Parameters
@@ -253,26 +256,25 @@ def mahalanobis(features: Any, mean: Any, inv_cov: Any, n_threads: int | None = 
 
 
 def upsample(
-    maps: Any,
-    size: int | tuple[int, int],
+    maps: ArrayT,
+    size: int | Sequence[int],
     mode: Literal["bilinear", "nearest"] = "bilinear",
     n_threads: int | None = None,
-) -> np.ndarray | torch.Tensor:
+) -> ArrayT:
     """Resize anomaly maps (B, h, w) to ``size`` = (H, W) (or H for a square).
 
     ``"bilinear"`` equals ``torch.nn.functional.interpolate(..., mode="bilinear",
     align_corners=False)``; ``"nearest"`` equals its ``mode="nearest"``.
     """
     m, as_torch = as_float32(maps, "maps", "(B, h, w)")
-    if isinstance(size, numbers.Integral):
-        size = (size, size)
-    if not isinstance(size, (tuple, list)) or len(size) != 2:
+    pair = (size, size) if isinstance(size, numbers.Integral) else size
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise TypeError(f"size: expected an int or a pair of ints (H, W), got {size!r}")
-    height, width = (int(check("size", s, [POSITIVE_INT])) for s in size)
+    height, width = (int(check("size", s, [POSITIVE_INT])) for s in pair)
     return same_kind(_core.upsample(m, height, width, mode, resolve_threads(n_threads)), as_torch)
 
 
-def gaussian_blur(maps: Any, sigma: float = 4.0, n_threads: int | None = None) -> np.ndarray | torch.Tensor:
+def gaussian_blur(maps: ArrayT, sigma: float = 4.0, n_threads: int | None = None) -> ArrayT:
     """Gaussian smoothing of each map (B, H, W).
 
     Separable, kernel radius ``int(4·sigma + 0.5)``, reflect padding: equal to

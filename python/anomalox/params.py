@@ -53,7 +53,8 @@ class Interval:
             raise ValueError(f"kind: expected numbers.Integral or numbers.Real, got {kind!r}")
         if closed not in ("left", "right", "both", "neither"):
             raise ValueError(f"closed: expected 'left', 'right', 'both' or 'neither', got {closed!r}")
-        self.kind, self.left, self.right, self.closed = kind, left, right, closed
+        self.kind: Any = kind  # Any: numbers' ABCs declare no comparison operators
+        self.left, self.right, self.closed = left, right, closed
 
     def is_satisfied_by(self, value: Any) -> bool:
         if isinstance(value, bool) or not isinstance(value, self.kind):

@@ -82,8 +82,12 @@ def save(detector: BaseDetector, path: str | os.PathLike[str]) -> str:
     backbone = detector.backbone_
     reference: dict[str, Any] = {"name": backbone.name, "layers": list(backbone.layers)}
     if backbone.weights_path is not None:
-        reference.update(kind="default", tag=params["weights"], file=os.path.basename(backbone.weights_path),
-                         sha256=sha256_file(backbone.weights_path))
+        reference.update(
+            kind="default",
+            tag=params["weights"],
+            file=os.path.basename(backbone.weights_path),
+            sha256=sha256_file(backbone.weights_path),
+        )
     else:
         reference["kind"] = "embedded"
         for k, v in _user_weights(params["weights"]).items():
@@ -154,7 +158,9 @@ def load(path: str | os.PathLike[str]) -> BaseDetector:
     params = json.loads(metadata["params"])
     reference = json.loads(metadata["backbone"])
     if reference["kind"] == "embedded":
-        params["weights"] = {k[len("weights."):]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("weights.")}
+        params["weights"] = {
+            k[len("weights.") :]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("weights.")
+        }
     else:
         params["weights"] = reference.get("tag")
     detector = cls(**params)
@@ -163,13 +169,17 @@ def load(path: str | os.PathLike[str]) -> BaseDetector:
         raise ModelFileError(
             f"{path!r} was fitted on taps {reference['layers']}, but this anomalox resolves {list(backbone.layers)}"
         )
-    if reference["kind"] == "default" and sha256_file(backbone.weights_path) != reference["sha256"]:
+    found = backbone.weights_path
+    if reference["kind"] == "default" and (found is None or sha256_file(found) != reference["sha256"]):
         raise ModelFileError(
             f"{path!r} was fitted with backbone weights {reference['file']} (sha256 {reference['sha256'][:12]}…), "
-            f"but the file found here ({backbone.weights_path}) differs"
+            f"but the file found here ({found}) differs"
         )
-    state = {name: tuple(value) if isinstance(value, list) else value for name, value in json.loads(metadata["state"]).items()}
-    state.update({name[len("state."):]: value for name, value in tensors.items() if name.startswith("state.")})
+    state = {
+        name: tuple(value) if isinstance(value, list) else value
+        for name, value in json.loads(metadata["state"]).items()
+    }
+    state.update({name[len("state.") :]: value for name, value in tensors.items() if name.startswith("state.")})
     try:
         return detector.load_state_dict(state, backbone=backbone)
     except ValueError as exc:

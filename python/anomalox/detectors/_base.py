@@ -36,7 +36,15 @@ from anomalox.data import Source, as_source
 from anomalox.detectors.families import rules_for
 from anomalox.params import POSITIVE_INT, Interval, Unchecked, check, validate_params
 
-__all__ = ["BaseDetector", "Inspection", "NotFittedError", "SHARED_PARAMETERS_DOC", "as_rows", "seed_from", "stack_taps"]
+__all__ = [
+    "BaseDetector",
+    "Inspection",
+    "NotFittedError",
+    "SHARED_PARAMETERS_DOC",
+    "as_rows",
+    "seed_from",
+    "stack_taps",
+]
 
 # Placed in each detector's Parameters section in place of the line "    <shared parameters>".
 SHARED_PARAMETERS_DOC = """\
@@ -251,7 +259,9 @@ class BaseDetector(BaseEstimator):
             n_val = min(max(n_val, 1 if self.validation_fraction > 0 and n > 1 else 0), n - 1)
             order = rng.permutation(n)
             val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
-            return source.iter_batches(self.batch_size, train), [source.items[i] for i in val]
+            items = source.items
+            assert items is not None  # a sized source holds its items
+            return source.iter_batches(self.batch_size, train), [items[i] for i in val]
         held: list[Any] = []
 
         def batches() -> Iterator[tuple[list[Any], None]]:
@@ -267,7 +277,7 @@ class BaseDetector(BaseEstimator):
 
     def _smooth(self, maps: torch.Tensor, input_size: torch.Size) -> torch.Tensor:
         """Feature-grid maps upsampled to the input resolution and smoothed."""
-        full = ops.upsample(maps.to(torch.float32).contiguous(), tuple(input_size), n_threads=self.n_threads)
+        full = ops.upsample(maps.to(torch.float32).contiguous(), list(input_size), n_threads=self.n_threads)
         if self._sigma > 0:
             full = ops.gaussian_blur(full, sigma=self._sigma, n_threads=self.n_threads)
         return full
@@ -473,7 +483,9 @@ class BaseDetector(BaseEstimator):
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write the fitted detector to one safetensors file: ``anomalox.save(self, path)``."""
         if BaseDetector._saver is None:
-            raise RuntimeError("save: no model-file writer is registered; import anomalox (anomalox.persist registers it)")
+            raise RuntimeError(
+                "save: no model-file writer is registered; import anomalox (anomalox.persist registers it)"
+            )
         return BaseDetector._saver(self, path)
 
     # ------------------------------------------------------------------ repr

@@ -116,7 +116,9 @@ class PaDiM(BaseDetector):
                 f"X: the features form a {tuple(embedding.shape[2:])} grid but the Gaussians were fitted on "
                 f"{tuple(self.grid_)}; the detector was changed after fit: refit it"
             )
-        maps = ops.mahalanobis(embedding, torch.from_numpy(self.mean_), torch.from_numpy(self.inv_cov_), n_threads=self.n_threads)
+        maps = ops.mahalanobis(
+            embedding, torch.from_numpy(self.mean_), torch.from_numpy(self.inv_cov_), n_threads=self.n_threads
+        )
         return None, maps
 
     def _summary(self) -> str:

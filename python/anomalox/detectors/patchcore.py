@@ -144,16 +144,19 @@ class PatchCore(BaseDetector):
         n_rows, width = 0, 0
         # Full-width rows and their projections both go to temporary files with plain writes;
         # the selection space is read back as one array that the selection then works in.
-        with tempfile.TemporaryFile(prefix="anomalox-patches-") as spill, tempfile.TemporaryFile(
-            prefix="anomalox-projected-"
-        ) as projected:
+        with (
+            tempfile.TemporaryFile(prefix="anomalox-patches-") as spill,
+            tempfile.TemporaryFile(prefix="anomalox-projected-") as projected,
+        ):
             for feats in batches:
                 rows = as_rows(self._embed(feats))
                 if n_rows == 0:
                     width = rows.shape[1]
                     if self.projection_dim is not None and width > self.projection_dim:
                         gen = torch.Generator().manual_seed(seed)
-                        projection = torch.randn(width, self.projection_dim, generator=gen) / math.sqrt(self.projection_dim)
+                        projection = torch.randn(width, self.projection_dim, generator=gen) / math.sqrt(
+                            self.projection_dim
+                        )
                 rows.numpy().tofile(spill)
                 if projection is not None:
                     (rows @ projection).numpy().tofile(projected)
@@ -161,7 +164,7 @@ class PatchCore(BaseDetector):
             if self.coreset_ratio == 1:
                 return {"memory_bank_": _read_all(spill, n_rows, width), "n_train_patches_": n_rows}
             if projection is not None:
-                space = _read_all(projected, n_rows, self.projection_dim)
+                space = _read_all(projected, n_rows, projection.shape[1])
             else:
                 space = _read_all(spill, n_rows, width)
             count = max(1, int(self.coreset_ratio * n_rows))
