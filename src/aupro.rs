@@ -7,7 +7,7 @@
 //!
 //! The whole curve comes from ONE sort of all pixels: each pixel becomes an 8-byte record
 //! (order key of its score, global region id or 0 for normal), records are sorted by the
-//! two-level bucket sort of `crate::roc`, and a single sweep adds 1/(region size) to the PRO sum
+//! two-level bucket sort of `crate::record_sort`, and a single sweep adds 1/(region size) to the PRO sum
 //! for anomalous pixels and 1 to the false positive count for normal pixels, closing a curve
 //! point at each distinct score. No per-threshold copy is made. Memory: 8 bytes per sorted
 //! record plus 8 per defect pixel (each mask is labelled once, its defect pixels kept as a
@@ -30,7 +30,7 @@ use rayon::prelude::*;
 
 use crate::error::{KernelError, KernelResult};
 use crate::interrupt::Interrupt;
-use crate::roc::{
+use crate::record_sort::{
     chunk_len, fill_records, key_score, sample_range, sort_planned, Hist, Plan, Records, Spread,
     BATCH,
 };

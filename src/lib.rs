@@ -10,6 +10,7 @@ pub mod error;
 pub mod gaussian;
 pub mod interrupt;
 pub mod knn;
+pub mod record_sort;
 pub mod rng;
 pub mod roc;
 pub mod upsample;
