@@ -111,7 +111,7 @@ where
                 }
             }
             // The worker caught its own panics, so join cannot fail; map it anyway.
-            let outcome = worker.join().unwrap_or_else(|payload| Err(payload));
+            let outcome = worker.join().unwrap_or_else(Err);
             (outcome, signal)
         })
     });
