@@ -38,6 +38,7 @@ fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     m.add_function(wrap_pyfunction!(py::ops::_debug_panic, m)?)?;
     m.add_class::<py::ops::GaussianAccumulator>()?;
     m.add_function(wrap_pyfunction!(py::metrics::auroc, m)?)?;
+    m.add_function(wrap_pyfunction!(py::metrics::pixel_auroc, m)?)?;
     m.add_function(wrap_pyfunction!(py::metrics::aupr, m)?)?;
     m.add_function(wrap_pyfunction!(py::metrics::f1_max, m)?)?;
     m.add_function(wrap_pyfunction!(py::metrics::roc_curve, m)?)?;

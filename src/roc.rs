@@ -66,12 +66,46 @@ struct Sorted {
     negatives: u64,
 }
 
-fn validate(scores: &ArrayView1<f32>, labels: &ArrayView1<bool>) -> KernelResult<()> {
+/// What the input checks call the inputs in their messages: the scores' and the labels' argument
+/// names and the unit one score is for. The metrics are the same for image scores and for the
+/// flattened pixels of anomaly maps; the caller says which, so errors name its own arguments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputNames {
+    pub scores: &'static str,
+    pub labels: &'static str,
+    pub unit: &'static str,
+}
+
+impl InputNames {
+    /// Image-level metrics: `scores`, `labels`, one score per sample.
+    pub const SAMPLES: InputNames = InputNames {
+        scores: "scores",
+        labels: "labels",
+        unit: "samples",
+    };
+    /// Pixel-level metrics: `maps`, `masks`, one score per pixel.
+    pub const PIXELS: InputNames = InputNames {
+        scores: "maps",
+        labels: "masks",
+        unit: "pixels",
+    };
+}
+
+fn validate(
+    scores: &ArrayView1<f32>,
+    labels: &ArrayView1<bool>,
+    names: InputNames,
+) -> KernelResult<()> {
+    let InputNames {
+        scores: s_name,
+        labels: l_name,
+        ..
+    } = names;
     if scores.len() != labels.len() {
         return Err(KernelError::invalid(
-            "labels",
+            l_name,
             format!(
-                "expected as many labels as scores, got {} labels for {} scores",
+                "expected as many {l_name} as {s_name}, got {} {l_name} for {} {s_name}",
                 labels.len(),
                 scores.len()
             ),
@@ -79,8 +113,8 @@ fn validate(scores: &ArrayView1<f32>, labels: &ArrayView1<bool>) -> KernelResult
     }
     if scores.is_empty() {
         return Err(KernelError::invalid(
-            "scores",
-            "expected a non-empty array, got 0 scores",
+            s_name,
+            format!("expected a non-empty array, got 0 {s_name}"),
         ));
     }
     Ok(())
@@ -129,8 +163,12 @@ impl Records for ScoreRecords<'_, '_> {
     }
 }
 
-fn sorted(scores: ArrayView1<f32>, labels: ArrayView1<bool>) -> KernelResult<Sorted> {
-    validate(&scores, &labels)?;
+fn sorted(
+    scores: ArrayView1<f32>,
+    labels: ArrayView1<bool>,
+    names: InputNames,
+) -> KernelResult<Sorted> {
+    validate(&scores, &labels, names)?;
     let src = ScoreRecords {
         scores,
         labels,
@@ -157,14 +195,15 @@ fn sorted(scores: ArrayView1<f32>, labels: ArrayView1<bool>) -> KernelResult<Sor
             |a, b| (a.0 + b.0, a.1.min(b.1), a.2.max(b.2)),
         );
     if key_lo < FINITE_KEYS.start || key_hi >= FINITE_KEYS.end {
-        crate::validate::ensure_finite(&scores, "scores")?; // names the first bad value
+        crate::validate::ensure_finite(&scores, names.scores)?; // names the first bad value
     }
     let negatives = scores.len() as u64 - positives;
     if positives == 0 || negatives == 0 {
         return Err(KernelError::invalid(
-            "labels",
+            names.labels,
             format!(
-                "need both normal (0) and anomalous (1) samples, got {negatives} normal and {positives} anomalous"
+                "need both normal (0) and anomalous (1) {}, got {negatives} normal and {positives} anomalous",
+                names.unit
             ),
         ));
     }
@@ -241,7 +280,17 @@ fn sweep<A: Send>(
 /// O(n) memory (16 bytes per sample) and one parallel sort. The area is accumulated exactly in
 /// integers (twice the area times P·N) and divided once.
 pub fn auroc(scores: ArrayView1<f32>, labels: ArrayView1<bool>) -> KernelResult<f64> {
-    let s = sorted(scores, labels)?;
+    auroc_named(scores, labels, InputNames::SAMPLES)
+}
+
+/// [`auroc`] whose errors call the inputs by `names` (pixel AUROC passes
+/// [`InputNames::PIXELS`]).
+pub fn auroc_named(
+    scores: ArrayView1<f32>,
+    labels: ArrayView1<bool>,
+    names: InputNames,
+) -> KernelResult<f64> {
+    let s = sorted(scores, labels, names)?;
     let parts = sweep(
         &s,
         || 0u128,
@@ -257,7 +306,7 @@ pub fn auroc(scores: ArrayView1<f32>, labels: ArrayView1<bool>) -> KernelResult<
 /// Average precision Σ (Rₖ − Rₖ₋₁)·Pₖ over distinct thresholds, as `average_precision_score`
 /// (step-wise, no interpolation).
 pub fn aupr(scores: ArrayView1<f32>, labels: ArrayView1<bool>) -> KernelResult<f64> {
-    let s = sorted(scores, labels)?;
+    let s = sorted(scores, labels, InputNames::SAMPLES)?;
     let p = s.positives as f64;
     let parts = sweep(
         &s,
@@ -278,7 +327,7 @@ pub fn aupr(scores: ArrayView1<f32>, labels: ArrayView1<bool>) -> KernelResult<f
 /// the lowest threshold wins (what `argmax` over `precision_recall_curve`'s ascending thresholds,
 /// and anomalib's F1Max, pick).
 pub fn f1_max(scores: ArrayView1<f32>, labels: ArrayView1<bool>) -> KernelResult<(f64, f32)> {
-    let s = sorted(scores, labels)?;
+    let s = sorted(scores, labels, InputNames::SAMPLES)?;
     let p = s.positives;
     // Best ratio tp / (tp + fp + p) as (numerator, denominator, threshold); `>=` keeps the lower
     // threshold on ties, within a chunk and across chunks (chunks come in descending threshold
@@ -313,7 +362,7 @@ pub fn roc_curve(
     scores: ArrayView1<f32>,
     labels: ArrayView1<bool>,
 ) -> KernelResult<(Vec<f64>, Vec<f64>, Vec<f32>)> {
-    let s = sorted(scores, labels)?;
+    let s = sorted(scores, labels, InputNames::SAMPLES)?;
     let (p, n) = (s.positives as f64, s.negatives as f64);
     let parts = sweep(
         &s,
@@ -589,5 +638,27 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("scores: expected finite"));
+    }
+
+    #[test]
+    fn auroc_named_errors_use_the_callers_names() {
+        let one_class = Array1::from(vec![false, false, false]);
+        let s = Array1::from(vec![0.1f32, 0.2, 0.3]);
+        let err = auroc_named(s.view(), one_class.view(), InputNames::PIXELS).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "masks: need both normal (0) and anomalous (1) pixels, got 3 normal and 0 anomalous"
+        );
+        let nan = Array1::from(vec![0.1f32, f32::NAN, 0.3]);
+        let l = Array1::from(vec![true, false, true]);
+        let err = auroc_named(nan.view(), l.view(), InputNames::PIXELS).unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("maps: expected finite values, found NaN"));
+        let err = auroc(s.view(), one_class.view()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "labels: need both normal (0) and anomalous (1) samples, got 3 normal and 0 anomalous"
+        );
     }
 }

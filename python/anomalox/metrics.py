@@ -26,6 +26,9 @@ import torch
 from anomalox import _core
 from anomalox._convert import as_float32, resolve_threads, same_kind
 
+#: Three curve arrays (x, y, thresholds): numpy arrays, or torch tensors when the scores were.
+Curve = tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 __all__ = [
     "aupro",
     "f1_max",
@@ -158,7 +161,7 @@ def f1_max(labels: Any, scores: Any, n_threads: int | None = None) -> tuple[floa
     return float(f1), float(threshold)
 
 
-def roc_curve(labels: Any, scores: Any, n_threads: int | None = None):
+def roc_curve(labels: Any, scores: Any, n_threads: int | None = None) -> Curve:
     """ROC curve at every distinct score.
 
     Parameters
@@ -204,15 +207,7 @@ def pixel_auroc(masks: Any, maps: Any, n_threads: int | None = None) -> float:
     maps are not copied when they are C-contiguous float32.
     """
     k, m, _ = _pixel_inputs(masks, maps)
-    try:
-        return float(_core.auroc(m.reshape(-1), k.reshape(-1), resolve_threads(n_threads)))
-    except ValueError as exc:
-        # The image-level kernel names its inputs scores/labels and counts samples.
-        message = str(exc)
-        for old, new in (("scores:", "maps:"), ("labels:", "masks:")):
-            if message.startswith(old):
-                raise ValueError(new + message[len(old):].replace("samples", "pixels")) from None
-        raise
+    return float(_core.pixel_auroc(m.reshape(-1), k.reshape(-1), resolve_threads(n_threads)))
 
 
 def _fpr_limit(value: Any) -> float:
@@ -256,7 +251,7 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3, n_threads: int | None =
     return float(_core.aupro(m, k, _fpr_limit(fpr_limit), resolve_threads(n_threads)))
 
 
-def pro_curve(masks: Any, maps: Any, n_threads: int | None = None):
+def pro_curve(masks: Any, maps: Any, n_threads: int | None = None) -> Curve:
     """The whole PRO curve: FPR and per-region overlap at every distinct score.
 
     Parameters

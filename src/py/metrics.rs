@@ -6,8 +6,9 @@
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray3};
 use pyo3::prelude::*;
 
+use crate::aupro as aupro_k;
 use crate::py::runtime::run;
-use crate::{aupro as aupro_k, roc};
+use crate::roc::{self, InputNames};
 
 /// (false positive rate, true positive rate or PRO, thresholds).
 type Curve<'py> = (
@@ -30,6 +31,21 @@ pub fn auroc(
 ) -> PyResult<f64> {
     let (s, l) = (scores.as_array(), labels.as_array());
     run(py, n_threads, |_| roc::auroc(s, l))
+}
+
+/// AUROC over all pixels: the kernel of `auroc`, with errors naming `maps`, `masks` and pixels.
+#[pyfunction]
+#[pyo3(signature = (maps, masks, n_threads))]
+pub fn pixel_auroc(
+    py: Python<'_>,
+    maps: PyReadonlyArray1<'_, f32>,
+    masks: PyReadonlyArray1<'_, bool>,
+    n_threads: usize,
+) -> PyResult<f64> {
+    let (m, k) = (maps.as_array(), masks.as_array());
+    run(py, n_threads, |_| {
+        roc::auroc_named(m, k, InputNames::PIXELS)
+    })
 }
 
 #[pyfunction]
