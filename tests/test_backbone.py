@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import pickle
 import sys
 from collections import OrderedDict
 
@@ -377,7 +376,9 @@ def test_weight_files_are_never_unpickled_unsafely(tmp_path):
 def test_state_dict_with_missing_keys_names_them(resnet18):
     sd = dict(resnet18.state_dict())
     del sd["layer1.0.conv1.weight"], sd["layer3.1.bn2.running_var"]
-    with pytest.raises(ValueError, match=r"2 missing keys \('layer1\.0\.conv1\.weight', 'layer3\.1\.bn2\.running_var'\)"):
+    with pytest.raises(
+        ValueError, match=r"2 missing keys \('layer1\.0\.conv1\.weight', 'layer3\.1\.bn2\.running_var'\)"
+    ):
         Backbone("resnet18", weights=sd)
 
 

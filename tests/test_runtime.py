@@ -1,6 +1,5 @@
 """The package contract: import, errors, panics, GIL release, Ctrl-C, threads, input kinds."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,9 @@ from anomalox import _convert, _core, ops
 
 
 def run_python(code: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, **kwargs
+    )
 
 
 def test_import_in_a_fresh_interpreter_exposes_version_and_torch_build():

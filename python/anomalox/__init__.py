@@ -13,8 +13,7 @@ def _check_torch() -> str:
         import torch  # noqa: F401  (libtorch must be loaded before the extension)
     except ImportError as exc:  # pragma: no cover - exercised only without torch
         raise ImportError(
-            f"anomalox needs torch=={REQUIRED_TORCH}, but torch is not installed: "
-            f"pip install torch=={REQUIRED_TORCH}"
+            f"anomalox needs torch=={REQUIRED_TORCH}, but torch is not installed: pip install torch=={REQUIRED_TORCH}"
         ) from exc
     found = torch.__version__.split("+")[0]
     if found != REQUIRED_TORCH:
@@ -27,9 +26,10 @@ def _check_torch() -> str:
 
 _check_torch()
 
-from anomalox import _core  # noqa: E402
-from anomalox import metrics  # noqa: E402
-from anomalox import ops  # noqa: E402
+from anomalox import _core, detectors, metrics, ops  # noqa: E402
+from anomalox.backbone import Backbone  # noqa: E402
+from anomalox.detectors import *  # noqa: E402,F401,F403  (PatchCore, PaDiM, ...)
+from anomalox.evaluate import Evaluation, evaluate  # noqa: E402
 from anomalox.exceptions import (  # noqa: E402
     AnomaloxError,
     InternalError,
@@ -37,10 +37,6 @@ from anomalox.exceptions import (  # noqa: E402
     ModelFileError,
     NotFittedError,
 )
-from anomalox.backbone import Backbone  # noqa: E402
-from anomalox import detectors  # noqa: E402
-from anomalox.detectors import *  # noqa: E402,F401,F403  (PatchCore, PaDiM, ...)
-from anomalox.evaluate import Evaluation, evaluate  # noqa: E402
 from anomalox.persist import load, save  # noqa: E402
 
 if _core.__torch_version__ not in (REQUIRED_TORCH, "unknown"):  # pragma: no cover

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -37,7 +37,9 @@ from anomalox.preprocess import (
 )
 from anomalox.weights import hub_checkpoint_dir, hub_default, lite_default, load_file, unwrap
 
-__all__ = ["Backbone", "BACKBONES", "BackboneSpec", "family_of", "hub_checkpoint_dir"]
+__all__ = ["Backbone", "BACKBONES", "BackboneSpec", "Family", "family_of", "hub_checkpoint_dir"]
+
+Family = Literal["efficientnet_lite", "resnet", "resnet_bottleneck"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class BackboneSpec:
     channels of a bottleneck's 3x3 convolution per 64 output planes).
     """
 
-    family: str
+    family: Family
     config: Mapping[str, Any]
     image_size: int
     mean: tuple[float, float, float]
@@ -73,7 +75,7 @@ def _lite(i: int, size: int, width: float, depth: float) -> BackboneSpec:
 
 
 def _resnet(
-    family: str, layers: tuple[int, int, int, int], width_per_group: int, *files: tuple[str, str]
+    family: Family, layers: tuple[int, int, int, int], width_per_group: int, *files: tuple[str, str]
 ) -> BackboneSpec:
     config = {"layers": layers, "width_per_group": width_per_group}
     return BackboneSpec(family, config, 224, IMAGENET_MEAN, IMAGENET_STD, hub_files=files)
@@ -110,7 +112,7 @@ def _canonical(name: Any) -> str:
     return name.replace("-", "_")
 
 
-def family_of(name: str) -> str:
+def family_of(name: str) -> Family:
     """The family of backbone `name`: ``"efficientnet_lite"``, ``"resnet"`` or ``"resnet_bottleneck"``.
 
     `name` is one of ``BACKBONES`` ("-" is read as "_", as ``Backbone`` does).
@@ -218,7 +220,7 @@ class Backbone:
         return dev
 
     def _load(self, spec: BackboneSpec, weights: Any) -> _core.BackboneModel:
-        structure = (self.name, spec.family, dict(spec.config))
+        config = dict(spec.config)
         cuda = self.device.index if self.device.type == "cuda" else None
         n_threads = resolve_threads(None)
         self.weights_path: str | None = None  # set for the default (not user-given) weights
@@ -231,7 +233,7 @@ class Backbone:
         elif isinstance(weights, Mapping):
             self.weights_source = "state_dict"
             state_dict = unwrap(weights, "the state_dict given")
-            return _core.BackboneModel(*structure, list(state_dict.items()), cuda, n_threads)
+            return _core.BackboneModel(self.name, spec.family, config, list(state_dict.items()), cuda, n_threads)
         elif isinstance(weights, (str, os.PathLike)):
             path = os.fspath(weights)
             if not os.path.isfile(path):
@@ -243,9 +245,11 @@ class Backbone:
                 f"got {type(weights).__name__}"
             )
         if path.endswith(".safetensors"):
-            return _core.BackboneModel.from_safetensors(*structure, path, cuda, n_threads)
+            return _core.BackboneModel.from_safetensors(self.name, spec.family, config, path, cuda, n_threads)
         # Read here and referenced nowhere else: the model may keep these tensors instead of copying.
-        return _core.BackboneModel(*structure, list(load_file(path).items()), cuda, n_threads, exclusive=True)
+        return _core.BackboneModel(
+            self.name, spec.family, config, list(load_file(path).items()), cuda, n_threads, exclusive=True
+        )
 
     def _input(self, images: Any, preprocess: bool) -> torch.Tensor:
         if preprocess:

@@ -42,7 +42,9 @@ def unwrap(obj: Any, origin: str) -> dict[str, torch.Tensor]:
                 obj = inner
                 break
     if not isinstance(obj, Mapping):
-        raise ValueError(f"weights: expected a state_dict (a mapping of names to tensors) in {origin}, got {type(obj).__name__}")
+        raise ValueError(
+            f"weights: expected a state_dict (a mapping of names to tensors) in {origin}, got {type(obj).__name__}"
+        )
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(
