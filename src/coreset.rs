@@ -58,11 +58,10 @@ const START_STREAM: u64 = 0xA076_1D64_78BD_642F;
 ///   once each time a point changes assignment). The largest such distance bounds the
 ///   original-space coverage from above, and picking it removes the worst bound, whereas
 ///   picking by projected distance can leave points whose distance the projection
-///   under-states. Measured on BENCHMARKS.md's 31,360 × 1,536 set with p = 128: coverage
-///   median 37.6 instead of 41.2 over 5 seeds (anomalib's `KCenterGreedy`: 40.0), for
-///   about seven exact distances per point in all (0.76 s instead of 0.51 s there). Below 32
-///   dimensions too many assignments are wrong (a test set covered 3× worse at 4), so the
-///   projected distances also decide the pick.
+///   under-states; the cost is a few exact distances per point in all (coverage and time
+///   on the PatchCore-sized set: BENCHMARKS.md). Below 32 dimensions too many assignments
+///   are wrong for the original-space pick to help (it covers worse), so the projected
+///   distances also decide the pick.
 /// - Errors: InvalidArgument for empty features, `size` out of range, `projection_dim`
 ///   of 0, or non-finite values (in the working space); Interrupted if `intr` fires.
 ///
@@ -1443,9 +1442,9 @@ mod tests {
     fn picking_by_original_distance_covers_better_than_by_projected_distance() {
         // Same projection, same start: `coreset` (from MIN_DIM_FOR_ORIGINAL_PICK dimensions on,
         // pick = farthest from its assigned point in the original space) against the greedy on
-        // the projected rows alone. With 4 dimensions the original-space pick covered this set
-        // three times worse (55.1 vs 17.1: most assignments are wrong and every pick mends one
-        // point), hence the threshold; with 8 to 64 it was better each time.
+        // the projected rows alone. With few dimensions the original-space pick covers this set
+        // worse (most assignments are wrong and every pick mends one point), hence the
+        // threshold (figures in BENCHMARKS.md).
         let never = Interrupt::never();
         let x = clustered(4000, 96, 40, 4.0, 23);
         for (p, seed) in [(4, 1), (16, 3), (32, 4), (64, 5)] {

@@ -19,8 +19,8 @@ use crate::error::{KernelError, KernelResult};
 use crate::interrupt::Interrupt;
 
 /// Target size of one task's gathered (positions, B, C) f32 block, about twice an L2 cache:
-/// for 200 × 100 features that is 32 positions (128 B read per plane and block), which
-/// gathered faster than 16 positions (64 B) in a Rust micro-benchmark (96 vs 150 ms per pass).
+/// for 200 × 100 features that is 32 positions (128 B read per plane and block, two cache lines
+/// rather than one, which gathers faster; figures in BENCHMARKS.md).
 const GATHER_BLOCK_BYTES: usize = 4 << 20;
 /// Most positions per task, which also bounds interrupt latency.
 const MAX_POSITIONS_PER_BLOCK: usize = 64;
@@ -53,9 +53,8 @@ fn gather_stride(row_len: usize) -> usize {
 ///
 /// The input is read in runs along the positions of each (b, c) plane: whole blocks when rows
 /// are adjacent in memory (NCHW tensors), otherwise one run per row. Sixteen planes are read
-/// side by side so that their cache misses overlap (several times faster in a micro-benchmark
-/// than one run at a time, which waits on memory at the start of every run), and each step
-/// writes 16 adjacent floats. Planes are visited in memory order of an NCHW tensor (channels
+/// side by side so that their cache misses overlap (one run at a time waits on memory at the
+/// start of every run), and each step writes 16 adjacent floats. Planes are visited in memory order of an NCHW tensor (channels
 /// of one sample, then the next sample), so consecutive reads are one plane apart rather than
 /// one sample apart: with B·C planes of 12.5 KB that was a page-table walk per read.
 /// Elements are read through raw offsets because per-element view indexing costs far more.
@@ -167,10 +166,9 @@ fn try_zeros<T: Clone + Default>(len: usize, arg: &'static str) -> KernelResult<
 
 /// A zero-filled f32 output of `len` values, or an error naming `arg`. Asks the allocator for
 /// zeroed memory, which fresh pages from the OS already are, so no single-threaded pass writes
-/// the zeros before the parallel kernel writes the values: `gaussian_fit` of 200 × 100 × 56 × 56
-/// (a 125 MB inverse) took 0.32-0.33 s instead of 0.37-0.39 s in a Rust harness at 2 threads.
-/// (The accumulator's state keeps `try_zeros`: zeroed memory made its first update slower in
-/// half the benchmark runs.)
+/// the zeros before the parallel kernel writes the values (large outputs, such as PaDiM's
+/// inverse covariances, are written once instead of twice). The accumulator's state keeps
+/// `try_zeros`: zeroed memory did not reliably make its first update faster (BENCHMARKS.md).
 fn try_zeroed_output(len: usize, arg: &'static str) -> KernelResult<Vec<f32>> {
     let error = || allocation_error(arg, len.saturating_mul(4));
     if len == 0 {
