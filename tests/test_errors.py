@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import sklearn.exceptions
@@ -74,6 +76,12 @@ def test_panic_is_an_internal_error():
         _core._debug_panic(2)
     assert isinstance(info.value, anomalox.AnomaloxError)
     assert isinstance(info.value, RuntimeError)
+
+
+def test_kernel_argument_error_keeps_its_argument_through_pickling():
+    err = pickle.loads(pickle.dumps(anomalox.KernelArgumentError("k: expected 1 <= k <= N", "k")))
+    assert isinstance(err, anomalox.KernelArgumentError)
+    assert (str(err), err.arg) == ("k: expected 1 <= k <= N", "k")
 
 
 def test_kernel_argument_error_without_arg():

@@ -37,6 +37,10 @@ class KernelArgumentError(AnomaloxError, ValueError):
         super().__init__(message)
         self.arg = arg
 
+    def __reduce__(self) -> tuple[type[KernelArgumentError], tuple[str, str]]:
+        # Keep `.arg` through pickling (multiprocessing, joblib).
+        return (type(self), (str(self), self.arg))
+
 
 class InternalError(AnomaloxError, RuntimeError):
     """An internal failure (a Rust panic) in anomalox. Please report it with the message."""
