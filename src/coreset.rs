@@ -791,11 +791,11 @@ fn cluster_maxima(
 /// e = 4·(dim + 20)·u. Let z be the pick, c a centre, r² its computed squared radius and
 /// x a member, with computed m = sq_dist(x, c) <= r². Skipping needs
 /// sq_dist(x, z) >= m. If sq_dist(z, c) > 4·r²·(1 + 8e), then in exact terms
-/// d(z,c) > 2r·(1 + 3.5e), d(c,x) <= r·(1 + 0.6e), so d(z,x) >= d(z,c) − d(c,x)
-/// > r·(1 + 6e), hence sq_dist(x, z) >= d(z,x)²·(1 − e) > r² >= m. The test is done in
-/// f64 (no overflow of 4r², no extra rounding), with an absolute term far above the
-/// error from f32 underflow (at most ~dim·2⁻¹⁴⁹). Overflow to +inf only errs towards
-/// scanning (an infinite r² never prunes).
+/// d(z,c) > 2r·(1 + 3.5e), d(c,x) <= r·(1 + 0.6e), so
+/// d(z,x) >= d(z,c) − d(c,x) > r·(1 + 6e), hence sq_dist(x, z) >= d(z,x)²·(1 − e) > r² >= m.
+/// The test is done in f64 (no overflow of 4r², no extra rounding), with an absolute term
+/// far above the error from f32 underflow (at most ~dim·2⁻¹⁴⁹). Overflow to +inf only errs
+/// towards scanning (an infinite r² never prunes).
 #[derive(Clone, Copy)]
 struct PruneMargin {
     rel: f64,

@@ -15,7 +15,10 @@ pub enum KernelError {
 
 impl KernelError {
     pub fn invalid(arg: &'static str, msg: impl Into<String>) -> Self {
-        KernelError::InvalidArgument { arg, msg: msg.into() }
+        KernelError::InvalidArgument {
+            arg,
+            msg: msg.into(),
+        }
     }
 }
 

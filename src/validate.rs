@@ -12,7 +12,12 @@ pub fn ensure_finite<D: Dimension>(x: &ArrayView<f32, D>, arg: &'static str) -> 
         Some(s) => s
             .par_chunks(CHUNK)
             .enumerate()
-            .filter_map(|(c, chunk)| chunk.iter().position(|v| !v.is_finite()).map(|i| c * CHUNK + i))
+            .filter_map(|(c, chunk)| {
+                chunk
+                    .iter()
+                    .position(|v| !v.is_finite())
+                    .map(|i| c * CHUNK + i)
+            })
             .min(),
         None => x.iter().position(|v| !v.is_finite()),
     };
@@ -42,9 +47,14 @@ mod tests {
         assert!(ensure_finite(&a.view(), "x").is_ok());
         a[[200, 3]] = f32::INFINITY;
         let err = ensure_finite(&a.view(), "x").unwrap_err();
-        assert!(err.to_string().starts_with("x: expected finite values, found inf"));
+        assert!(err
+            .to_string()
+            .starts_with("x: expected finite values, found inf"));
         a[[200, 3]] = 0.0;
         a[[5, 7]] = f32::NAN;
-        assert!(ensure_finite(&a.t(), "bank").unwrap_err().to_string().contains("NaN"));
+        assert!(ensure_finite(&a.t(), "bank")
+            .unwrap_err()
+            .to_string()
+            .contains("NaN"));
     }
 }
