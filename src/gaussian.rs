@@ -1,4 +1,6 @@
-//! Per-position multivariate Gaussian statistics (PaDiM) and Mahalanobis scoring.
+//! Per-position multivariate Gaussian statistics (PaDiM): streaming accumulator and one-shot fit
+//! of each position's mean and inverse covariance. Scoring against them is `crate::mahalanobis`;
+//! the gathering of per-position blocks here is shared with it.
 //!
 //! Feature maps are (B, C, H, W); position p = h·W + w (row-major over H, W), which matches
 //! `features.reshape(B, C, H*W)` in numpy/torch: `mean[p, c]`, `inv_cov[p, :, :]`.
@@ -8,15 +10,17 @@
 
 use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
 use faer::linalg::cholesky::llt;
-use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, MatMut, MatRef, Par};
-use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayView4, Axis};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayView4};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{KernelError, KernelResult};
 use crate::interrupt::Interrupt;
+
+/// Scoring lives in `crate::mahalanobis`; kept at this path, where the bindings call it.
+pub use crate::mahalanobis::mahalanobis;
 
 /// Target size of one task's gathered (positions, B, C) f32 block, about twice an L2 cache:
 /// for 200 × 100 features that is 32 positions (128 B read per plane and block, two cache lines
@@ -30,7 +34,7 @@ const MIN_BLOCKS: usize = 48;
 /// Positions per task for gathered rows of `ld` floats; a multiple of 16 (whole cache lines
 /// of an NCHW plane) when possible. Depends only on the shapes, so results do not depend on
 /// the thread count.
-fn positions_per_block(hw: usize, ld: usize) -> usize {
+pub(crate) fn positions_per_block(hw: usize, ld: usize) -> usize {
     let mut by_cache = GATHER_BLOCK_BYTES / (ld.max(1) * 4);
     if by_cache >= 16 {
         by_cache -= by_cache % 16;
@@ -42,7 +46,7 @@ fn positions_per_block(hw: usize, ld: usize) -> usize {
 /// Distance in f32 between consecutive positions of a gather buffer: `row_len` rounded up to
 /// whole cache lines, and an odd number of them, so that the up to 64 rows written together
 /// fall in distinct L1 sets (an 80 KB stride, B=200 and C=100, would alias them all).
-fn gather_stride(row_len: usize) -> usize {
+pub(crate) fn gather_stride(row_len: usize) -> usize {
     let lines = row_len.div_ceil(16);
     16 * (lines | 1)
 }
@@ -58,7 +62,7 @@ fn gather_stride(row_len: usize) -> usize {
 /// of one sample, then the next sample), so consecutive reads are one plane apart rather than
 /// one sample apart: with B·C planes of 12.5 KB that was a page-table walk per read.
 /// Elements are read through raw offsets because per-element view indexing costs far more.
-fn gather_block(features: &ArrayView4<f32>, p0: usize, np: usize, buf: &mut [f32]) {
+pub(crate) fn gather_block(features: &ArrayView4<f32>, p0: usize, np: usize, buf: &mut [f32]) {
     const GROUP: usize = 16;
     let (b_count, c_count, _, w_count) = features.dim();
     let row_len = b_count * c_count;
@@ -130,7 +134,7 @@ fn check_finite(features: &ArrayView4<f32>) -> KernelResult<()> {
     }
 }
 
-fn shape_str(shape: &[usize]) -> String {
+pub(crate) fn shape_str(shape: &[usize]) -> String {
     let parts: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     format!("({})", parts.join(", "))
 }
@@ -819,189 +823,14 @@ pub fn gaussian_fit(
     Ok((mean_out, inv_out))
 }
 
-/// Dot product in a fixed order: eight interleaved partial sums (so that it vectorises instead of
-/// waiting on one chain of additions), added up in order, then the remainder.
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f64>() + tail
-}
-
-/// Mahalanobis distance map (B, H, W): sqrt((x−μ_p)ᵀ Σ_p⁻¹ (x−μ_p)) at every position p = h·W + w.
-///
-/// `mean` is (H·W, C) and `inv_cov` (H·W, C, C), as returned by `finalize`; any strides.
-/// Computed in f64 per position (Δ·Σ⁻¹ with faer, then a row-wise dot with Δ), clamped at 0
-/// before the square root. Non-finite inputs give non-finite distances. Cost O(H·W·B·C²);
-/// memory: the output plus one (≤64 positions, B, C) f32 block and C² + 2·B·C f64 per busy
-/// thread (no full transposed copy of the features).
-pub fn mahalanobis(
-    features: ArrayView4<f32>,
-    mean: ArrayView2<f32>,
-    inv_cov: ArrayView3<f32>,
-    intr: &Interrupt,
-) -> KernelResult<Array3<f32>> {
-    let (b_count, c, h, w) = features.dim();
-    if b_count == 0 || c == 0 || h == 0 || w == 0 {
-        return Err(KernelError::invalid(
-            "features",
-            format!(
-                "expected a non-empty (B, C, H, W) array, got shape {}",
-                shape_str(features.shape())
-            ),
-        ));
-    }
-    let hw = h * w;
-    if mean.dim() != (hw, c) {
-        return Err(KernelError::invalid(
-            "mean",
-            format!(
-                "expected shape ({hw}, {c}) to match features {} (H*W, C), got {}",
-                shape_str(features.shape()),
-                shape_str(mean.shape())
-            ),
-        ));
-    }
-    if inv_cov.dim() != (hw, c, c) {
-        return Err(KernelError::invalid(
-            "inv_cov",
-            format!(
-                "expected shape ({hw}, {c}, {c}) to match features {} (H*W, C, C), got {}",
-                shape_str(features.shape()),
-                shape_str(inv_cov.shape())
-            ),
-        ));
-    }
-    intr.check()?;
-
-    let row_len = b_count * c;
-    let ld = gather_stride(row_len);
-    let pb = positions_per_block(hw, ld);
-    let n_blocks = hw.div_ceil(pb);
-    let features = &features;
-    let blocks: Vec<KernelResult<Vec<f32>>> = (0..n_blocks)
-        .into_par_iter()
-        .map_init(
-            || {
-                (
-                    Vec::<f32>::new(),
-                    vec![0.0f64; row_len],
-                    vec![0.0f64; c * c],
-                    vec![0.0f64; row_len],
-                    vec![0.0f64; b_count],
-                )
-            },
-            |(buf, delta, sigma, t, d2), blk| -> KernelResult<Vec<f32>> {
-                let p0 = blk * pb;
-                let np = pb.min(hw - p0);
-                buf.resize(np * ld, 0.0);
-                gather_block(features, p0, np, buf);
-                // Distances for this block, laid out (np, B).
-                let mut dist = Vec::with_capacity(np * b_count);
-                for (k, src) in buf.chunks_exact(ld).enumerate() {
-                    if intr.is_set() {
-                        return Err(KernelError::Interrupted);
-                    }
-                    let src = &src[..row_len];
-                    let p = p0 + k;
-                    // delta: row-major B×C, x − μ_p in f64.
-                    let mu_p = mean.row(p);
-                    for (drow, srow) in delta.chunks_exact_mut(c).zip(src.chunks_exact(c)) {
-                        for ((dv, &sv), &m) in drow.iter_mut().zip(srow).zip(mu_p.iter()) {
-                            *dv = f64::from(sv) - f64::from(m);
-                        }
-                    }
-                    for (dst, &v) in sigma.iter_mut().zip(inv_cov.index_axis(Axis(0), p).iter()) {
-                        *dst = f64::from(v);
-                    }
-                    // t = Δ Σ⁻¹ (B × C, row-major).
-                    matmul(
-                        MatMut::from_row_major_slice_mut(&mut t[..], b_count, c),
-                        Accum::Replace,
-                        MatRef::from_row_major_slice(&delta[..], b_count, c),
-                        MatRef::from_row_major_slice(&sigma[..], c, c),
-                        1.0f64,
-                        Par::Seq,
-                    );
-                    // Row-wise dot of t and Δ for every sample, in a fixed order.
-                    for ((acc, trow), drow) in
-                        d2.iter_mut().zip(t.chunks_exact(c)).zip(delta.chunks_exact(c))
-                    {
-                        *acc = dot(trow, drow);
-                    }
-                    // Features were checked finite, so a NaN/Inf here comes from mean or
-                    // inv_cov; `max(0.0)` would turn a NaN into a silent 0 ("no anomaly").
-                    if d2.iter().any(|v| !v.is_finite()) {
-                        return Err(KernelError::invalid(
-                            "mean/inv_cov",
-                            format!(
-                                "expected finite statistics, but the distance at position {p} is not finite \
-                                 (mean or inv_cov holds NaN/Inf there, or values that overflow)"
-                            ),
-                        ));
-                    }
-                    dist.extend(d2.iter().map(|&v| v.max(0.0).sqrt() as f32));
-                }
-                Ok(dist)
-            },
-        )
-        .collect();
-    intr.check()?;
-    let mut out = Array3::<f32>::zeros((b_count, h, w));
-    let o = out
-        .as_slice_mut()
-        .expect("freshly allocated array is contiguous");
-    for (blk, res) in blocks.into_iter().enumerate() {
-        let dist = res?;
-        let p0 = blk * pb;
-        for (k, drow) in dist.chunks_exact(b_count).enumerate() {
-            for (b, &d) in drow.iter().enumerate() {
-                o[b * hw + p0 + k] = d;
-            }
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use ndarray::{s, Array4};
+    use ndarray::{s, Array4, Axis};
     use std::sync::atomic::AtomicBool;
 
-    #[test]
-    fn mahalanobis_refuses_non_finite_statistics_instead_of_returning_zero() {
-        let x = Array4::from_shape_fn((3, 2, 1, 2), |(b, c, _, w)| (b * 2 + c + w) as f32 * 0.5);
-        let mean = Array2::<f32>::zeros((2, 2));
-        let mut inv = Array3::<f32>::zeros((2, 2, 2));
-        for p in 0..2 {
-            inv[[p, 0, 0]] = 1.0;
-            inv[[p, 1, 1]] = 1.0;
-        }
-        let flag = AtomicBool::new(false);
-        let intr = Interrupt::new(&flag);
-        assert!(mahalanobis(x.view(), mean.view(), inv.view(), &intr).is_ok());
-        let mut bad_mean = mean.clone();
-        bad_mean[[1, 0]] = f32::NAN;
-        let err = mahalanobis(x.view(), bad_mean.view(), inv.view(), &intr).unwrap_err();
-        assert!(err.to_string().contains("position 1"), "{err}");
-        let mut bad_inv = inv.clone();
-        bad_inv[[0, 1, 0]] = f32::INFINITY;
-        assert!(mahalanobis(x.view(), mean.view(), bad_inv.view(), &intr).is_err());
-    }
-
     /// Deterministic pseudo-random features with some cross-channel correlation.
-    fn features(b: usize, c: usize, h: usize, w: usize, seed: u64) -> Array4<f32> {
+    pub(crate) fn features(b: usize, c: usize, h: usize, w: usize, seed: u64) -> Array4<f32> {
         let mut state = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -1096,7 +925,11 @@ mod tests {
         out
     }
 
-    fn naive_mahalanobis(x: &Array4<f32>, mean: &Array2<f32>, inv: &Array3<f32>) -> Array3<f64> {
+    pub(crate) fn naive_mahalanobis(
+        x: &Array4<f32>,
+        mean: &Array2<f32>,
+        inv: &Array3<f32>,
+    ) -> Array3<f64> {
         let (b, c, h, w) = x.dim();
         let mut out = Array3::<f64>::zeros((b, h, w));
         for bi in 0..b {
@@ -1119,7 +952,7 @@ mod tests {
         out
     }
 
-    fn max_rel_err<D: ndarray::Dimension>(
+    pub(crate) fn max_rel_err<D: ndarray::Dimension>(
         got: &ndarray::Array<f64, D>,
         want: &ndarray::Array<f64, D>,
     ) -> f64 {
@@ -1130,7 +963,7 @@ mod tests {
             / scale
     }
 
-    fn never() -> Interrupt<'static> {
+    pub(crate) fn never() -> Interrupt<'static> {
         Interrupt::never()
     }
 
@@ -1263,43 +1096,6 @@ mod tests {
     }
 
     #[test]
-    fn dot_equals_the_plain_sum_for_every_remainder() {
-        for n in 0..27 {
-            let a: Vec<f64> = (0..n).map(|i| 0.5 + i as f64).collect();
-            let b: Vec<f64> = (0..n).map(|i| 1.0 - 0.25 * i as f64).collect();
-            let want: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            assert!(
-                (dot(&a, &b) - want).abs() <= 1e-12 * (1.0 + want.abs()),
-                "n={n}"
-            );
-        }
-    }
-
-    #[test]
-    fn mahalanobis_matches_naive() {
-        let train = features(30, 7, 3, 3, 5);
-        let test = features(4, 7, 3, 3, 6).mapv(|v| v * 1.5);
-        let (mean, inv) = gaussian_fit(train.view(), 0.01, &never()).unwrap();
-        let d = mahalanobis(test.view(), mean.view(), inv.view(), &never()).unwrap();
-        assert_eq!(d.dim(), (4, 3, 3));
-        let want = naive_mahalanobis(&test, &mean, &inv);
-        let err = max_rel_err(&d.mapv(f64::from), &want);
-        assert!(err < 1e-6, "relative error {err}");
-        assert!(d.iter().all(|&v| v > 0.0));
-        // A single image (B = 1) gives the same distances as inside the batch.
-        let one = mahalanobis(
-            test.slice(s![2..3, .., .., ..]),
-            mean.view(),
-            inv.view(),
-            &never(),
-        )
-        .unwrap();
-        for (a, b) in one.iter().zip(d.index_axis(Axis(0), 2).iter()) {
-            assert!((a - b).abs() <= 1e-6 * b.abs(), "{a} vs {b}");
-        }
-    }
-
-    #[test]
     fn large_position_blocks_spanning_rows_match_naive() {
         // 50×63 positions with few channels: blocks of 64 positions, straddling rows, last partial.
         let (h, w) = (50, 63);
@@ -1316,25 +1112,6 @@ mod tests {
         let d = mahalanobis(test.view(), mean.view(), inv.view(), &never()).unwrap();
         let err = max_rel_err(&d.mapv(f64::from), &naive_mahalanobis(&test, &mean, &inv));
         assert!(err < 1e-6, "relative error {err}");
-    }
-
-    #[test]
-    fn mahalanobis_of_the_mean_is_zero() {
-        let train = features(12, 4, 2, 3, 7);
-        let (mean, inv) = gaussian_fit(train.view(), 0.01, &never()).unwrap();
-        // Feature maps equal to the per-position mean.
-        let mut x = Array4::<f32>::zeros((2, 4, 2, 3));
-        for b in 0..2 {
-            for c in 0..4 {
-                for h in 0..2 {
-                    for w in 0..3 {
-                        x[[b, c, h, w]] = mean[[h * 3 + w, c]];
-                    }
-                }
-            }
-        }
-        let d = mahalanobis(x.view(), mean.view(), inv.view(), &never()).unwrap();
-        assert!(d.iter().all(|&v| v == 0.0));
     }
 
     #[test]

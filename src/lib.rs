@@ -10,6 +10,7 @@ pub mod error;
 pub mod gaussian;
 pub mod interrupt;
 pub mod knn;
+pub mod mahalanobis;
 pub mod record_sort;
 pub mod rng;
 pub mod roc;
