@@ -10,8 +10,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from anomalox import metrics
-
+from anomalox import _core, metrics
 
 # --------------------------------------------------------------------------------------------
 # References
@@ -81,9 +80,7 @@ def image_data(rng, n, levels=None):
 def test_image_auroc_and_aupr_match_sklearn(rng, n, levels):
     labels, scores = image_data(rng, n, levels)
     assert metrics.image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
-    assert metrics.image_aupr(labels, scores) == pytest.approx(
-        average_precision_score(labels, scores), abs=1e-12
-    )
+    assert metrics.image_aupr(labels, scores) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
 
 
 @pytest.mark.parametrize("n,levels", [(3, None), (400, 4), (3000, None), (20_000, 100)])
@@ -261,6 +258,18 @@ def test_a_single_class_is_refused():
         metrics.pixel_auroc(np.zeros((2, 5, 5), bool), maps)
     with pytest.raises(ValueError, match=r"^masks: need at least one anomalous"):
         metrics.pro_at_threshold(np.zeros((2, 5, 5), bool), maps, 0.5)
+
+
+def test_pixel_auroc_kernel_names_maps_masks_and_pixels_itself():
+    # The pixel kernel is told its argument names; Python does not rewrite the image kernel's text.
+    maps = np.array([0.1, 0.2, 0.3, 0.4], np.float32)
+    with pytest.raises(ValueError) as info:
+        _core.pixel_auroc(maps, np.zeros(4, bool), 1)
+    assert str(info.value) == "masks: need both normal (0) and anomalous (1) pixels, got 4 normal and 0 anomalous"
+    with pytest.raises(ValueError, match=r"^maps: expected finite values, found NaN"):
+        _core.pixel_auroc(np.array([0.1, np.nan], np.float32), np.array([True, False]), 1)
+    labels = np.array([True, False, True, False])
+    assert _core.pixel_auroc(maps, labels, 1) == _core.auroc(maps, labels, 1)
 
 
 def test_non_finite_scores_empty_inputs_and_bad_limits_are_refused():
