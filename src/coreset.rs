@@ -867,42 +867,6 @@ fn update_and_argmax(
         .reduce(|| (f32::NEG_INFINITY, usize::MAX), larger_then_lower_index)
 }
 
-/// The unpruned loop (the kernel before triangle-inequality pruning): the pruned one
-/// must return exactly the same indices, since it must leave `min_dist` bit-identical.
-#[cfg(test)]
-pub(crate) fn greedy_plain(
-    x: &[f32],
-    n: usize,
-    dim: usize,
-    size: usize,
-    start: usize,
-    exact: Option<Original>,
-) -> Vec<i64> {
-    let never = Interrupt::never();
-    let mut min_dist = vec![f32::INFINITY; n];
-    let mut key = vec![f32::INFINITY; n];
-    let mut selected = vec![false; n];
-    let mut order = Vec::with_capacity(size);
-    let mut s = start;
-    loop {
-        order.push(s as i64);
-        selected[s] = true;
-        min_dist[s] = 0.0;
-        key[s] = 0.0;
-        if order.len() == size {
-            return order;
-        }
-        let z = &x[s * dim..(s + 1) * dim];
-        let (best, idx) = update_and_argmax(x, dim, z, &mut min_dist, &mut key, exact, s, &never);
-        if best > 0.0 {
-            s = idx;
-        } else {
-            fill_unselected(&mut order, &selected, size);
-            return order;
-        }
-    }
-}
-
 /// Total order for the argmax reduction: larger value wins, then the lower index, so
 /// the result does not depend on how rayon splits the work.
 fn larger_then_lower_index(a: (f32, usize), b: (f32, usize)) -> (f32, usize) {
@@ -949,6 +913,42 @@ mod tests {
     use super::*;
     use ndarray::Array2;
     use std::sync::atomic::AtomicBool;
+
+    /// The unpruned loop (the kernel before triangle-inequality pruning): the pruned one
+    /// must return exactly the same indices, since it must leave `min_dist` bit-identical.
+    fn greedy_plain(
+        x: &[f32],
+        n: usize,
+        dim: usize,
+        size: usize,
+        start: usize,
+        exact: Option<Original>,
+    ) -> Vec<i64> {
+        let never = Interrupt::never();
+        let mut min_dist = vec![f32::INFINITY; n];
+        let mut key = vec![f32::INFINITY; n];
+        let mut selected = vec![false; n];
+        let mut order = Vec::with_capacity(size);
+        let mut s = start;
+        loop {
+            order.push(s as i64);
+            selected[s] = true;
+            min_dist[s] = 0.0;
+            key[s] = 0.0;
+            if order.len() == size {
+                return order;
+            }
+            let z = &x[s * dim..(s + 1) * dim];
+            let (best, idx) =
+                update_and_argmax(x, dim, z, &mut min_dist, &mut key, exact, s, &never);
+            if best > 0.0 {
+                s = idx;
+            } else {
+                fill_unselected(&mut order, &selected, size);
+                return order;
+            }
+        }
+    }
 
     fn random_matrix(n: usize, d: usize, seed: u64) -> Array2<f32> {
         let mut rng = Rng::new(seed);
