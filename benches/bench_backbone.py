@@ -76,9 +76,10 @@ def build(name: str, layers: list[str], side: str, threads: int):
     import torch
 
     torch.set_num_threads(threads)
-    import anomalox  # noqa: F401  (both sides import the same modules: equal baselines)
     import torchvision
     from efficientnet_lite_pytorch import EfficientNet
+
+    import anomalox  # noqa: F401  (both sides import the same modules: equal baselines)
 
     path = weights_file(name)
     x = torch.randn(ARGS.batch, 3, ARGS.size, ARGS.size, generator=torch.Generator().manual_seed(1))
@@ -196,7 +197,7 @@ def main() -> None:
 
     rows = []
     for name in ARGS.models:
-        for label, layers in zip(("default", "full trunk"), MODELS[name]):
+        for layers in MODELS[name]:
             log(f"{name} {layers}: timing ...")
             t = time_pairs(name, layers)
             log(f"{name} {layers}: memory ...")

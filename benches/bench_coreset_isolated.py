@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 CHILD = r"""
 import os, sys, time, json
@@ -55,12 +54,15 @@ def main() -> int:
     code = CHILD.format(bench_dir=bench_dir)
     sys.path.insert(0, bench_dir)
     import numpy as np
+
     from anomalox import ops
     from bench_kernels import make_mixture
 
     x = make_mixture(31360, 1536, structure_seed=11, sample_seed=3)
     dims = [int(p) for p in args.projection_dims.split(",")]
-    runs = [("anomalox", p, f"anomalox (projection_dim={p})") for p in dims] + [("anomalib", 0, "anomalib KCenterGreedy")]
+    runs = [("anomalox", p, f"anomalox (projection_dim={p})") for p in dims] + [
+        ("anomalib", 0, "anomalib KCenterGreedy")
+    ]
     rows: dict[str, list[dict]] = {label: [] for _, _, label in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
@@ -73,8 +75,12 @@ def main() -> int:
                         break
                     # anomalib's loop has been OOM-killed here (its process grew past 23 GB under
                     # plain glibc malloc, see BENCHMARKS.md); that run is reported and retried.
-                    print(f"seed {seed} {label}: exit {res.returncode} (attempt {attempt + 1}); "
-                          f"{res.stderr.strip()[-300:]}", file=sys.stderr, flush=True)
+                    print(
+                        f"seed {seed} {label}: exit {res.returncode} (attempt {attempt + 1}); "
+                        f"{res.stderr.strip()[-300:]}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 else:
                     raise RuntimeError(f"{label} failed 3 times on seed {seed}")
                 r = json.loads(res.stdout.strip().splitlines()[-1])
@@ -91,12 +97,16 @@ def main() -> int:
         ts = [r["seconds"] for r in rs]
         cs = [r["coverage"] for r in rs]
         med[which] = (statistics.median(ts), statistics.median(cs))
-        print(f"| {which} | {med[which][0]:.2f} s | {min(ts):.2f}–{max(ts):.2f} s | {med[which][1]:.3f} | "
-              f"{', '.join(f'{c:.3f}' for c in cs)} | {statistics.median(r['peak_rss_mib'] for r in rs):.0f} |")
+        print(
+            f"| {which} | {med[which][0]:.2f} s | {min(ts):.2f}–{max(ts):.2f} s | {med[which][1]:.3f} | "
+            f"{', '.join(f'{c:.3f}' for c in cs)} | {statistics.median(r['peak_rss_mib'] for r in rs):.0f} |"
+        )
     ref = med["anomalib KCenterGreedy"]
     for _, _, label in runs[:-1]:
-        print(f"\n{label}: speedup (anomalib median / anomalox median) {ref[0] / med[label][0]:.1f}×; "
-              f"coverage ratio (anomalox / anomalib) {med[label][1] / ref[1]:.4f}")
+        print(
+            f"\n{label}: speedup (anomalib median / anomalox median) {ref[0] / med[label][0]:.1f}×; "
+            f"coverage ratio (anomalox / anomalib) {med[label][1] / ref[1]:.4f}"
+        )
     return 0
 
 

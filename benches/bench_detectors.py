@@ -95,7 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=("patchcore", "padim"), default="patchcore")
     p.add_argument("--train", type=int, default=100, help="first N train/good images in sorted order")
     p.add_argument("--quick", action="store_true", help="smoke check: 20 train images, 60 test images")
-    p.add_argument("--json", default=None, help="JSON output path (default benches/results/detectors_<method>[_quick].json)")
+    p.add_argument(
+        "--json", default=None, help="JSON output path (default benches/results/detectors_<method>[_quick].json)"
+    )
     p.add_argument("--data", default=DEFAULT_DATA, help="MVTec-layout category folder")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
@@ -106,11 +108,18 @@ def parse_args(argv=None):
     p.add_argument("--libs", default=",".join(LIBS), help="which libraries to run, comma-separated")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per library subprocess")
     p.add_argument("--max-rss-gib", type=float, default=12.0, help="kill a worker whose RSS passes this")
-    p.add_argument("--plain-malloc", action="store_true",
-                   help="do not set MALLOC_MMAP_THRESHOLD_=131072 in the workers (see the module docstring)")
-    p.add_argument("--inputs", choices=("stream", "memory"), default="stream",
-                   help="stream: workers read each batch from the .npy files as they go (as a pipeline reading "
-                        "images from disk would); memory: workers load every input tensor first (573 MB here)")
+    p.add_argument(
+        "--plain-malloc",
+        action="store_true",
+        help="do not set MALLOC_MMAP_THRESHOLD_=131072 in the workers (see the module docstring)",
+    )
+    p.add_argument(
+        "--inputs",
+        choices=("stream", "memory"),
+        default="stream",
+        help="stream: workers read each batch from the .npy files as they go (as a pipeline reading "
+        "images from disk would); memory: workers load every input tensor first (573 MB here)",
+    )
     p.add_argument("--workdir", default=None, help="where the .npy inputs/outputs go (default a fresh /tmp dir)")
     p.add_argument("--worker", choices=LIBS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -330,14 +339,16 @@ def worker_anomalib(args, cfg: dict) -> dict:
     if args.method == "patchcore":
         tm = patchcore_tm
         tm.TimmFeatureExtractor = fake_extractor
-        model = tm.PatchcoreModel(layers=list(args.layers), backbone="efficientnet_lite0", pre_trained=False,
-                                  num_neighbors=args.neighbors)
+        model = tm.PatchcoreModel(
+            layers=list(args.layers), backbone="efficientnet_lite0", pre_trained=False, num_neighbors=args.neighbors
+        )
     else:
         tm = padim_tm
         tm.TimmFeatureExtractor = fake_extractor
         channels = torch.from_numpy(np.asarray(cfg["channels"], np.int64))
-        model = tm.PadimModel(backbone="efficientnet_lite0", layers=list(args.layers), pre_trained=False,
-                              n_features=len(channels))
+        model = tm.PadimModel(
+            backbone="efficientnet_lite0", layers=list(args.layers), pre_trained=False, n_features=len(channels)
+        )
         model.idx = channels  # the same channel subset as anomalox (its registered buffer)
     model.train()
     for xb in xtr if args.inputs == "stream" else batches(xtr, args.batch):
@@ -396,7 +407,9 @@ def list_data(args):
                 continue
             test.append(os.path.join(folder, name))
             labels.append(0 if defect == "good" else 1)
-            masks.append(None if defect == "good" else os.path.join(root, "ground_truth", defect, name[:-4] + "_mask.png"))
+            masks.append(
+                None if defect == "good" else os.path.join(root, "ground_truth", defect, name[:-4] + "_mask.png")
+            )
     if args.quick:  # 60 images spread evenly over the sorted list (every class represented)
         keep = np.unique(np.linspace(0, len(test) - 1, 60).round().astype(int))
         test = [test[i] for i in keep]
@@ -420,6 +433,7 @@ def read_masks(mask_paths) -> np.ndarray:
 
 def prepare(args, workdir: str) -> dict:
     import torch
+
     from anomalox.preprocess import Preprocessing
 
     torch.set_num_threads(args.threads)
@@ -438,8 +452,10 @@ def prepare(args, workdir: str) -> dict:
             path = os.path.join(workdir, f"{name}_{split}.npy")
             np.save(path, x.numpy())
             cfg[f"{name}_{split}"] = path
-        log(f"  {split}: {tuple(x01.shape)} in [{float(x01.min()):.3f}, {float(x01.max()):.3f}]; "
-            f"normalised in [{float(xn.min()):.3f}, {float(xn.max()):.3f}]")
+        log(
+            f"  {split}: {tuple(x01.shape)} in [{float(x01.min()):.3f}, {float(x01.max()):.3f}]; "
+            f"normalised in [{float(xn.min()):.3f}, {float(xn.max()):.3f}]"
+        )
     masks = read_masks(mask_paths)
     cfg["probe"] = int(np.flatnonzero(labels == 1)[0]) if labels.any() else 0
     if args.method == "padim":
@@ -493,8 +509,14 @@ def main() -> None:
     import anomalox
     from anomalox import metrics
 
-    cmd = "PYTHONPATH=" + os.environ.get("PYTHONPATH", "") + " " + " ".join(
-        shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT)] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]
+    cmd = (
+        "PYTHONPATH="
+        + os.environ.get("PYTHONPATH", "")
+        + " "
+        + " ".join(
+            shlex.quote(a)
+            for a in [os.path.relpath(sys.executable, ROOT)] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]
+        )
     )
     load_start = os.getloadavg()
     log(f"anomalox from {anomalox.__file__}; load average at start {load_start}")
@@ -513,20 +535,43 @@ def main() -> None:
     results: dict = {}
     for lib in [lib for lib in LIBS if lib in args.libs.split(",")]:
         log(f"{lib}: running (timeout {args.timeout:.0f} s) ...")
-        argv = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--workdir", workdir, "--method", args.method,
-                "--threads", str(args.threads), "--batch", str(args.batch), "--coreset", str(args.coreset),
-                "--neighbors", str(args.neighbors), "--layers", ",".join(args.layers), "--inputs", args.inputs]
+        argv = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            lib,
+            "--workdir",
+            workdir,
+            "--method",
+            args.method,
+            "--threads",
+            str(args.threads),
+            "--batch",
+            str(args.batch),
+            "--coreset",
+            str(args.coreset),
+            "--neighbors",
+            str(args.neighbors),
+            "--layers",
+            ",".join(args.layers),
+            "--inputs",
+            args.inputs,
+        ]
         if args.n_features is not None:
             argv += ["--n-features", str(args.n_features)]
         t0 = time.perf_counter()
-        status, polled_peak = run_polled(argv, env, args.timeout, args.max_rss_gib, os.path.join(workdir, f"{lib}_log.txt"))
+        status, polled_peak = run_polled(
+            argv, env, args.timeout, args.max_rss_gib, os.path.join(workdir, f"{lib}_log.txt")
+        )
         wall = time.perf_counter() - t0
         if status != 0:
             with open(os.path.join(workdir, f"{lib}_log.txt")) as f:
                 tail = f.read()[-6000:]
             log(tail)
-            results[lib] = {"error": status if isinstance(status, str) else f"exit {status}: {tail.strip().splitlines()[-1:]}",
-                            "polled_peak_rss_mib": polled_peak}
+            results[lib] = {
+                "error": status if isinstance(status, str) else f"exit {status}: {tail.strip().splitlines()[-1:]}",
+                "polled_peak_rss_mib": polled_peak,
+            }
             log(f"{lib}: {results[lib]['error']}")
             continue
         with open(os.path.join(workdir, f"{lib}_result.json")) as f:
@@ -545,8 +590,10 @@ def main() -> None:
         r["rss_increase_mib"] = r["peak_rss_mib"] - r["rss_after_load_mib"]
         results[lib] = r
         results[lib]["_scores"], results[lib]["_maps"] = scores, maps
-        log(f"{lib}: fit {r['fit_s']:.1f} s, predict {r['predict_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
-            f"image AUROC {r['image_auroc']:.4f}, AUPRO {r['aupro']:.4f}")
+        log(
+            f"{lib}: fit {r['fit_s']:.1f} s, predict {r['predict_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+            f"image AUROC {r['image_auroc']:.4f}, AUPRO {r['aupro']:.4f}"
+        )
     load_end = os.getloadavg()
 
     # ---- direct comparison of the two libraries
@@ -590,17 +637,27 @@ def main() -> None:
     def fmt(v, spec):
         return "—" if v is None else format(v, spec)
 
-    cols = [("image AUROC", "image_auroc", ".4f"), ("AUPRO", "aupro", ".4f"), ("fit s", "fit_s", ".1f"),
-            ("predict s", "predict_s", ".1f"), ("total s", "total_s", ".1f"), ("peak RSS MiB", "peak_rss_mib", ".0f"),
-            ("RSS before fit MiB", "rss_after_load_mib", ".0f"), ("peak − before MiB", "rss_increase_mib", ".0f")]
+    cols = [
+        ("image AUROC", "image_auroc", ".4f"),
+        ("AUPRO", "aupro", ".4f"),
+        ("fit s", "fit_s", ".1f"),
+        ("predict s", "predict_s", ".1f"),
+        ("total s", "total_s", ".1f"),
+        ("peak RSS MiB", "peak_rss_mib", ".0f"),
+        ("RSS before fit MiB", "rss_after_load_mib", ".0f"),
+        ("peak − before MiB", "rss_increase_mib", ".0f"),
+    ]
     method = {"patchcore": "PatchCore", "padim": "PaDiM"}[args.method]
     n_test, n_def = len(labels), int(labels.sum())
     lines = [
         f"### {method}: anomalox vs anomalib {results.get('anomalib', {}).get('version', '2.7.0')} "
         f"({os.path.basename(os.path.normpath(args.data))}, {len(cfg['train'])} train / {n_test} test images, "
         f"{n_def} defective; Lite0 {'+'.join(args.layers)}, {SIZE} px, "
-        + (f"coreset {args.coreset:g}, {args.neighbors} neighbours" if args.method == "patchcore"
-           else f"{len(cfg['channels'])} channels")
+        + (
+            f"coreset {args.coreset:g}, {args.neighbors} neighbours"
+            if args.method == "patchcore"
+            else f"{len(cfg['channels'])} channels"
+        )
         + f"; {args.threads} threads, batch {args.batch})",
         "",
         "| library | " + " | ".join(c[0] for c in cols) + " |",
@@ -629,15 +686,29 @@ def main() -> None:
         lines.append(
             f"AUPRO: masks resized to {SIZE}x{SIZE} (nearest); {n_empty} defect image(s) with an empty mask are kept "
             f"(label 1 for image AUROC; no region, all pixels normal for AUPRO). Without them: "
-            + ", ".join(f"{lib} {results[lib]['aupro_without_empty_masks']:.4f}" for lib in LIBS
-                        if lib in results and "error" not in results[lib]) + ".  "
+            + ", ".join(
+                f"{lib} {results[lib]['aupro_without_empty_masks']:.4f}"
+                for lib in LIBS
+                if lib in results and "error" not in results[lib]
+            )
+            + ".  "
         )
-        lines.append("Pixel AUROC: " + ", ".join(f"{lib} {results[lib]['pixel_auroc']:.4f}" for lib in LIBS
-                                                 if lib in results and "error" not in results[lib]) + ".  ")
+        lines.append(
+            "Pixel AUROC: "
+            + ", ".join(
+                f"{lib} {results[lib]['pixel_auroc']:.4f}"
+                for lib in LIBS
+                if lib in results and "error" not in results[lib]
+            )
+            + ".  "
+        )
     ok = [lib for lib in LIBS if lib in results and "error" not in results[lib]]
     if ok:
-        lines.append("CPU seconds (process time, all threads) fit / predict: " + ", ".join(
-            f"{lib} {results[lib]['fit_cpu_s']:.1f} / {results[lib]['predict_cpu_s']:.1f}" for lib in ok) + ".  ")
+        lines.append(
+            "CPU seconds (process time, all threads) fit / predict: "
+            + ", ".join(f"{lib} {results[lib]['fit_cpu_s']:.1f} / {results[lib]['predict_cpu_s']:.1f}" for lib in ok)
+            + ".  "
+        )
     if agree:
         lines.append(
             f"Agreement: image scores Pearson {agree['image_scores_pearson']:.4f} / Spearman "
@@ -647,8 +718,10 @@ def main() -> None:
             f"{agree.get('embedding_max_abs_diff_over_max', float('nan')):.2e}.  "
         )
     if "anomalox" in results and "error" not in results["anomalox"]:
-        lines.append(f"Inputs: anomalox's own normalisation equals anomalib's inputs bitwise: "
-                     f"{results['anomalox']['preprocess_identical']}.")
+        lines.append(
+            f"Inputs: anomalox's own normalisation equals anomalib's inputs bitwise: "
+            f"{results['anomalox']['preprocess_identical']}."
+        )
     print("\n".join(lines), flush=True)
 
     for lib in results:
@@ -684,7 +757,9 @@ def main() -> None:
         },
         "table_markdown": "\n".join(lines),
     }
-    path = args.json or os.path.join(ROOT, "benches", "results", f"detectors_{args.method}{'_quick' if args.quick else ''}.json")
+    path = args.json or os.path.join(
+        ROOT, "benches", "results", f"detectors_{args.method}{'_quick' if args.quick else ''}.json"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)

@@ -48,8 +48,9 @@ import threading
 import time
 import types
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -186,10 +187,7 @@ def run_interleaved(
                 spent = sum(times[name])
                 if spent + statistics.median(times[name]) > b:
                     stopped.add(name)
-                    notes[name] = (
-                        f"stopped after {len(times[name])} of {pairs[name]} runs "
-                        f"(time budget {b:.0f}s)"
-                    )
+                    notes[name] = f"stopped after {len(times[name])} of {pairs[name]} runs (time budget {b:.0f}s)"
                     log(f"    {name}: {notes[name]}")
     return times, results, extras, notes
 
@@ -358,7 +356,7 @@ def bench_knn(env: Env, cfg: dict, pairs: int, args) -> dict:
     fns["faiss IndexFlatL2.search"] = f_faiss
     fns[f"anomalib {peer_name}"] = f_anomalib
     # warm-up (thread pools, BLAS init) on a slice
-    for fn_name, fn in fns.items():
+    for fn_name in fns:
         log(f"  warm-up {fn_name}")
     small_q = queries[:256]
     if ops is not None:
@@ -409,8 +407,16 @@ def bench_knn(env: Env, cfg: dict, pairs: int, args) -> dict:
 def measure_knn_memory(method: str, cfg: dict, threads: int, poll_s: float = 0.005) -> dict:
     import psutil
 
-    cmd = [sys.executable, os.path.abspath(__file__), "--_mem-child", method,
-           "--_mem-cfg", json.dumps(cfg), "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_mem-child",
+        method,
+        "--_mem-cfg",
+        json.dumps(cfg),
+        "--threads",
+        str(threads),
+    ]
     child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert child.stdin is not None and child.stdout is not None
     line = ""
@@ -510,14 +516,19 @@ def mem_child(method: str, cfg: dict, threads: int) -> None:
     dt = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del r
-    print(json.dumps({
-        "method": method,
-        "seconds": dt,
-        # ru_maxrss is a lifetime high-water mark: this is a lower bound, 0 if the
-        # call's peak stayed below what setup had already reached
-        "maxrss_increase_mib": max(0, ru1 - max(ru0, rss0)) / 2**20,
-        "setup_maxrss_over_rss_mib": (ru0 - rss0) / 2**20,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "method": method,
+                "seconds": dt,
+                # ru_maxrss is a lifetime high-water mark: this is a lower bound, 0 if the
+                # call's peak stayed below what setup had already reached
+                "maxrss_increase_mib": max(0, ru1 - max(ru0, rss0)) / 2**20,
+                "setup_maxrss_over_rss_mib": (ru0 - rss0) / 2**20,
+            }
+        ),
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------- coreset
@@ -723,11 +734,13 @@ def bench_padim(env: Env, cfg: dict, pairs: int, args) -> dict:
 
 
 def _inv_agreement(mean_a, inv_a, mean_b, inv_b) -> dict:
-    fro = np.concatenate([
-        np.linalg.norm(inv_a[s : s + 256].astype(np.float64) - inv_b[s : s + 256], axis=(1, 2))
-        / np.linalg.norm(inv_b[s : s + 256].astype(np.float64), axis=(1, 2))
-        for s in range(0, len(inv_b), 256)
-    ])
+    fro = np.concatenate(
+        [
+            np.linalg.norm(inv_a[s : s + 256].astype(np.float64) - inv_b[s : s + 256], axis=(1, 2))
+            / np.linalg.norm(inv_b[s : s + 256].astype(np.float64), axis=(1, 2))
+            for s in range(0, len(inv_b), 256)
+        ]
+    )
     return {
         "shapes": [list(mean_a.shape), list(inv_a.shape), list(mean_b.shape), list(inv_b.shape)],
         "mean_max_abs_diff": float(np.abs(mean_a.astype(np.float64) - mean_b).max()),
@@ -754,10 +767,16 @@ def bench_blur(env: Env, cfg: dict, pairs: int, args) -> dict:
     out: dict[str, Any] = {"rows": [], "accuracy": {}}
 
     for mode, peer_name, peer in (
-        ("bilinear", "anomalib PaDiM AnomalyMapGenerator (bilinear, align_corners=False) + GaussianBlur2d",
-         lambda: padim_gen.smooth_anomaly_map(padim_gen.up_sample(maps_t, size_))),
-        ("nearest", "anomalib PatchCore AnomalyMapGenerator (F.interpolate default 'nearest') + GaussianBlur2d",
-         lambda: patch_gen(maps_t, size_)),
+        (
+            "bilinear",
+            "anomalib PaDiM AnomalyMapGenerator (bilinear, align_corners=False) + GaussianBlur2d",
+            lambda: padim_gen.smooth_anomaly_map(padim_gen.up_sample(maps_t, size_)),
+        ),
+        (
+            "nearest",
+            "anomalib PatchCore AnomalyMapGenerator (F.interpolate default 'nearest') + GaussianBlur2d",
+            lambda: patch_gen(maps_t, size_),
+        ),
     ):
         size = f"{b} maps {h}×{w} → {out_sz}×{out_sz}, {mode}, σ={sigma:g}"
         log(f"[blur] {size}")
@@ -788,7 +807,9 @@ def bench_blur(env: Env, cfg: dict, pairs: int, args) -> dict:
             scale = np.abs(p).max()
             m = int(4.0 * sigma + 0.5)  # kernel radius: interior is unaffected by border mode
             up_a = np.asarray(ops.upsample(maps, size_, mode=mode, n_threads=T), dtype=np.float64)
-            up_p = F.interpolate(maps_t, size=size_, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+            up_p = F.interpolate(
+                maps_t, size=size_, mode=mode, **({"align_corners": False} if mode == "bilinear" else {})
+            )
             up_p = up_p.numpy()[:, 0].astype(np.float64)
             out["accuracy"][f"postproc_{mode}"] = {
                 "shape": list(a.shape),
@@ -824,8 +845,10 @@ def markdown(report: dict) -> str:
             )
     res = report["results"]
     if "knn" in res and res["knn"].get("memory"):
-        lines.append("\n**kNN peak memory** (fresh process per method; RSS polled every 5 ms from the parent, "
-                     "baseline taken after inputs are allocated and a small warm-up call):\n")
+        lines.append(
+            "\n**kNN peak memory** (fresh process per method; RSS polled every 5 ms from the parent, "
+            "baseline taken after inputs are allocated and a small warm-up call):\n"
+        )
         lines.append("| method | peak RSS increase | baseline RSS | polls during call | call time |")
         lines.append("|---|---|---|---|---|")
         for meth, m in res["knn"]["memory"].items():
@@ -837,8 +860,10 @@ def markdown(report: dict) -> str:
                 f"{m['baseline_rss_mib']:.0f} MiB | {m['polls']} | {fmt_s(m['seconds'])} |"
             )
     if "coreset" in res:
-        lines.append("\n**Coreset coverage** (max over all points of the Euclidean distance, in the original "
-                     "1,536-d space, to the nearest selected point; lower is better; one seed per run):\n")
+        lines.append(
+            "\n**Coreset coverage** (max over all points of the Euclidean distance, in the original "
+            "1,536-d space, to the nearest selected point; lower is better; one seed per run):\n"
+        )
         lines.append("| implementation | median coverage | per seed | coreset size | unique |")
         lines.append("|---|---|---|---|---|")
         for name, c in res["coreset"]["coverage"].items():
@@ -879,10 +904,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="threads for every implementation (default 2)")
     p.add_argument("--peers-only", action="store_true", help="skip anomalox (validate the peer half)")
     p.add_argument("--no-memory", action="store_true", help="skip the kNN peak-memory subprocesses")
-    p.add_argument("--coreset-peer-pairs", type=int, default=0,
-                   help="runs of anomalib's KCenterGreedy (default: --pairs)")
-    p.add_argument("--coreset-peer-budget", type=float, default=900.0,
-                   help="stop anomalib's coreset runs once they would exceed this many seconds (default 900)")
+    p.add_argument(
+        "--coreset-peer-pairs", type=int, default=0, help="runs of anomalib's KCenterGreedy (default: --pairs)"
+    )
+    p.add_argument(
+        "--coreset-peer-budget",
+        type=float,
+        default=900.0,
+        help="stop anomalib's coreset runs once they would exceed this many seconds (default 900)",
+    )
     p.add_argument("--_mem-child", dest="mem_child", help=argparse.SUPPRESS)
     p.add_argument("--_mem-cfg", dest="mem_cfg", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -29,8 +29,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -58,9 +56,16 @@ def worker(args) -> None:
     if args.worker == "anomalox":
         import anomalox
 
-        model = anomalox.PatchCore(backbone="wide_resnet50_2", weights=args.weights, image_size=224,
-                                   coreset_ratio=0.01, validation_fraction=0.0, batch_size=16,
-                                   n_threads=args.threads, verbose=False)
+        model = anomalox.PatchCore(
+            backbone="wide_resnet50_2",
+            weights=args.weights,
+            image_size=224,
+            coreset_ratio=0.01,
+            validation_fraction=0.0,
+            batch_size=16,
+            n_threads=args.threads,
+            verbose=False,
+        )
         model.fit(normal)
         out["memory_bank"] = list(model.memory_bank_.shape)
         out["n_patches"] = int(model.n_train_patches_)
@@ -102,7 +107,11 @@ def run_polled(argv, timeout: float, max_rss_gib: float, log_path: str):
                 pass
             if peak > max_rss_gib * 1024:
                 proc.kill(), proc.wait()
-                return f"killed at RSS {peak / 1024:.1f} GiB (> {max_rss_gib:g} GiB cap)", peak, time.perf_counter() - start
+                return (
+                    f"killed at RSS {peak / 1024:.1f} GiB (> {max_rss_gib:g} GiB cap)",
+                    peak,
+                    time.perf_counter() - start,
+                )
             if time.perf_counter() - start > timeout:
                 proc.kill(), proc.wait()
                 return f"stopped at the {timeout / 60:.0f}-minute cap", peak, time.perf_counter() - start
@@ -130,20 +139,42 @@ def main() -> None:
         if args.only and lib != args.only:
             continue
         log_path = os.path.join(workdir, f"{lib}.log")
-        argv = [sys.executable, __file__, "--worker", lib, "--weights", weights, "--n", str(args.n), "--threads", str(args.threads)]
+        argv = [
+            sys.executable,
+            __file__,
+            "--worker",
+            lib,
+            "--weights",
+            weights,
+            "--n",
+            str(args.n),
+            "--threads",
+            str(args.threads),
+        ]
         load0 = os.getloadavg()
-        status, peak, wall = run_polled(argv, args.anomalib_timeout if lib == "anomalib" else 7200, args.max_rss_gib, log_path)
+        status, peak, wall = run_polled(
+            argv, args.anomalib_timeout if lib == "anomalib" else 7200, args.max_rss_gib, log_path
+        )
         with open(log_path) as f:
             lines = f.read().splitlines()
-        result = next((json.loads(l[7:]) for l in lines if l.startswith("RESULT ")), {})
-        row = {"library": lib, "status": "ok" if status == 0 else (status if isinstance(status, str) else f"exit {status}: {lines[-1:]}"),
-               "wall_s": round(wall, 1), "peak_rss_polled_mib": round(peak), "load_start": load0, "load_end": os.getloadavg(), **result}
+        result = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), {})
+        row = {
+            "library": lib,
+            "status": "ok" if status == 0 else (status if isinstance(status, str) else f"exit {status}: {lines[-1:]}"),
+            "wall_s": round(wall, 1),
+            "peak_rss_polled_mib": round(peak),
+            "load_start": load0,
+            "load_end": os.getloadavg(),
+            **result,
+        }
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     print("| library | status | fit wall s | peak RSS MiB | memory bank | patches |\n|---|---|---|---|---|---|")
     for r in rows:
         rss = max(r["peak_rss_polled_mib"], r.get("ru_maxrss_mib", 0))
-        print(f"| {r['library']} | {r['status']} | {r.get('fit_s', r['wall_s']):.0f} | {rss:,.0f} | {r.get('memory_bank', '-')} | {r.get('n_patches', '-')} |")
+        print(
+            f"| {r['library']} | {r['status']} | {r.get('fit_s', r['wall_s']):.0f} | {rss:,.0f} | {r.get('memory_bank', '-')} | {r.get('n_patches', '-')} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -175,7 +175,9 @@ def main() -> int:
     out["env"]["loadavg_end"] = os.getloadavg()
 
     print(f"### Pixel metrics: {args.n} maps of {args.size}×{args.size}, {threads} threads, {args.pairs} pairs\n")
-    print("| metric | anomalox median (min–max) | anomalib 2.7 median (min–max) | speedup | anomalox | anomalib | |diff| |")
+    print(
+        "| metric | anomalox median (min–max) | anomalib 2.7 median (min–max) | speedup | anomalox | anomalib | |diff| |"
+    )
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(f"\nload average start {out['env']['loadavg_start']}, end {out['env']['loadavg_end']}")

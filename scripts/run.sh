@@ -3,7 +3,9 @@
 # $ANOMALOX_VENV), installs torch==2.13.0 and the other requirements, builds the Rust extension
 # into it, then:
 #   scripts/run.sh demo    the main job: `anomalox demo` (PatchCore on the ELPV solar cells, HTML report)
-#   scripts/run.sh test    the whole test suite: cargo test (kernels) and pytest
+#   scripts/run.sh test    the whole test suite: the linters (ruff, mypy, rustfmt, clippy), cargo test
+#                          (kernels) and pytest
+#   scripts/run.sh lint    only the linters
 #   scripts/run.sh setup   only the set-up
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,14 +32,27 @@ fi
 echo "==> building the extension (release; a clean build takes a few minutes)"
 LIBTORCH_USE_PYTORCH=1 maturin develop --release --quiet
 
+# Settings in pyproject.toml ([tool.ruff], [tool.mypy]); clippy on the kernel crate (default
+# features, no Python or libtorch), as `cargo test` builds it.
+lint() {
+    echo "==> ruff check, ruff format --check, mypy, cargo fmt --check, cargo clippy"
+    ruff check python tests benches
+    ruff format --check python tests benches
+    mypy
+    cargo fmt --check
+    cargo clippy --quiet -- -D warnings
+}
+
 case "$task" in
     setup) ;;
     demo) python -m anomalox demo "$@" ;;
+    lint) lint ;;
     test)
+        lint
         echo "==> cargo test (kernels, no Python or libtorch)"
         cargo test --quiet
         echo "==> pytest"
         python -m pytest -q "$@"
         ;;
-    *) echo "usage: scripts/run.sh [demo|test|setup] [args...]" >&2; exit 2 ;;
+    *) echo "usage: scripts/run.sh [demo|test|lint|setup] [args...]" >&2; exit 2 ;;
 esac

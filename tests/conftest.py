@@ -27,6 +27,7 @@ def greedy_k_center(x: np.ndarray, size: int, start: int) -> list[int]:
         min_d[nxt] = 0.0
     return selected
 
+
 # ---------------------------------------------------------------- synthetic inspection images
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

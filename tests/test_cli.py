@@ -28,7 +28,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_console_script_is_declared():
-    assert any(ep.name == "anomalox" and ep.value == "anomalox.cli:main" for ep in entry_points(group="console_scripts"))
+    assert any(
+        ep.name == "anomalox" and ep.value == "anomalox.cli:main" for ep in entry_points(group="console_scripts")
+    )
 
 
 @pytest.mark.parametrize("command", ["fit", "predict", "evaluate", "report", "demo"])
@@ -61,7 +63,9 @@ def test_unknown_or_malformed_params_are_refused(mvtec, tmp_path, capsys):
 
 def test_predict_writes_csv_in_path_order_and_heatmaps(model_file, mvtec, tmp_path):
     out, maps = tmp_path / "scores.csv", tmp_path / "maps"
-    assert main(["predict", str(model_file), str(mvtec / "test"), "--out", str(out), "--maps", str(maps), "--quiet"]) == 0
+    assert (
+        main(["predict", str(model_file), str(mvtec / "test"), "--out", str(out), "--maps", str(maps), "--quiet"]) == 0
+    )
     with open(out) as f:
         rows = list(csv.DictReader(f))
     paths = sorted(str(p) for p in (mvtec / "test").rglob("*.png"))

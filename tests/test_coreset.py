@@ -28,7 +28,9 @@ def test_coreset_overwrite_features_gives_the_same_selection_and_reorders_rows(r
     # Reordered, not altered: the same multiset of rows.
     np.testing.assert_array_equal(np.unique(work, axis=0), np.unique(x, axis=0))
     t = torch.from_numpy(x.copy())
-    np.testing.assert_array_equal(ops.coreset(t, 300, projection_dim=None, seed=5, overwrite_features=True).numpy(), want)
+    np.testing.assert_array_equal(
+        ops.coreset(t, 300, projection_dim=None, seed=5, overwrite_features=True).numpy(), want
+    )
 
 
 @pytest.mark.parametrize("kind", ["read-only", "strided", "projected", "float64"])

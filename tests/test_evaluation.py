@@ -16,8 +16,17 @@ from anomalox import Evaluation, PatchCore
 from anomalox.data import read_labeled_set
 from anomalox.report import write_evaluation_report, write_heatmaps
 
-METRIC_KEYS = ["n_images", "n_defective", "image_auroc", "image_aupr", "f1_max", "f1_threshold", "pixel_auroc",
-               "aupro", "pixel_metrics"]
+METRIC_KEYS = [
+    "n_images",
+    "n_defective",
+    "image_auroc",
+    "image_aupr",
+    "f1_max",
+    "f1_threshold",
+    "pixel_auroc",
+    "aupro",
+    "pixel_metrics",
+]
 
 
 def _read(path: str) -> np.ndarray:
@@ -57,7 +66,9 @@ def test_maps_and_masks_are_kept_only_when_asked_for(folder_evaluation, model, m
     labeled = read_labeled_set(mvtec)
     assert [m is None for m in kept.masks] == [p is None for p in labeled.mask_paths]
     spot = kept.masks[-1]
-    assert spot.dtype == bool and spot.shape == kept.maps[-1].shape and spot[20:34, 24:38].all() and spot.sum() == 14 * 14
+    assert (
+        spot.dtype == bool and spot.shape == kept.maps[-1].shape and spot[20:34, 24:38].all() and spot.sum() == 14 * 14
+    )
     only_maps = anomalox.evaluate(model, str(mvtec), keep_maps=True)
     assert only_maps.maps is not None and only_maps.masks is None
     with pytest.raises(TypeError, match=r"^keep_maps: expected a bool, got 'yes'$"):
@@ -85,9 +96,13 @@ def test_labelled_images_as_arrays(model, images, folder_evaluation):
 
 def test_bad_labels_and_masks_are_refused_naming_the_argument(model, mvtec):
     paths = read_labeled_set(mvtec).paths
-    with pytest.raises(TypeError, match=r"^labels: expected 0/1 labels when X is not an MVTec folder or a LabeledSet, got None"):
+    with pytest.raises(
+        TypeError, match=r"^labels: expected 0/1 labels when X is not an MVTec folder or a LabeledSet, got None"
+    ):
         anomalox.evaluate(model, paths)
-    with pytest.raises(ValueError, match=r"^labels: expected a 1-D sequence of 0 \(normal\) / 1 \(defective\), got \[0, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"^labels: expected a 1-D sequence of 0 \(normal\) / 1 \(defective\), got \[0, 2\]"
+    ):
         anomalox.evaluate(model, paths[:2], [0, 2])
     with pytest.raises(ValueError, match=r"^labels: expected both 0 \(normal\) and 1 \(defective\), got only 0$"):
         anomalox.evaluate(model, paths[:2], [0, 0])

@@ -138,8 +138,6 @@ def test_the_allocator_asks_for_huge_pages_only_when_the_user_sets_mimalloc_allo
     env = {k: v for k, v in os.environ.items() if k != "MIMALLOC_ALLOW_THP"}
     if env_value is not None:
         env["MIMALLOC_ALLOW_THP"] = env_value
-    probe = subprocess.run(
-        [sys.executable, "-c", _THP_PROBE], env=env, capture_output=True, text=True, timeout=120
-    )
+    probe = subprocess.run([sys.executable, "-c", _THP_PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == eligible

@@ -64,8 +64,8 @@ def test_knn_agrees_with_faiss_index_flat_l2(rng):
 def test_knn_handles_non_contiguous_inputs_like_contiguous(rng):
     q = rng.standard_normal((40, 120)).astype(np.float32)
     b = rng.standard_normal((90, 500)).astype(np.float32)
-    q_strided = np.asfortranarray(q)[:, ::2]        # column-major and stepped
-    b_strided = b[::3, ::2][:, :60]                 # stepped rows and columns
+    q_strided = np.asfortranarray(q)[:, ::2]  # column-major and stepped
+    b_strided = b[::3, ::2][:, :60]  # stepped rows and columns
     q_c, b_c = np.ascontiguousarray(q_strided), np.ascontiguousarray(b_strided)
     assert not q_strided.flags.c_contiguous and not b_strided.flags.c_contiguous
     d1, i1 = ops.knn(q_strided, b_strided, 4)

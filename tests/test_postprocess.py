@@ -7,7 +7,16 @@ from scipy import ndimage
 from anomalox import ops
 
 
-@pytest.mark.parametrize("shape,size", [((3, 28, 28), (224, 224)), ((2, 7, 13), (30, 11)), ((1, 50, 40), (17, 23)), ((2, 1, 1), (5, 4)), ((2, 9, 9), (9, 9))])
+@pytest.mark.parametrize(
+    "shape,size",
+    [
+        ((3, 28, 28), (224, 224)),
+        ((2, 7, 13), (30, 11)),
+        ((1, 50, 40), (17, 23)),
+        ((2, 1, 1), (5, 4)),
+        ((2, 9, 9), (9, 9)),
+    ],
+)
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 def test_upsample_equals_torch_interpolate(rng, shape, size, mode):
     maps = rng.standard_normal(shape).astype(np.float32)

@@ -68,9 +68,18 @@ def test_report_full(tmp_path, rng, mixed_sizes):
     if not mixed_sizes:
         maps = np.stack(maps)  # (N, H, W) array form
     metrics = {"image_auroc": 0.93124, "pixel_auroc": None, "aupro": np.float32(0.5)}
-    out = write_report(tmp_path / "sub" / "r.html", paths=[f"img{i}.png" for i in range(20)], scores=scores,
-                       threshold=1.0, gt_labels=labels, maps=maps, gt_masks=masks, metrics=metrics,
-                       images=images, max_examples=4)
+    out = write_report(
+        tmp_path / "sub" / "r.html",
+        paths=[f"img{i}.png" for i in range(20)],
+        scores=scores,
+        threshold=1.0,
+        gt_labels=labels,
+        maps=maps,
+        gt_masks=masks,
+        metrics=metrics,
+        images=images,
+        max_examples=4,
+    )
     assert out == str(tmp_path / "sub" / "r.html")
     doc = Path(out).read_text(encoding="utf-8")
     assert _metrics_rows(doc) == {"image_auroc": "0.9312", "pixel_auroc": "skipped", "aupro": "0.5000"}
@@ -84,8 +93,9 @@ def test_report_full(tmp_path, rng, mixed_sizes):
 
 def test_report_without_labels_or_masks(tmp_path, rng):
     _, scores, images, maps, _ = _synthetic(rng, n=6, mixed_sizes=True)
-    out = write_report(tmp_path / "r.html", paths=[None] * 6, scores=scores, threshold=0.5, maps=maps,
-                       images=images, max_examples=8)
+    out = write_report(
+        tmp_path / "r.html", paths=[None] * 6, scores=scores, threshold=0.5, maps=maps, images=images, max_examples=8
+    )
     doc = Path(out).read_text(encoding="utf-8")
     assert len(_imgs(doc)) == 6 * 2  # all 6 images (fewer than max_examples), input + heatmap
     assert "ground truth" not in doc and "ROC curve" not in doc and "PRO curve" not in doc
@@ -98,16 +108,26 @@ def test_report_without_labels_or_masks(tmp_path, rng):
 
 def test_report_reads_paths(tmp_path, rng):
     """Files on disk: 16-bit PNG, RGBA PNG, palette PNG, 8-bit JPEG; no maps."""
-    arrays = [rng.integers(0, 65536, (30, 40), dtype=np.uint16), rng.integers(0, 256, (30, 40, 4), dtype=np.uint8),
-              rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), rng.integers(0, 256, (30, 40), dtype=np.uint8)]
+    arrays = [
+        rng.integers(0, 65536, (30, 40), dtype=np.uint16),
+        rng.integers(0, 256, (30, 40, 4), dtype=np.uint8),
+        rng.integers(0, 256, (30, 40, 3), dtype=np.uint8),
+        rng.integers(0, 256, (30, 40), dtype=np.uint8),
+    ]
     files = []
     for i, a in enumerate(arrays):
         p = tmp_path / (f"x{i}.jpg" if i == 3 else f"x{i}.png")
         im = Image.fromarray(a)
         (im.convert("P") if i == 2 else im).save(p)
         files.append(str(p))
-    out = write_report(tmp_path / "r.html", paths=files, scores=[0.1, 0.9, 0.2, 0.8], threshold=0.5,
-                       gt_labels=[0, 1, 0, 1], metrics={"n": 4})
+    out = write_report(
+        tmp_path / "r.html",
+        paths=files,
+        scores=[0.1, 0.9, 0.2, 0.8],
+        threshold=0.5,
+        gt_labels=[0, 1, 0, 1],
+        metrics={"n": 4},
+    )
     doc = Path(out).read_text(encoding="utf-8")
     assert len(_imgs(doc)) == 4 and _metrics_rows(doc) == {"n": "4"}
     assert "x1.png" in doc and "x3.jpg" in doc
@@ -119,15 +139,15 @@ def test_report_roc_auroc_is_metrics_image_auroc_with_ties(tmp_path):
 
     labels = [0, 0, 1, 1, 0, 1, 0, 1]
     scores = [0.1, 0.5, 0.5, 0.9, 0.3, 0.3, 0.7, 0.2]  # ties across classes count one half
-    doc = Path(write_report(tmp_path / "r.html", paths=[None] * 8, scores=scores, threshold=0.5,
-                            gt_labels=labels)).read_text(encoding="utf-8")
+    doc = Path(
+        write_report(tmp_path / "r.html", paths=[None] * 8, scores=scores, threshold=0.5, gt_labels=labels)
+    ).read_text(encoding="utf-8")
     assert f"AUROC {image_auroc(labels, np.float32(scores)):.4f}" in doc
 
 
 def test_report_validates_lengths(tmp_path):
     with pytest.raises(ValueError, match="gt_labels"):
-        write_report(tmp_path / "r.html", paths=[None] * 3, scores=[1.0, 2.0, 3.0], threshold=1.0,
-                     gt_labels=[0, 1])
+        write_report(tmp_path / "r.html", paths=[None] * 3, scores=[1.0, 2.0, 3.0], threshold=1.0, gt_labels=[0, 1])
 
 
 def test_overlay_and_16bit_scaling(rng):
@@ -168,13 +188,26 @@ def test_report_renders_in_chromium(tmp_path, rng):
 
     browser, driver_path = _debian_chromium()
     labels, scores, images, maps, masks = _synthetic(rng, mixed_sizes=True)
-    out = write_report(tmp_path / "report.html", paths=[f"cell{i}.png" for i in range(20)], scores=scores,
-                       threshold=1.0, gt_labels=labels, maps=maps, gt_masks=masks, images=images,
-                       metrics={"image_auroc": 0.9, "aupro": None})
+    out = write_report(
+        tmp_path / "report.html",
+        paths=[f"cell{i}.png" for i in range(20)],
+        scores=scores,
+        threshold=1.0,
+        gt_labels=labels,
+        maps=maps,
+        gt_masks=masks,
+        images=images,
+        metrics={"image_auroc": 0.9, "aupro": None},
+    )
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser  # with the driver path below, selenium-manager is never run
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+    ):
         opts.add_argument(arg)
     driver = webdriver.Chrome(options=opts, service=Service(executable_path=driver_path))
     try:
@@ -182,8 +215,7 @@ def test_report_renders_in_chromium(tmp_path, rng):
         assert driver.find_element(By.ID, "metrics").is_displayed()
         imgs = driver.find_elements(By.TAG_NAME, "img")
         assert len(imgs) == 2 * 8 * 3
-        widths = driver.execute_script(
-            "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0);")
+        widths = driver.execute_script("return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0);")
         assert all(w > 0 for w in widths), widths
         assert len(driver.find_elements(By.TAG_NAME, "svg")) >= 3
         assert driver.save_screenshot(str(tmp_path / "report.png"))

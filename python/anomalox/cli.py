@@ -59,7 +59,9 @@ def _params(pairs: list[str]) -> dict[str, Any]:
 def _detector(method: str, backbone: str | None, params: dict[str, Any], verbose: bool):
     import anomalox
 
-    cls = {"patchcore": anomalox.PatchCore, "padim": anomalox.PaDiM, "spade": anomalox.SPADE, "dfm": anomalox.DFM}[method]
+    cls = {"patchcore": anomalox.PatchCore, "padim": anomalox.PaDiM, "spade": anomalox.SPADE, "dfm": anomalox.DFM}[
+        method
+    ]
     if backbone is not None:
         params = {**params, "backbone": backbone}
     known = cls().get_params()
@@ -104,11 +106,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.maps:
         write_heatmaps(args.maps, result.paths, result.maps)
     if args.out:
-        print(f"scored {len(result.scores)} images; wrote {args.out}" + (f" and heatmaps in {args.maps}" if args.maps else ""))
+        print(
+            f"scored {len(result.scores)} images; wrote {args.out}"
+            + (f" and heatmaps in {args.maps}" if args.maps else "")
+        )
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:
-    rows = [(k, "skipped" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))) for k, v in metrics.items()]
+    rows = [
+        (k, "skipped" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))) for k, v in metrics.items()
+    ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -146,20 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, func) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
         p.set_defaults(func=func)
         return p
 
     p = command("fit", "Fit a detector on a folder of good images and save it.", cmd_fit)
-    p.add_argument("train_dir", metavar="TRAIN_DIR", help="folder of good images, or an MVTec category (its train/good)")
+    p.add_argument(
+        "train_dir", metavar="TRAIN_DIR", help="folder of good images, or an MVTec category (its train/good)"
+    )
     p.add_argument("--out", required=True, help="model file to write (safetensors)")
     p.add_argument("--method", choices=METHODS, default="patchcore")
     p.add_argument("--backbone", default=None, help="e.g. efficientnet_lite0 (default), resnet18, wide_resnet50_2")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="detector parameter, value parsed as JSON when it can be (repeatable)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="detector parameter, value parsed as JSON when it can be (repeatable)",
+    )
 
     p = command("predict", "Score images with a saved detector.", cmd_predict)
     p.add_argument("model", metavar="MODEL")

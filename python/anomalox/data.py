@@ -34,14 +34,12 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"X: no such folder: {folder!r}")
-    found = []
+    found: list[str] = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         found.extend(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
     if not found:
-        raise ValueError(
-            f"X: the folder {folder!r} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
-        )
+        raise ValueError(f"X: the folder {folder!r} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return sorted(found)
 
 
@@ -141,18 +139,18 @@ def as_source(X: Any, role: str) -> Source:
     """`X` (see the module docstring) as a `Source`; `role` is "train" or "test"."""
     if isinstance(X, (str, os.PathLike)):
         path = os.fspath(X)
-        paths = resolve_folder(path, role) if os.path.isdir(path) else [path]
+        files = resolve_folder(path, role) if os.path.isdir(path) else [path]
         if not os.path.isdir(path) and not os.path.isfile(path):
             raise FileNotFoundError(f"X: no such file or folder: {path!r}")
-        return Source(items=list(paths), paths=list(paths))
+        return Source(items=list(files), paths=list(files))
     if isinstance(X, (torch.Tensor, np.ndarray)):
         if isinstance(X, np.ndarray) and X.dtype == object:
             raise TypeError("X: expected a numeric array of images, got an object array")
-        items = _split_array(X)
-        if not items:
+        images = _split_array(X)
+        if not images:
             raise ValueError(f"X: expected at least one image, got an empty batch of shape {tuple(X.shape)}")
-        _check_finite(items, 0)
-        return Source(items=items, paths=[None] * len(items))
+        _check_finite(images, 0)
+        return Source(items=images, paths=[None] * len(images))
     if isinstance(X, (list, tuple)):
         if len(X) == 0:
             raise ValueError("X: expected at least one image, got an empty sequence")
@@ -201,7 +199,9 @@ def read_labeled_set(folder: str | os.PathLike) -> LabeledSet:
     """
     folder = os.fspath(folder)
     test_dir = os.path.join(folder, "test") if os.path.isdir(os.path.join(folder, "test")) else folder
-    category = os.path.dirname(os.path.abspath(test_dir)) if test_dir != folder else os.path.dirname(os.path.abspath(folder))
+    category = (
+        os.path.dirname(os.path.abspath(test_dir)) if test_dir != folder else os.path.dirname(os.path.abspath(folder))
+    )
     gt_dir = os.path.join(category, "ground_truth")
     paths = list_images(test_dir)
     labels, kinds, masks = [], [], []

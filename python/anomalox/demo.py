@@ -12,7 +12,9 @@ from typing import Any
 N_TRAIN = 100  # normal cells to fit on: sized so the whole demo takes under 3 minutes on 2 cores
 
 
-def run_demo(n_train: int | None = None, seed: int = 0, out: str = "anomalox-demo-report.html", quiet: bool = False) -> dict[str, Any]:
+def run_demo(
+    n_train: int | None = None, seed: int = 0, out: str = "anomalox-demo-report.html", quiet: bool = False
+) -> dict[str, Any]:
     """Fit PatchCore (EfficientNet-Lite0, ImageNet weights) on normal ELPV cells, score the rest.
 
     Train: ``n_train`` cells of defect probability 0 (seeded draw). Test: the other probability-0
@@ -55,7 +57,9 @@ def run_demo(n_train: int | None = None, seed: int = 0, out: str = "anomalox-dem
     }
     print(f"fit {fit_s:.1f} s ({repr(model).split('# ')[-1]})")
     print(f"predict {predict_s:.1f} s for {len(labels)} images")
-    print(f"image AUROC {summary['image_auroc']:.4f}   AUPR {summary['image_aupr']:.4f}   F1-max {summary['f1_max']:.4f}")
+    print(
+        f"image AUROC {summary['image_auroc']:.4f}   AUPR {summary['image_aupr']:.4f}   F1-max {summary['f1_max']:.4f}"
+    )
     write_evaluation_report(out, evaluation, metrics=summary, title="anomalox demo: PatchCore on ELPV solar cells")
     print(f"report: {out}")
     return summary

@@ -104,7 +104,9 @@ def _test_set(X: Any, labels: Any, masks: Sequence[Any] | None) -> tuple[Any, np
     """(images to inspect, labels, masks or None, the note when pixel metrics are skipped)."""
     if labels is None:
         if masks is not None:
-            raise ValueError("masks: expected None when X is an MVTec folder or a LabeledSet (they carry their own masks)")
+            raise ValueError(
+                "masks: expected None when X is an MVTec folder or a LabeledSet (they carry their own masks)"
+            )
         if isinstance(X, LabeledSet):
             labeled = X
         elif isinstance(X, (str, os.PathLike)):
@@ -200,9 +202,12 @@ def evaluate(
     else:
         maps = list(inspection.maps)
         pixel_masks = [
-            _pixel_mask(source, path, amap, detector) for source, path, amap in zip(mask_sources, inspection.paths, maps)
+            _pixel_mask(source, path, amap, detector)
+            for source, path, amap in zip(mask_sources, inspection.paths, maps)
         ]
-        result["pixel_auroc"], result["aupro"], result["pixel_metrics"] = _pixel_metrics(maps, pixel_masks, detector, fpr_limit)
+        result["pixel_auroc"], result["aupro"], result["pixel_metrics"] = _pixel_metrics(
+            maps, pixel_masks, detector, fpr_limit
+        )
         if keep_masks:
             kept_masks = [None if source is None else mask for source, mask in zip(mask_sources, pixel_masks)]
     return Evaluation(
@@ -239,7 +244,9 @@ def _pixel_mask(source: Any, path: str | None, amap: np.ndarray, detector: Any) 
     return mask
 
 
-def _pixel_metrics(maps: list[np.ndarray], masks: list[np.ndarray], detector: Any, fpr_limit: float) -> tuple[float, float, str]:
+def _pixel_metrics(
+    maps: list[np.ndarray], masks: list[np.ndarray], detector: Any, fpr_limit: float
+) -> tuple[float, float, str]:
     """Pixel AUROC, AUPRO and where they were computed."""
     if len({m.shape for m in maps}) == 1:
         all_maps, all_masks = np.stack(maps), np.stack(masks)
@@ -247,9 +254,18 @@ def _pixel_metrics(maps: list[np.ndarray], masks: list[np.ndarray], detector: An
     else:
         size = detector.backbone_.preprocessing.output_size
         all_maps = np.concatenate([ops.upsample(m[None], size) for m in maps])
-        all_masks = np.concatenate([
-            torch.nn.functional.interpolate(torch.from_numpy(m)[None, None].float(), size=size, mode="nearest")[0].numpy() >= 0.5
-            for m in masks
-        ])
+        all_masks = np.concatenate(
+            [
+                torch.nn.functional.interpolate(torch.from_numpy(m)[None, None].float(), size=size, mode="nearest")[
+                    0
+                ].numpy()
+                >= 0.5
+                for m in masks
+            ]
+        )
         where = f"at the detector's input resolution {size[1]}x{size[0]} (the images differ in size)"
-    return metrics.pixel_auroc(all_masks, all_maps), metrics.aupro(all_masks, all_maps, fpr_limit=fpr_limit), f"computed {where}"
+    return (
+        metrics.pixel_auroc(all_masks, all_maps),
+        metrics.aupro(all_masks, all_maps, fpr_limit=fpr_limit),
+        f"computed {where}",
+    )

@@ -23,8 +23,9 @@ from __future__ import annotations
 import numbers
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ def size_pair(value: Any, name: str) -> tuple[int, int]:
         pair = tuple(value)
     else:
         raise ValueError(f"{name}: expected an int or an (height, width) pair, got {value!r}")
-    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in pair):
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 1 for v in pair):
         raise ValueError(f"{name}: expected positive integers, got {value!r}")
     return int(pair[0]), int(pair[1])
 
@@ -105,7 +106,9 @@ def _read_path(path: str | os.PathLike) -> np.ndarray:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise  # a real I/O error (permissions, disk), not a broken image
             # A truncated or corrupt file: Pillow's own message does not name it.
-            raise ValueError(f"images: could not read {os.fspath(path)!r} as an image (corrupt or truncated): {exc}") from exc
+            raise ValueError(
+                f"images: could not read {os.fspath(path)!r} as an image (corrupt or truncated): {exc}"
+            ) from exc
         return _from_pil(image)
 
 
@@ -134,13 +137,10 @@ def _numpy_batch(arr: np.ndarray) -> tuple[torch.Tensor, float]:
         arr = arr[None] if arr.shape[-1] in CHANNELS else arr[..., None]
     elif arr.ndim == 4:
         if arr.shape[-1] not in CHANNELS:
-            raise ValueError(
-                f"images: a 4-D array must be (N, H, W, C) with C in {CHANNELS}, got shape {arr.shape}"
-            )
+            raise ValueError(f"images: a 4-D array must be (N, H, W, C) with C in {CHANNELS}, got shape {arr.shape}")
     else:
         raise ValueError(
-            f"images: expected a 2-D (H, W), 3-D (H, W, C) / (N, H, W) or 4-D (N, H, W, C) array, "
-            f"got shape {arr.shape}"
+            f"images: expected a 2-D (H, W), 3-D (H, W, C) / (N, H, W) or 4-D (N, H, W, C) array, got shape {arr.shape}"
         )
     if not arr.flags.writeable:
         arr = arr.copy()  # torch refuses to wrap read-only memory (Pillow's arrays are read-only)
@@ -158,8 +158,7 @@ def _torch_batch(x: torch.Tensor) -> tuple[torch.Tensor, float]:
         x = x[None]
     if x.dim() != 4 or x.shape[1] not in CHANNELS:
         raise ValueError(
-            f"images: a tensor must be (C, H, W) or (N, C, H, W) with C in {CHANNELS}, "
-            f"got shape {tuple(x.shape)}"
+            f"images: a tensor must be (C, H, W) or (N, C, H, W) with C in {CHANNELS}, got shape {tuple(x.shape)}"
         )
     return x.detach(), scale
 
@@ -174,9 +173,7 @@ def _as_batch(image: Any) -> tuple[torch.Tensor, float]:
         return _numpy_batch(_from_pil(image))
     if isinstance(image, np.ndarray):
         return _numpy_batch(image)
-    raise TypeError(
-        f"images: expected paths, PIL images, numpy arrays or torch tensors, got {type(image).__name__}"
-    )
+    raise TypeError(f"images: expected paths, PIL images, numpy arrays or torch tensors, got {type(image).__name__}")
 
 
 def to_float_batches(images: Any, device: torch.device | str = "cpu") -> list[torch.Tensor]:

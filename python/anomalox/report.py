@@ -16,7 +16,8 @@ import html
 import io
 import numbers
 import os
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -137,38 +138,51 @@ def _plot(title: str, xlabel: str, ylabel: str, xlim, ylim, items: list, w=380, 
     x1, y1 = (x1 if x1 > x0 else x0 + 1.0), (y1 if y1 > y0 else y0 + 1.0)
     px = lambda x: L + (np.asarray(x, float) - x0) / (x1 - x0) * W  # noqa: E731
     py = lambda y: T + H - (np.asarray(y, float) - y0) / (y1 - y0) * H  # noqa: E731
-    s = [f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-size="11" role="img">',
-         f'<text x="{w / 2}" y="16" text-anchor="middle" font-weight="bold">{html.escape(title)}</text>',
-         f'<rect x="{L}" y="{T}" width="{W}" height="{H}" fill="none" stroke="#444"/>']
+    s = [
+        f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-size="11" role="img">',
+        f'<text x="{w / 2}" y="16" text-anchor="middle" font-weight="bold">{html.escape(title)}</text>',
+        f'<rect x="{L}" y="{T}" width="{W}" height="{H}" fill="none" stroke="#444"/>',
+    ]
     for v in np.linspace(x0, x1, 5):
         s.append(f'<text x="{px(v):.1f}" y="{T + H + 14}" text-anchor="middle">{v:.3g}</text>')
     for v in np.linspace(y0, y1, 5):
         s.append(f'<text x="{L - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
     s.append(f'<text x="{L + W / 2}" y="{h - 22}" text-anchor="middle">{html.escape(xlabel)}</text>')
-    s.append(f'<text x="12" y="{T + H / 2}" text-anchor="middle" '
-             f'transform="rotate(-90 12 {T + H / 2})">{html.escape(ylabel)}</text>')
+    s.append(
+        f'<text x="12" y="{T + H / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 12 {T + H / 2})">{html.escape(ylabel)}</text>'
+    )
     legend = []
     for it in items:
         if it[0] == "bars":
             _, edges, heights, colour, label = it
             for a, b, v in zip(edges[:-1], edges[1:], heights):
                 if v > 0:
-                    s.append(f'<rect x="{px(a):.1f}" y="{py(v):.1f}" width="{max(px(b) - px(a), 0.5):.1f}"'
-                             f' height="{py(y0) - py(v):.1f}" fill="{colour}" fill-opacity="0.5"/>')
+                    s.append(
+                        f'<rect x="{px(a):.1f}" y="{py(v):.1f}" width="{max(px(b) - px(a), 0.5):.1f}"'
+                        f' height="{py(y0) - py(v):.1f}" fill="{colour}" fill-opacity="0.5"/>'
+                    )
         elif it[0] == "line":
             _, xs, ys, colour, label, dash = it
             pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(px(xs), py(ys)))
-            s.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="1.5"'
-                     + (' stroke-dasharray="4 3"' if dash else "") + "/>")
+            s.append(
+                f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="1.5"'
+                + (' stroke-dasharray="4 3"' if dash else "")
+                + "/>"
+            )
         else:
             _, x, colour, label = it
-            s.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{T}" y2="{T + H}" stroke="{colour}"'
-                     ' stroke-width="2" stroke-dasharray="6 3"/>')
+            s.append(
+                f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{T}" y2="{T + H}" stroke="{colour}"'
+                ' stroke-width="2" stroke-dasharray="6 3"/>'
+            )
         if label:
             legend.append((colour, label))
     for k, (colour, label) in enumerate(legend):
-        s.append(f'<text class="lg" x="{L + W - 4}" y="{T + 14 + 13 * k}" text-anchor="end" fill="{colour}">'
-                 f"{html.escape(label)}</text>")
+        s.append(
+            f'<text class="lg" x="{L + W - 4}" y="{T + 14 + 13 * k}" text-anchor="end" fill="{colour}">'
+            f"{html.escape(label)}</text>"
+        )
     return "\n".join(s + ["</svg>"])
 
 
@@ -180,13 +194,17 @@ def _decimate(*curves: np.ndarray, n: int = 1500) -> list[np.ndarray]:
 def _colourbar(vmin: float, vmax: float, threshold: float, w=380, h=44) -> str:
     rgb = [",".join(str(int(c)) for c in JET[k * 255 // 16]) for k in range(17)]
     stops = "".join(f'<stop offset="{k / 16:.4f}" stop-color="rgb({c})"/>' for k, c in enumerate(rgb))
-    s = [f'<svg width="{w}" height="{h}" font-size="11"><defs><linearGradient id="jet">{stops}'
-         f'</linearGradient></defs><rect x="10" y="4" width="{w - 20}" height="16" fill="url(#jet)"/>'
-         f'<text x="10" y="34">{vmin:.4g}</text><text x="{w - 10}" y="34" text-anchor="end">{vmax:.4g}</text>']
+    s = [
+        f'<svg width="{w}" height="{h}" font-size="11"><defs><linearGradient id="jet">{stops}'
+        f'</linearGradient></defs><rect x="10" y="4" width="{w - 20}" height="16" fill="url(#jet)"/>'
+        f'<text x="10" y="34">{vmin:.4g}</text><text x="{w - 10}" y="34" text-anchor="end">{vmax:.4g}</text>'
+    ]
     if vmax > vmin and vmin <= threshold <= vmax:
         x = 10 + (threshold - vmin) / (vmax - vmin) * (w - 20)
-        s.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="2" y2="22" stroke="#000" stroke-width="2"/>'
-                 f'<text x="{x:.1f}" y="34" text-anchor="middle">threshold</text>')
+        s.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="2" y2="22" stroke="#000" stroke-width="2"/>'
+            f'<text x="{x:.1f}" y="34" text-anchor="middle">threshold</text>'
+        )
     return "".join(s) + "</svg>"
 
 
@@ -198,8 +216,9 @@ def _pro_plot(maps: list[np.ndarray], masks: list, notes: list[str]) -> str:
     grid = (max(1, round(h * scale)), max(1, round(w * scale)))
     if any(s != grid for s in shapes) or any(m.shape != grid for m in maps):
         notes.append(f"PRO curve: maps and masks resampled to {grid[0]}x{grid[1]} (one grid for the set).")
-    mk = np.stack([np.zeros(grid, bool) if k is None else _resize(np.squeeze(np.asarray(k, bool)), grid, True)
-                   for k in masks])
+    mk = np.stack(
+        [np.zeros(grid, bool) if k is None else _resize(np.squeeze(np.asarray(k, bool)), grid, True) for k in masks]
+    )
     mp = np.stack([_resize(m, grid) for m in maps]).astype(np.float32)
     try:
         fpr, pro, _ = pro_curve(mk.astype(np.uint8), mp)
@@ -208,8 +227,14 @@ def _pro_plot(maps: list[np.ndarray], masks: list, notes: list[str]) -> str:
         return ""
     fpr, pro = _decimate(np.asarray(fpr), np.asarray(pro))
     keep = fpr <= 0.3
-    return _plot("PRO curve (FPR <= 0.3)", "false positive rate (pixels)", "per-region overlap",
-                 (0, 0.3), (0, 1), [("line", fpr[keep], pro[keep], "#1f77b4", "", False)])
+    return _plot(
+        "PRO curve (FPR <= 0.3)",
+        "false positive rate (pixels)",
+        "per-region overlap",
+        (0, 0.3),
+        (0, 1),
+        [("line", fpr[keep], pro[keep], "#1f77b4", "", False)],
+    )
 
 
 def _value(v: Any) -> str:
@@ -224,19 +249,28 @@ def _score_plots(s: np.ndarray, y: np.ndarray | None, thr: float, notes: list[st
     """The score histogram (per class when labels are given) and the ROC curve."""
     lo, hi = min(float(s.min()), thr), max(float(s.max()), thr)
     edges = np.linspace(lo, hi if hi > lo else lo + 1.0, 31)
-    groups = [("all images", s, "#555")] if y is None else [
-        ("normal", s[y == 0], "#1f77b4"), ("defective", s[y == 1], "#d62728")]
-    bars = [("bars", edges, np.histogram(v, edges)[0] / max(v.size, 1), c, f"{g} ({v.size})")
-            for g, v, c in groups]
+    groups = (
+        [("all images", s, "#555")]
+        if y is None
+        else [("normal", s[y == 0], "#1f77b4"), ("defective", s[y == 1], "#d62728")]
+    )
+    bars = [("bars", edges, np.histogram(v, edges)[0] / max(v.size, 1), c, f"{g} ({v.size})") for g, v, c in groups]
     ymax = max(float(b[2].max()) for b in bars) * 1.1 or 1.0
-    plots = [_plot("Score histogram", "image score", "fraction of class", (edges[0], edges[-1]), (0, ymax),
-                   bars + [("vline", thr, "#000", f"threshold {thr:.4g}")])]
+    plots = [
+        _plot(
+            "Score histogram",
+            "image score",
+            "fraction of class",
+            (edges[0], edges[-1]),
+            (0, ymax),
+            bars + [("vline", thr, "#000", f"threshold {thr:.4g}")],
+        )
+    ]
     if y is not None and 0 < y.sum() < y.size:
         fpr, tpr, _ = (np.asarray(c, float) for c in roc_curve(y, s.astype(np.float32)))
         auc = image_auroc(y, s.astype(np.float32))  # the figure evaluate reports
         fpr, tpr = _decimate(fpr, tpr)
-        lines = [("line", [0, 1], [0, 1], "#999", "", True),
-                 ("line", fpr, tpr, "#d62728", f"AUROC {auc:.4f}", False)]
+        lines = [("line", [0, 1], [0, 1], "#999", "", True), ("line", fpr, tpr, "#d62728", f"AUROC {auc:.4f}", False)]
         plots.append(_plot("ROC curve", "false positive rate", "true positive rate", (0, 1), (0, 1), lines))
     elif y is not None:
         notes.append("ROC curve skipped: gt_labels hold only one class.")
@@ -262,15 +296,26 @@ def _example_row(i, s, thr, y, paths, images, maps, masks, vmin, vmax) -> str:
     cap = f"#{i} {html.escape(name)}<br>score {s[i]:.5g} ({'flagged' if s[i] >= thr else 'not flagged'})"
     if y is not None:
         cap += f"<br>label {'defective' if y[i] else 'normal'}"
-    figs = "".join(f'<figure><img src="{_png_uri(a)}" alt="{c}"><figcaption>{c}</figcaption></figure>'
-                   for a, c in cells)
+    figs = "".join(
+        f'<figure><img src="{_png_uri(a)}" alt="{c}"><figcaption>{c}</figcaption></figure>' for a, c in cells
+    )
     return f'<div class="row"><div class="cap">{cap}</div>{figs}</div>'
 
 
-def write_report(out_path: str | os.PathLike, *, paths: Sequence[str | None], scores: Any, threshold: float,
-                 gt_labels: Any = None, maps: Any = None, gt_masks: Sequence[Any] | None = None,
-                 metrics: dict[str, float | None] | None = None, title: str = "anomalox report",
-                 images: Sequence[Any] | None = None, max_examples: int = 8) -> str:
+def write_report(
+    out_path: str | os.PathLike,
+    *,
+    paths: Sequence[str | None],
+    scores: Any,
+    threshold: float,
+    gt_labels: Any = None,
+    maps: Any = None,
+    gt_masks: Sequence[Any] | None = None,
+    metrics: dict[str, float | None] | None = None,
+    title: str = "anomalox report",
+    images: Sequence[Any] | None = None,
+    max_examples: int = 8,
+) -> str:
     """Write a self-contained HTML report of scored images.
 
     Parameters
@@ -315,8 +360,7 @@ def write_report(out_path: str | os.PathLike, *, paths: Sequence[str | None], sc
         raise ValueError("scores: expected at least one image")
     mlist = None if maps is None else [np.nan_to_num(np.squeeze(np.asarray(m, np.float32))) for m in maps]
     notes: list[str] = []
-    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_value(v)}</td></tr>"
-                   for k, v in (metrics or {}).items())
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_value(v)}</td></tr>" for k, v in (metrics or {}).items())
     summary = f"{n} images, threshold {thr:.6g}, {int((s >= thr).sum())} flagged (score &ge; threshold)"
     if y is not None:
         summary += f"; ground truth: {int((y == 0).sum())} normal, {int((y == 1).sum())} defective"
@@ -330,24 +374,34 @@ def write_report(out_path: str | os.PathLike, *, paths: Sequence[str | None], sc
         sections = [("Highest-scored images", np.argsort(-s, kind="stable"))]
     else:
         normal, defect = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
-        sections = [("Highest-scored normal images (false alarms when flagged)",
-                     normal[np.argsort(-s[normal], kind="stable")]),
-                    ("Lowest-scored defective images (misses when not flagged)",
-                     defect[np.argsort(s[defect], kind="stable")])]
-    parts = [] if mlist is None else [
-        f"<p>Heatmap colour scale (jet, shared by all images): map value {vmin:.4g} (dark blue) to "
-        f"{vmax:.4g} (dark red), the min and max over all maps.</p>{_colourbar(vmin, vmax, thr)}"]
+        sections = [
+            ("Highest-scored normal images (false alarms when flagged)", normal[np.argsort(-s[normal], kind="stable")]),
+            ("Lowest-scored defective images (misses when not flagged)", defect[np.argsort(s[defect], kind="stable")]),
+        ]
+    parts = (
+        []
+        if mlist is None
+        else [
+            f"<p>Heatmap colour scale (jet, shared by all images): map value {vmin:.4g} (dark blue) to "
+            f"{vmax:.4g} (dark red), the min and max over all maps.</p>{_colourbar(vmin, vmax, thr)}"
+        ]
+    )
     for heading, idx in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>" + ("" if len(idx) else "<p>none</p>"))
-        parts += [_example_row(i, s, thr, y, paths, images, mlist, gt_masks, vmin, vmax)
-                  for i in idx[:max_examples]]
-    doc = "\n".join([
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1><p>{summary}</p>",
-        f'<table id="metrics"><tr><th>metric</th><th>value</th></tr>'
-        f'{rows or "<tr><td colspan=2>no metrics given</td></tr>"}</table>',
-        f'<div class="plots">{"".join(plots)}</div>', *(f"<p><em>{html.escape(t)}</em></p>" for t in notes),
-        *parts, "</body></html>\n"])
+        parts += [_example_row(i, s, thr, y, paths, images, mlist, gt_masks, vmin, vmax) for i in idx[:max_examples]]
+    doc = "\n".join(
+        [
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head><body>",
+            f"<h1>{html.escape(title)}</h1><p>{summary}</p>",
+            f'<table id="metrics"><tr><th>metric</th><th>value</th></tr>'
+            f"{rows or '<tr><td colspan=2>no metrics given</td></tr>'}</table>",
+            f'<div class="plots">{"".join(plots)}</div>',
+            *(f"<p><em>{html.escape(t)}</em></p>" for t in notes),
+            *parts,
+            "</body></html>\n",
+        ]
+    )
     out = os.fspath(out_path)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
@@ -355,8 +409,14 @@ def write_report(out_path: str | os.PathLike, *, paths: Sequence[str | None], sc
     return out
 
 
-def write_evaluation_report(out_path: str | os.PathLike, evaluation: Evaluation, *, title: str = "anomalox report",
-                            metrics: dict[str, Any] | None = None, max_examples: int = 8) -> str:
+def write_evaluation_report(
+    out_path: str | os.PathLike,
+    evaluation: Evaluation,
+    *,
+    title: str = "anomalox report",
+    metrics: dict[str, Any] | None = None,
+    max_examples: int = 8,
+) -> str:
     """Write the HTML report of an :func:`anomalox.evaluate` result (see :func:`write_report`).
 
     Parameters
@@ -378,10 +438,18 @@ def write_evaluation_report(out_path: str | os.PathLike, evaluation: Evaluation,
         The path written. The threshold drawn is the detector's, else the F1-max threshold.
     """
     threshold = evaluation.threshold if evaluation.threshold is not None else evaluation.metrics["f1_threshold"]
-    return write_report(out_path, paths=evaluation.paths, scores=evaluation.scores, threshold=threshold,
-                        gt_labels=evaluation.labels, maps=evaluation.maps, gt_masks=evaluation.masks,
-                        metrics=evaluation.metrics if metrics is None else metrics, title=title,
-                        max_examples=max_examples)
+    return write_report(
+        out_path,
+        paths=evaluation.paths,
+        scores=evaluation.scores,
+        threshold=threshold,
+        gt_labels=evaluation.labels,
+        maps=evaluation.maps,
+        gt_masks=evaluation.masks,
+        metrics=evaluation.metrics if metrics is None else metrics,
+        title=title,
+        max_examples=max_examples,
+    )
 
 
 def _heatmap_names(paths: Sequence[str | None]) -> list[str]:
@@ -396,8 +464,15 @@ def _heatmap_names(paths: Sequence[str | None]) -> list[str]:
     return names
 
 
-def write_heatmaps(out_dir: str | os.PathLike, paths: Sequence[str | None], maps: Any, *,
-                   vmin: float | None = None, vmax: float | None = None, alpha: float = 0.5) -> list[str]:
+def write_heatmaps(
+    out_dir: str | os.PathLike,
+    paths: Sequence[str | None],
+    maps: Any,
+    *,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    alpha: float = 0.5,
+) -> list[str]:
     """Save one heatmap overlay PNG per image into ``out_dir``.
 
     Parameters
@@ -422,8 +497,8 @@ def write_heatmaps(out_dir: str | os.PathLike, paths: Sequence[str | None], maps
     maps = list(maps)
     if len(maps) != len(paths):
         raise ValueError(f"maps: expected {len(paths)} maps (one per path), got {len(maps)}")
-    lo = float(min(np.min(m) for m in maps)) if vmin is None and maps else vmin
-    hi = float(max(np.max(m) for m in maps)) if vmax is None and maps else vmax
+    lo = vmin if vmin is not None else float(min((np.min(m) for m in maps), default=0.0))
+    hi = vmax if vmax is not None else float(max((np.max(m) for m in maps), default=1.0))
     out = os.fspath(out_dir)
     os.makedirs(out, exist_ok=True)
     written = []
