@@ -157,8 +157,9 @@ def lite_weights_path() -> str:
 def padim_channels(total: int, n_features: int | None, backbone: str = "efficientnet_lite0") -> np.ndarray:
     """anomalox PaDiM's channel choice at random_state=0 (its _fit_features recipe), for anomalib's idx."""
     from anomalox.detectors._base import seed_from
+    from anomalox.detectors.families import rules_for
 
-    wanted = n_features if n_features is not None else (550 if backbone in ("resnet50", "wide_resnet50_2") else 100)
+    wanted = n_features if n_features is not None else rules_for(backbone).padim_n_features
     rng = np.random.default_rng(seed_from(0))
     return np.sort(rng.choice(total, size=min(wanted, total), replace=False)).astype(np.int64)
 

@@ -32,15 +32,21 @@ fi
 echo "==> building the extension (release; a clean build takes a few minutes)"
 LIBTORCH_USE_PYTORCH=1 maturin develop --release --quiet
 
-# Settings in pyproject.toml ([tool.ruff], [tool.mypy]); clippy on the kernel crate (default
-# features, no Python or libtorch), as `cargo test` builds it.
+# Settings in pyproject.toml ([tool.ruff], [tool.mypy]). Clippy twice: the kernel crate alone
+# (default features, as `cargo test` builds it) and with the bindings (feature `python`, linked
+# to the venv's libtorch). rustfmt and clippy are rustup components of the machine's toolchain.
 lint() {
     echo "==> ruff check, ruff format --check, mypy, cargo fmt --check, cargo clippy"
     ruff check python tests benches
     ruff format --check python tests benches
     mypy
+    if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+        echo "scripts/run.sh: the Rust toolchain lacks rustfmt or clippy: rustup component add rustfmt clippy" >&2
+        exit 1
+    fi
     cargo fmt --check
     cargo clippy --quiet -- -D warnings
+    LIBTORCH_USE_PYTORCH=1 cargo clippy --quiet --features python -- -D warnings
 }
 
 case "$task" in

@@ -674,19 +674,9 @@ pub fn pro_at_threshold(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::Lcg;
     use ndarray::Array3;
     use std::sync::atomic::AtomicBool;
-
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            self.0 >> 33
-        }
-    }
 
     /// Flood-fill labelling (8-neighbours), numbering components in raster order.
     fn naive_label(mask: &ArrayView2<bool>) -> (Array2<u32>, usize) {

@@ -19,9 +19,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::error::{KernelError, KernelResult};
 use crate::interrupt::Interrupt;
 
-/// Scoring lives in `crate::mahalanobis`; kept at this path, where the bindings call it.
-pub use crate::mahalanobis::mahalanobis;
-
 /// Target size of one task's gathered (positions, B, C) f32 block, about twice an L2 cache:
 /// for 200 × 100 features that is 32 positions (128 B read per plane and block, two cache lines
 /// rather than one, which gathers faster; figures in BENCHMARKS.md).
@@ -826,6 +823,7 @@ pub fn gaussian_fit(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::mahalanobis::mahalanobis;
     use ndarray::{s, Array4, Axis};
     use std::sync::atomic::AtomicBool;
 

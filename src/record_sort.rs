@@ -599,24 +599,11 @@ fn insertion_sort(s: &mut [u64]) {
         s[j] = v;
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Tiny deterministic generator so the tests need no extra crates.
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            self.0 >> 33
-        }
-        fn unit(&mut self) -> f32 {
-            (self.next() % 1_000_000) as f32 / 1_000_000.0
-        }
-    }
+    use crate::rng::Lcg;
 
     /// Records of skewed, tied and widely spread scores, payload 0 or 1.
     fn records(n: usize, seed: u64) -> Vec<u64> {

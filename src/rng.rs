@@ -95,6 +95,27 @@ impl Rng {
     }
 }
 
+/// A tiny linear congruential generator (Knuth's MMIX constants) for the kernels' tests: test data
+/// streams that stay fixed whatever happens to `Rng`.
+#[cfg(test)]
+pub(crate) struct Lcg(pub(crate) u64);
+
+#[cfg(test)]
+impl Lcg {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    /// A value in [0, 1) on a grid of 1e-6.
+    pub(crate) fn unit(&mut self) -> f32 {
+        (self.next() % 1_000_000) as f32 / 1_000_000.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -385,22 +385,8 @@ pub fn roc_curve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::Lcg;
     use ndarray::Array1;
-
-    /// Tiny deterministic generator so the tests need no extra crates.
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            self.0 >> 33
-        }
-        fn unit(&mut self) -> f32 {
-            (self.next() % 1_000_000) as f32 / 1_000_000.0
-        }
-    }
 
     /// Scores with many ties (a few levels) and labels correlated with them.
     fn data(n: usize, levels: u64, seed: u64) -> (Array1<f32>, Array1<bool>) {

@@ -134,3 +134,16 @@ def test_write_heatmaps_names_files_by_the_path_below_the_common_folder(tmp_path
     assert sizes == [(12, 16), (12, 16), (3, 4)]  # the image's size; the map's own without a path
     with pytest.raises(ValueError, match=r"^maps: expected 3 maps \(one per path\), got 2$"):
         write_heatmaps(tmp_path / "out", paths, maps[:2])
+
+
+def test_evaluation_reads_as_the_mapping_of_its_metrics(folder_evaluation):
+    ev = folder_evaluation
+    assert "aupro" in ev and "inspection" not in ev
+    assert dict(ev) == ev.metrics == ev.as_dict()
+    assert list(ev.keys()) == list(ev.metrics) and len(ev) == len(ev.metrics)
+    assert dict(ev.items())["image_auroc"] == ev["image_auroc"]
+
+
+def test_a_number_in_place_of_labels_points_to_the_keyword_fpr_limit(model, mvtec):
+    with pytest.raises(TypeError, match=r"labels: .*got the number 0\.2 \(fpr_limit is keyword-only"):
+        anomalox.evaluate(model, str(mvtec), 0.2)

@@ -87,3 +87,38 @@ def test_the_check_catches_a_private_import(tmp_path, monkeypatch):
     assert "from anomalox.backbone import _load_file" in found[0]
     assert "from anomalox import _core" in found[1]  # persist does not wrap the extension
     assert "import anomalox._convert" in found[2]
+
+
+def _public_callables():
+    """(qualified name, function) for the public functions and methods of the typed modules."""
+    import inspect
+
+    import anomalox
+    from anomalox import backbone, detectors, evaluate, metrics, ops, params, persist, report, weights
+
+    seen: set[int] = set()
+    for module in (anomalox, ops, metrics, backbone, weights, persist, params, report, evaluate, detectors):
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name)
+            if id(obj) in seen or not (getattr(obj, "__module__", "") or "").startswith("anomalox"):
+                continue
+            seen.add(id(obj))
+            if inspect.isfunction(obj):
+                yield f"{obj.__module__}.{name}", obj
+            elif inspect.isclass(obj):
+                for attr, value in vars(obj).items():
+                    if attr.startswith("_") and attr != "__init__":
+                        continue
+                    func = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+                    if inspect.isfunction(func):
+                        yield f"{obj.__module__}.{obj.__name__}.{attr}", func
+
+
+def test_every_public_function_and_method_has_a_return_annotation():
+    import inspect
+
+    checked = dict(_public_callables())
+    assert {"anomalox.ops.knn", "anomalox.metrics.aupro", "anomalox.backbone.Backbone.features"} <= set(checked)
+    assert any(name.startswith("anomalox.detectors.patchcore.PatchCore.") for name in checked)
+    missing = [n for n, f in checked.items() if inspect.signature(f).return_annotation is inspect.Signature.empty]
+    assert missing == []

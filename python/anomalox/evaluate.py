@@ -8,8 +8,9 @@ ground-truth masks only when asked for (they are the large part).
 
 from __future__ import annotations
 
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +25,13 @@ __all__ = ["Evaluation", "evaluate", "read_mask"]
 
 
 @dataclass
-class Evaluation:
+class Evaluation(Mapping[str, Any]):
     """What :func:`evaluate` measured, and on what.
 
-    ``evaluation["image_auroc"]`` reads ``evaluation.metrics["image_auroc"]``; the repr shows the
-    metrics and the threshold only.
+    A read-only mapping of its metrics, as ``evaluate`` returned a dict before:
+    ``evaluation["image_auroc"]`` reads ``evaluation.metrics["image_auroc"]``, and ``in``,
+    ``keys()``, ``items()`` and ``dict(evaluation)`` see the metrics. The repr shows the metrics
+    and the threshold only.
 
     Attributes
     ----------
@@ -62,6 +65,12 @@ class Evaluation:
     def __getitem__(self, key: str) -> Any:
         return self.metrics[key]
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.metrics)
+
+    def __len__(self) -> int:
+        return len(self.metrics)
+
     def as_dict(self) -> dict[str, Any]:
         """A copy of :attr:`metrics` (plain Python values: JSON-serialisable)."""
         return dict(self.metrics)
@@ -89,6 +98,11 @@ def _mask_like_map(mask: np.ndarray, detector: Any) -> np.ndarray:
 
 
 def _check_labels(labels: Any) -> np.ndarray:
+    if isinstance(labels, numbers.Real) and not isinstance(labels, bool):
+        raise TypeError(
+            f"labels: expected a 1-D sequence of 0 (normal) / 1 (defective), got the number {labels!r} "
+            f"(fpr_limit is keyword-only: evaluate(detector, X, fpr_limit={labels!r}))"
+        )
     y = np.asarray(labels)
     if y.ndim != 1 or y.size == 0 or y.dtype.kind not in "biuf" or not np.isin(y, (0, 1)).all():
         raise ValueError(f"labels: expected a 1-D sequence of 0 (normal) / 1 (defective), got {_describe(labels)}")

@@ -8,9 +8,9 @@ pub mod runtime;
 
 /// The extension's own allocations use mimalloc, not the host process's glibc malloc: freeing a
 /// multi-megabyte kernel buffer through glibc raises its dynamic mmap threshold for the whole
-/// process, after which a PyTorch loop that allocates ~32 MB temporaries grew by gigabytes (seen
-/// with anomalib's KCenterGreedy run after `ops.coreset`). Keeping our buffers off glibc leaves the
-/// user's process behaving as if anomalox had not run.
+/// process, after which a PyTorch loop that allocates large temporaries can keep growing (see
+/// BENCHMARKS.md, "Measurements moved out of code comments (bindings)"). Keeping our buffers off
+/// glibc leaves the user's process behaving as if anomalox had not run.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -10,7 +10,10 @@ use pyo3::prelude::*;
 
 use crate::py::runtime::{argument_error, run, to_py_err};
 use crate::validate::ensure_finite;
-use crate::{blur, coreset as coreset_k, gaussian, knn as knn_k, upsample as upsample_k};
+use crate::{
+    blur, coreset as coreset_k, gaussian, knn as knn_k, mahalanobis as mahalanobis_k,
+    upsample as upsample_k,
+};
 
 type Pair<'py, A, B> = (Bound<'py, A>, Bound<'py, B>);
 
@@ -123,7 +126,7 @@ pub fn mahalanobis<'py>(
     let (x, mu, prec) = (features.as_array(), mean.as_array(), inv_cov.as_array());
     let maps = run(py, n_threads, |intr| {
         ensure_finite(&x, "features")?;
-        gaussian::mahalanobis(x, mu, prec, intr)
+        mahalanobis_k::mahalanobis(x, mu, prec, intr)
     })?;
     Ok(maps.into_pyarray(py))
 }

@@ -17,7 +17,7 @@ __all__ = ["FAMILIES", "FamilyRules", "rules_for"]
 class FamilyRules:
     """What the detectors need to know about a backbone family.
 
-    taps : the naming of its taps, the key of a detector's ``default_layers``:
+    taps : the naming of its taps, the key of a detector's ``_default_layers`` table:
         ``"efficientnet_lite"`` (``_blocks.N``) or ``"resnet"`` (``layer1`` … ``layer4``).
     padim_n_features : channels PaDiM keeps by default (the paper: 100 for ResNet-18, 550 for
         WRN-50-2, whose bottleneck stages are 4× wider).
