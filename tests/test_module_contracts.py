@@ -1,8 +1,11 @@
 """Modules talk through each other's public names only.
 
-A module of the package never imports another module's private (``_``-prefixed) names; the one
-exception is the compiled ``anomalox._core``, imported by the modules that wrap it. Checked on the
-source with ``ast``, so it holds for code paths the other tests do not run.
+A module of the package never imports another module's private (``_``-prefixed) names, nor a
+private module object (``from anomalox import _convert``, ``import anomalox._convert``); the one
+exception is the compiled ``anomalox._core``, imported by the modules that wrap it. Public names of
+a package-internal module (``from anomalox._convert import as_float32``,
+``from anomalox.detectors._base import BaseDetector``) are its contract with the package and are
+allowed. Checked on the source with ``ast``, so it holds for code paths the other tests do not run.
 """
 
 from __future__ import annotations
