@@ -11,7 +11,11 @@ from importlib.metadata import entry_points
 import numpy as np
 import pytest
 
+import anomalox
 from anomalox.cli import main
+
+# Their image sets are tiny: the conformal threshold falls back to the largest calibration score.
+pytestmark = pytest.mark.filterwarnings("ignore::anomalox.CalibrationWarning")
 
 FAST = ["--param", "image_size=64", "--param", "coreset_ratio=1.0", "--param", "validation_fraction=0.25"]
 
@@ -51,6 +55,19 @@ def test_usage_errors_exit_2_and_runtime_errors_exit_1_with_one_line(tmp_path):
     assert missing.stderr.startswith("anomalox: error: ") and "nowhere" in missing.stderr
     debug = _run("fit", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.ax"), "--quiet", "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_fit_prints_the_calibration_warning_and_succeeds(mvtec, tmp_path):
+    fitted = _run("fit", str(mvtec), "--out", str(tmp_path / "m.ax"), "--quiet", *FAST)
+    assert fitted.returncode == 0 and (tmp_path / "m.ax").is_file()
+    assert "CalibrationWarning" in fitted.stderr and "1/(n+1)" in fitted.stderr
+
+
+def test_fit_takes_the_calibration_rule_as_a_param(mvtec, tmp_path):
+    path = tmp_path / "cv.ax"
+    args = [*FAST, "--param", "calibration=cv", "--param", "n_folds=2", "--param", "contamination=0.1"]
+    assert main(["fit", str(mvtec), "--out", str(path), "--quiet", *args]) == 0
+    assert anomalox.load(path).calibration_scores_.shape == (14,)
 
 
 def test_unknown_or_malformed_params_are_refused(mvtec, tmp_path, capsys):

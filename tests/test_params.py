@@ -22,6 +22,9 @@ from anomalox.detectors.families import FAMILIES, rules_for
 from anomalox.params import NON_NEGATIVE_INT, POSITIVE_INT, Hidden, Interval, Options, Unchecked, check, validate_params
 from conftest import SIZE
 
+# Their image sets are tiny: the conformal threshold falls back to the largest calibration score.
+pytestmark = pytest.mark.filterwarnings("ignore::anomalox.CalibrationWarning")
+
 PACKAGE = pathlib.Path(anomalox.__file__).parent
 DETECTORS = [getattr(detectors, name) for name in detectors.__all__]
 DETECTORS = [c for c in DETECTORS if isinstance(c, type) and issubclass(c, BaseDetector) and c is not BaseDetector]
@@ -166,10 +169,37 @@ def fitted_dfm(images):
 
 def test_state_dict_round_trips_into_a_new_detector_that_scores_identically(fitted_dfm, images):
     state = fitted_dfm.state_dict()
-    assert set(state) == {*DFM.learned_attributes, "threshold_"} and state["threshold_"] is not None
+    assert set(state) == {*DFM.learned_attributes, *BaseDetector.calibrated_attributes}
+    assert state["threshold_"] is not None and state["calibration_scores_"].dtype == np.float32
     twin = DFM(**fitted_dfm.get_params()).load_state_dict(state)
     np.testing.assert_array_equal(twin.decision_function(images[2]), fitted_dfm.decision_function(images[2]))
     np.testing.assert_array_equal(twin.predict(images[2]), fitted_dfm.predict(images[2]))
+    np.testing.assert_array_equal(twin.p_value(images[2]), fitted_dfm.p_value(images[2]))
+    np.testing.assert_array_equal(twin.predict_mask(images[2]), fitted_dfm.predict_mask(images[2]))
+
+
+def test_a_state_without_calibration_scores_loads_and_p_value_asks_to_recalibrate(fitted_dfm, images):
+    # The state of a model file written before calibration scores were kept: threshold_ only.
+    old = {k: v for k, v in fitted_dfm.state_dict().items() if k in (*DFM.learned_attributes, "threshold_")}
+    twin = DFM(**fitted_dfm.get_params()).load_state_dict(old)
+    assert twin.calibration_scores_ is None and twin.pixel_threshold_ is None
+    np.testing.assert_array_equal(twin.predict(images[2]), fitted_dfm.predict(images[2]))
+    for method in (twin.p_value, twin.normalized_score, twin.predict_mask):
+        with pytest.raises(ValueError, match=r"no calibration scores .* recalibrate it with set_threshold"):
+            method(images[2])
+    twin.set_threshold(images[1], contamination=0.4)
+    assert twin.calibration_scores_.shape == (len(images[1]),) and twin.predict_mask(images[2]).dtype == bool
+
+
+def test_an_old_model_file_without_calibration_scores_still_loads(fitted_dfm, images, tmp_path, monkeypatch):
+    # Written as before calibration scores were kept: the state holds threshold_ and nothing else of them.
+    old = {k: v for k, v in fitted_dfm.state_dict().items() if k in (*DFM.learned_attributes, "threshold_")}
+    monkeypatch.setattr(fitted_dfm, "state_dict", lambda: old)
+    loaded = anomalox.load(anomalox.save(fitted_dfm, tmp_path / "old.ax"))
+    assert loaded.calibration_scores_ is None and loaded.threshold_ == fitted_dfm.threshold_
+    np.testing.assert_array_equal(loaded.predict(images[2]), fitted_dfm.predict(images[2]))
+    with pytest.raises(ValueError, match="recalibrate it with set_threshold"):
+        loaded.p_value(images[2])
 
 
 def test_state_dict_refuses_an_unfitted_or_changed_detector_and_load_refuses_foreign_state(fitted_dfm):

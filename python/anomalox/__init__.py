@@ -32,6 +32,7 @@ from anomalox.detectors import *  # noqa: E402,F401,F403  (PatchCore, PaDiM, ...
 from anomalox.evaluate import Evaluation, evaluate  # noqa: E402
 from anomalox.exceptions import (  # noqa: E402
     AnomaloxError,
+    CalibrationWarning,
     InternalError,
     KernelArgumentError,
     ModelFileError,
@@ -50,6 +51,7 @@ __version__: str = _core.__version__
 __all__ = [
     "AnomaloxError",
     "Backbone",
+    "CalibrationWarning",
     "Evaluation",
     "InternalError",
     "KernelArgumentError",

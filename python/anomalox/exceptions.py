@@ -8,6 +8,9 @@
 - :class:`ModelFileError` (also a ``ValueError``): a file that is not a readable anomalox model
   (a pickle, truncated, tampered with, or an incompatible format).
 - :class:`NotFittedError`: scikit-learn's, re-exported; a detector used before ``fit``.
+- :class:`CalibrationWarning` (a ``UserWarning``, not an exception): too few calibration images
+  for the false-alarm rate asked for (``contamination``); the threshold is then the largest
+  calibration score and the warning states the rate that is achievable.
 
 Bad arguments to the Python API raise plain ``ValueError`` / ``TypeError`` naming the argument
 ("``arg: expected X, got Y``").
@@ -17,7 +20,14 @@ from __future__ import annotations
 
 from sklearn.exceptions import NotFittedError
 
-__all__ = ["AnomaloxError", "InternalError", "KernelArgumentError", "ModelFileError", "NotFittedError"]
+__all__ = [
+    "AnomaloxError",
+    "CalibrationWarning",
+    "InternalError",
+    "KernelArgumentError",
+    "ModelFileError",
+    "NotFittedError",
+]
 
 
 class AnomaloxError(Exception):
@@ -48,3 +58,11 @@ class InternalError(AnomaloxError, RuntimeError):
 
 class ModelFileError(AnomaloxError, ValueError):
     """A file that is not a readable anomalox detector (wrong format, corrupt, incompatible)."""
+
+
+class CalibrationWarning(UserWarning):
+    """Too few calibration scores for the conformal threshold at the requested ``contamination``.
+
+    With n calibration scores the smallest false-alarm rate a conformal threshold can promise is
+    1 / (n + 1); below it the threshold falls back to the largest calibration score.
+    """

@@ -22,7 +22,7 @@ import html
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -33,8 +33,9 @@ from sklearn.exceptions import NotFittedError
 from anomalox import ops
 from anomalox.backbone import Backbone
 from anomalox.data import Source, as_source
+from anomalox.detectors.calibration import calibration_cdf, conformal_threshold, p_values
 from anomalox.detectors.families import rules_for
-from anomalox.params import POSITIVE_INT, Interval, Unchecked, check, validate_params
+from anomalox.params import POSITIVE_INT, Interval, Options, Unchecked, check, validate_params
 
 __all__ = [
     "BaseDetector",
@@ -53,9 +54,17 @@ SHARED_PARAMETERS_DOC = """\
     weights : see ``anomalox.Backbone``; device : "cpu" or "cuda[:N]"
     batch_size : int
         Images per forward pass.
-    validation_fraction : float in [0, 1); contamination : float in (0, 0.5)
-        ``fit`` holds out ``validation_fraction`` of the images (not learned from) and sets
-        ``threshold_`` at the ``1 - contamination`` quantile of their scores.
+    contamination : float in (0, 0.5)
+        The false-alarm rate α asked of ``predict``: ``threshold_`` is the conformal threshold, the
+        ⌈(n + 1)(1 − α)⌉-th smallest of n calibration scores of good images, so a new good image
+        scores above it with probability at most α (exchangeability). Needs n + 1 >= 1/α; with
+        fewer, ``threshold_`` is the largest score and ``fit`` emits ``CalibrationWarning``.
+    calibration : "holdout" or "cv"; validation_fraction : float in [0, 1); n_folds : int >= 2
+        Where the calibration scores come from. "holdout": ``validation_fraction`` of the images
+        are held out (not learned from) and scored; one fit. "cv": the images are split into
+        ``n_folds`` folds, a model fitted on the other folds scores each fold, and the final model
+        learns from all images: every image is a calibration image, at the cost of
+        ``n_folds + 1`` fits; needs a sized X (folder, paths, arrays, tensors).
     random_state : int or None; n_threads : int or None; verbose : bool (progress bars)"""
 
 _SHARED_MARKER = "    <shared parameters>"
@@ -149,9 +158,23 @@ class BaseDetector(BaseEstimator):
     """Shared machinery; see the module docstring. Not used directly.
 
     State contract: ``learned_attributes`` names what ``fit`` learns; ``state_dict()`` exports it
-    (with ``threshold_``) and ``load_state_dict(state)`` restores it, rebuilding the backbone from
-    the parameters. Model files (``anomalox.save`` / ``anomalox.load``) go through these only.
+    (with ``calibrated_attributes``: the thresholds and their calibration scores) and
+    ``load_state_dict(state)`` restores it, rebuilding the backbone from the parameters. Model
+    files (``anomalox.save`` / ``anomalox.load``) go through these only.
     """
+
+    # The calibration state every detector has; all but threshold_ may be absent from a state
+    # written before calibration scores were kept (it then loads with them None).
+    calibrated_attributes: ClassVar[tuple[str, ...]] = (
+        "threshold_",
+        "calibration_scores_",
+        "pixel_threshold_",
+        "pixel_calibration_scores_",
+    )
+    threshold_: float | None
+    calibration_scores_: np.ndarray | None
+    pixel_threshold_: float | None
+    pixel_calibration_scores_: np.ndarray | None
 
     # Subclasses: the names _fit_features returns (besides threshold_ and backbone_, set here).
     learned_attributes: ClassVar[tuple[str, ...]] = ()
@@ -169,6 +192,8 @@ class BaseDetector(BaseEstimator):
         "batch_size": [POSITIVE_INT],
         "validation_fraction": [Interval(Real, 0.0, 1.0, closed="left")],
         "contamination": _CONTAMINATION,
+        "calibration": [Options({"holdout", "cv"})],
+        "n_folds": [Interval(Integral, 2, None, closed="left")],
         "random_state": [Unchecked("numpy.random.default_rng")],
         "n_threads": [POSITIVE_INT, None],
         "verbose": [Unchecked("its truth value selects progress bars")],
@@ -295,8 +320,78 @@ class BaseDetector(BaseEstimator):
         return out
 
     # ------------------------------------------------------------------- API
+    def _learn(self, backbone: Backbone, batches: Iterator[Any], total: int | None, held: bool) -> dict[str, Any]:
+        """The learned attributes from `batches` of training items (one fit of the hooks)."""
+        bar = self._progress(total, "fit: features")
+
+        def features() -> Iterator[dict[str, torch.Tensor]]:
+            n = 0
+            for items, _ in batches:
+                feats, _, _ = self._features(backbone, items)
+                count = next(iter(feats.values())).shape[0]
+                n += count
+                bar.update(count)
+                yield feats
+            if n == 0:
+                if held:
+                    raise ValueError("X: no training images left after holding out the validation images")
+                raise ValueError("X: expected at least one training image, got none (an empty iterable)")
+
+        with bar:
+            state = self._fit_features(features())
+        if set(state) != set(self.learned_attributes):
+            raise TypeError(
+                f"{type(self).__name__}._fit_features returned {sorted(state)}, but its learned_attributes "
+                f"list {sorted(self.learned_attributes)}: the two must name the same attributes"
+            )
+        return state
+
+    def _calibration_values(self, source: Source, desc: str) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores and maximum map values of `source`, scored by the current fitted state."""
+        found = self._inspect(source, desc)
+        map_max = np.array([float(np.max(m)) for m in found.maps], dtype=np.float32)
+        return found.scores, map_max
+
+    def _cross_fit(self, backbone: Backbone, source: Source) -> tuple[np.ndarray, np.ndarray]:
+        """Out-of-fold calibration values: fold k scored by a model fitted on the other folds."""
+        if not source.sized:
+            raise ValueError(
+                "calibration: 'cv' needs a sized X (a folder, a list of paths, an array or a tensor) to split "
+                "into folds, got an iterable of batches; use calibration='holdout' for it"
+            )
+        n = len(source)
+        if n < self.n_folds:
+            raise ValueError(
+                f"X: calibration='cv' with n_folds={self.n_folds} needs at least {self.n_folds} images, got {n}"
+            )
+        items = source.items
+        assert items is not None  # a sized source holds its items
+        folds = np.array_split(np.random.default_rng(self.random_state).permutation(n), self.n_folds)
+        scores, map_max = [], []
+        for k, fold in enumerate(folds):
+            rest = np.sort(np.concatenate([f for j, f in enumerate(folds) if j != k]))
+            state = self._learn(backbone, source.iter_batches(self.batch_size, rest), len(rest), held=True)
+            for name, value in state.items():
+                setattr(self, name, value)
+            self.backbone_, self.threshold_ = backbone, None
+            held = [items[i] for i in np.sort(fold)]
+            fold_scores, fold_max = self._calibration_values(
+                Source(items=held, paths=[None] * len(held)), f"fit: fold {k + 1}/{self.n_folds}"
+            )
+            scores.append(fold_scores)
+            map_max.append(fold_max)
+        return np.concatenate(scores), np.concatenate(map_max)
+
+    def _calibrate(self, scores: np.ndarray | None, map_max: np.ndarray | None, contamination: float) -> None:
+        """Set the image and pixel thresholds and their calibration values (None: no calibration)."""
+        self.calibration_scores_ = None if scores is None else np.asarray(scores, np.float32)
+        self.pixel_calibration_scores_ = None if map_max is None else np.asarray(map_max, np.float32)
+        self.threshold_ = None if scores is None else conformal_threshold(scores, contamination, "threshold_")
+        # Same n as the image scores: their warning covers both.
+        self.pixel_threshold_ = None if map_max is None else conformal_threshold(map_max, contamination, warn=False)
+
     def fit(self, X: Any, y: Any = None) -> BaseDetector:
-        """Learn from images of good parts; hold out ``validation_fraction`` to set ``threshold_``.
+        """Learn from images of good parts and calibrate ``threshold_`` (see ``calibration``).
 
         Parameters
         ----------
@@ -315,37 +410,24 @@ class BaseDetector(BaseEstimator):
         try:
             backbone = self.build_backbone()
             source = as_source(X, "train")
-            train_batches, held = self._split(source)
-            bar = self._progress(None if not source.sized else len(source) - len(held), "fit: features")
-
-            def features() -> Iterator[dict[str, torch.Tensor]]:
-                n = 0
-                for items, _ in train_batches:
-                    feats, _, _ = self._features(backbone, items)
-                    count = next(iter(feats.values())).shape[0]
-                    n += count
-                    bar.update(count)
-                    yield feats
-                if n == 0:
-                    if held:
-                        raise ValueError("X: no training images left after holding out the validation images")
-                    raise ValueError("X: expected at least one training image, got none (an empty iterable)")
-
-            with bar:
-                state = self._fit_features(features())
-            if set(state) != set(self.learned_attributes):
-                raise TypeError(
-                    f"{type(self).__name__}._fit_features returned {sorted(state)}, but its learned_attributes "
-                    f"list {sorted(self.learned_attributes)}: the two must name the same attributes"
-                )
+            calibration: tuple[np.ndarray, np.ndarray] | None = None
+            held: list[Any] = []
+            if self.calibration == "cv":
+                calibration = self._cross_fit(backbone, source)
+                state = self._learn(backbone, source.iter_batches(self.batch_size), len(source), held=False)
+            else:
+                train_batches, held = self._split(source)
+                total = None if not source.sized else len(source) - len(held)
+                state = self._learn(backbone, train_batches, total, held=bool(held))
             for k, v in state.items():
                 setattr(self, k, v)
             self.backbone_ = backbone
             self.threshold_ = None
             fitted_with = self._structural_params()
             if held:
-                scores = self._inspect(Source(items=held, paths=[None] * len(held)), "fit: validation").scores
-                self.threshold_ = float(np.quantile(scores.astype(np.float64), 1.0 - self.contamination))
+                calibration = self._calibration_values(Source(items=held, paths=[None] * len(held)), "fit: validation")
+            scores, map_max = calibration if calibration is not None else (None, None)
+            self._calibrate(scores, map_max, self.contamination)
         except BaseException:
             for k in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
                 delattr(self, k)
@@ -377,7 +459,7 @@ class BaseDetector(BaseEstimator):
         return changed
 
     def state_dict(self) -> dict[str, Any]:
-        """The fitted state, by attribute name: ``learned_attributes`` and ``threshold_``.
+        """The fitted state, by attribute name: ``learned_attributes`` and ``calibrated_attributes``.
 
         Arrays are the detector's own (not copies); the backbone is not included (it is rebuilt
         from the parameters). Raises ``NotFittedError`` before ``fit``, and ``ValueError`` when
@@ -391,17 +473,20 @@ class BaseDetector(BaseEstimator):
                 f"detector: {', '.join(changed)} changed (set_params) after fit, so the fitted state no longer "
                 f"matches the parameters; refit it (or set them back) before saving"
             )
-        return {name: getattr(self, name) for name in (*self.learned_attributes, "threshold_")}
+        return {name: getattr(self, name) for name in (*self.learned_attributes, *self.calibrated_attributes)}
 
     def load_state_dict(self, state: Mapping[str, Any], backbone: Backbone | None = None) -> BaseDetector:
         """Restore a ``state_dict()``: the detector then scores as the one it came from.
 
         `backbone` is this detector's ``build_backbone()`` when the caller has already built
         (and checked) it; None builds it. Raises ``ValueError`` when `state` does not name
-        exactly ``learned_attributes`` and ``threshold_``.
+        exactly ``learned_attributes`` and ``calibrated_attributes``; the calibration scores and
+        pixel threshold may be missing (a model saved before they were kept): they are then None,
+        and ``p_value`` / ``predict_mask`` ask for ``set_threshold``.
         """
-        expected = {*self.learned_attributes, "threshold_"}
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        expected = {*self.learned_attributes, *self.calibrated_attributes}
+        optional = set(self.calibrated_attributes) - {"threshold_"}
+        missing, unexpected = sorted(expected - optional - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise ValueError(
                 f"state: expected the attributes {sorted(expected)} of a {type(self).__name__}, "
@@ -409,7 +494,7 @@ class BaseDetector(BaseEstimator):
             )
         backbone = self.build_backbone() if backbone is None else backbone
         for name in expected:
-            setattr(self, name, state[name])
+            setattr(self, name, state.get(name))
         self.backbone_ = backbone
         self._fitted_with = self._structural_params()
         return self
@@ -462,7 +547,11 @@ class BaseDetector(BaseEstimator):
         return self.inspect(X).maps
 
     def predict(self, X: Any) -> np.ndarray:
-        """0 (normal) / 1 (anomalous) per image: score > ``threshold_``."""
+        """0 (normal) / 1 (anomalous) per image: score > ``threshold_``.
+
+        Strictly greater: the conformal bound P(good score > threshold_) <= contamination holds
+        for ``>``, not for ``>=`` (see ``anomalox.detectors.calibration``).
+        """
         self.check_is_fitted()
         if self.threshold_ is None:
             raise ValueError(
@@ -472,13 +561,58 @@ class BaseDetector(BaseEstimator):
         return self.inspect(X).labels  # type: ignore[return-value]
 
     def set_threshold(self, X_normal: Any, contamination: float | None = None) -> BaseDetector:
-        """Set ``threshold_`` at the ``1 - contamination`` quantile of the scores of good images."""
+        """Recalibrate on images of good parts not learned from: ``threshold_``, ``pixel_threshold_``
+        and their calibration scores, by the conformal rule of ``fit`` (and its ``CalibrationWarning``).
+
+        `contamination` defaults to the detector's.
+        """
         self.check_is_fitted()
         contamination = self.contamination if contamination is None else contamination
         check("contamination", contamination, _CONTAMINATION)
-        scores = self.decision_function(X_normal)
-        self.threshold_ = float(np.quantile(scores.astype(np.float64), 1.0 - contamination))
+        scores, map_max = self._calibration_values(as_source(X_normal, "test"), "calibrate")
+        self._calibrate(scores, map_max, contamination)
         return self
+
+    def _calibration_scores(self, name: str) -> np.ndarray:
+        self.check_is_fitted()
+        values = getattr(self, name, None)
+        if values is None:
+            raise ValueError(
+                f"{name}: this detector has no calibration scores (validation_fraction=0, or a model file written "
+                f"before they were saved); recalibrate it with set_threshold(X_normal) on images of good parts"
+            )
+        return values
+
+    def p_value(self, X: Any) -> np.ndarray:
+        """Conformal p-values (N,) float64: (1 + #{calibration scores >= s}) / (n + 1) per image score s.
+
+        For a new good image P(p <= α) <= α (exchangeability), and p <= ``contamination`` exactly
+        when ``predict`` flags the image (when ``threshold_`` has its guarantee). Small: anomalous.
+        """
+        calibration = self._calibration_scores("calibration_scores_")
+        return p_values(calibration, self.decision_function(X))
+
+    def normalized_score(self, X: Any) -> np.ndarray:
+        """Scores in [0, 1], (N,) float64: the empirical CDF of the calibration scores at each score.
+
+        The fraction of the good calibration images that score at or below the image: 0.97 means
+        "above 97 % of good images"; 1 means above them all. Monotone in the score.
+        """
+        calibration = self._calibration_scores("calibration_scores_")
+        return calibration_cdf(calibration, self.decision_function(X))
+
+    def predict_mask(self, X: Any) -> np.ndarray | list[np.ndarray]:
+        """Per-pixel decisions, bool, shaped as ``anomaly_map``: map value > ``pixel_threshold_``.
+
+        ``pixel_threshold_`` is the conformal threshold of the good calibration images' maximum map
+        values, so ``contamination`` is the rate of good images with any flagged pixel (not a
+        per-pixel rate).
+        """
+        self._calibration_scores("pixel_calibration_scores_")
+        maps = self.anomaly_map(X)
+        if isinstance(maps, np.ndarray):
+            return maps > self.pixel_threshold_
+        return [m > self.pixel_threshold_ for m in maps]
 
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write the fitted detector to one safetensors file: ``anomalox.save(self, path)``."""

@@ -56,7 +56,9 @@ class DFM(BaseDetector):
         Variances along the components (ddof 1).
     explained_variance_ratio_ : (n_components_,) float32 array
     n_components_ : int; n_train_images_ : int
-    threshold_ : float or None
+    threshold_, pixel_threshold_ : float or None
+    calibration_scores_, pixel_calibration_scores_ : (n,) float32 array or None
+        The calibration images' scores and maximum map values the thresholds come from.
     backbone_ : anomalox.Backbone
 
     Examples
@@ -94,6 +96,8 @@ class DFM(BaseDetector):
         batch_size: int = 4,
         validation_fraction: float = 0.1,
         contamination: float = 0.01,
+        calibration: str = "holdout",
+        n_folds: int = 5,
         random_state: Any = 0,
         n_threads: int | None = None,
         verbose: bool = False,
@@ -110,6 +114,8 @@ class DFM(BaseDetector):
         self.batch_size = batch_size
         self.validation_fraction = validation_fraction
         self.contamination = contamination
+        self.calibration = calibration
+        self.n_folds = n_folds
         self.random_state = random_state
         self.n_threads = n_threads
         self.verbose = verbose

@@ -46,7 +46,9 @@ class PaDiM(BaseDetector):
     channels_ : (n_features,) int64 array, the kept channels
     mean_ : (H·W, n_features) float32 array
     inv_cov_ : (H·W, n_features, n_features) float32 array
-    threshold_ : float or None
+    threshold_, pixel_threshold_ : float or None
+    calibration_scores_, pixel_calibration_scores_ : (n,) float32 array or None
+        The calibration images' scores and maximum map values the thresholds come from.
     """
 
     learned_attributes = ("channels_", "mean_", "inv_cov_", "grid_")
@@ -68,6 +70,8 @@ class PaDiM(BaseDetector):
         batch_size: int = 16,
         validation_fraction: float = 0.1,
         contamination: float = 0.01,
+        calibration: str = "holdout",
+        n_folds: int = 5,
         random_state: Any = 0,
         n_threads: int | None = None,
         verbose: bool = False,
@@ -82,6 +86,8 @@ class PaDiM(BaseDetector):
         self.batch_size = batch_size
         self.validation_fraction = validation_fraction
         self.contamination = contamination
+        self.calibration = calibration
+        self.n_folds = n_folds
         self.random_state = random_state
         self.n_threads = n_threads
         self.verbose = verbose

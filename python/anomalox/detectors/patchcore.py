@@ -80,7 +80,9 @@ class PatchCore(BaseDetector):
     Attributes
     ----------
     memory_bank_ : (M, C) float32 array
-    threshold_ : float or None
+    threshold_, pixel_threshold_ : float or None
+    calibration_scores_, pixel_calibration_scores_ : (n,) float32 array or None
+        The calibration images' scores and maximum map values the thresholds come from.
     backbone_ : anomalox.Backbone
 
     Examples
@@ -114,6 +116,8 @@ class PatchCore(BaseDetector):
         batch_size: int = 4,
         validation_fraction: float = 0.1,
         contamination: float = 0.01,
+        calibration: str = "holdout",
+        n_folds: int = 5,
         random_state: Any = 0,
         n_threads: int | None = None,
         verbose: bool = False,
@@ -131,6 +135,8 @@ class PatchCore(BaseDetector):
         self.batch_size = batch_size
         self.validation_fraction = validation_fraction
         self.contamination = contamination
+        self.calibration = calibration
+        self.n_folds = n_folds
         self.random_state = random_state
         self.n_threads = n_threads
         self.verbose = verbose
