@@ -11,6 +11,7 @@ pub mod gaussian;
 pub mod interrupt;
 pub mod knn;
 pub mod mahalanobis;
+pub mod pixel_stream;
 pub mod record_sort;
 pub mod rng;
 pub mod roc;
@@ -46,6 +47,7 @@ fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     m.add_function(wrap_pyfunction!(py::metrics::pro_curve, m)?)?;
     m.add_function(wrap_pyfunction!(py::metrics::aupro, m)?)?;
     m.add_function(wrap_pyfunction!(py::metrics::pro_at_threshold, m)?)?;
+    m.add_class::<py::metrics::PixelMetricsAccumulator>()?;
     m.add_class::<py::backbone::BackboneModel>()?;
     Ok(())
 }

@@ -321,3 +321,80 @@ def test_pixel_metrics_release_the_gil(rng):
     # With the GIL held during the calls, the counter could only run between them.
     assert elapsed > 0.05
     assert ticks >= 10
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming pixel metrics
+# --------------------------------------------------------------------------------------------
+
+
+def _streamed(masks, maps, batch):
+    acc = metrics.PixelMetricsAccumulator()
+    for start in range(0, len(maps), batch):
+        acc.update(masks[start : start + batch], maps[start : start + batch])
+    return acc
+
+
+@pytest.mark.parametrize("levels", [None, 50])
+@pytest.mark.parametrize("limit", [0.05, 0.3, 1.0])
+def test_accumulator_matches_the_exact_metrics_within_its_bound_and_1e_3(rng, levels, limit):
+    masks, maps = blobs(rng, 9, 40, 36, levels)
+    acc = _streamed(masks, maps, 4)
+    auroc_bound, aupro_bound = acc.error_bounds(limit)
+    exact_auroc, exact_aupro = metrics.pixel_auroc(masks, maps), metrics.aupro(masks, maps, fpr_limit=limit)
+    assert abs(acc.pixel_auroc() - exact_auroc) <= min(auroc_bound + 1e-12, 1e-3)
+    assert abs(acc.aupro(fpr_limit=limit) - exact_aupro) <= min(aupro_bound + 1e-12, 1e-3)
+    if levels is not None:  # scores far apart: one distinct score per bin, the exact figures
+        assert acc.pixel_auroc() == exact_auroc and acc.aupro(limit) == pytest.approx(exact_aupro, abs=1e-12)
+
+
+def test_accumulator_pro_curve_keeps_points_of_the_exact_curve(rng):
+    masks, maps = blobs(rng, 6, 20, 20, levels=20)
+    fpr, pro, thr = _streamed(masks, maps, 2).pro_curve()
+    ref_fpr, ref_pro, ref_thr = reference_pro_curve(masks, maps)
+    np.testing.assert_array_equal(fpr, ref_fpr)
+    np.testing.assert_allclose(pro, ref_pro, atol=1e-12)
+    assert thr[0] == np.inf and np.all(thr[1:] <= ref_thr[1:])  # a bin's lowest score
+
+
+def test_accumulator_does_not_depend_on_batches_or_threads(rng):
+    masks, maps = blobs(rng, 8, 24, 24)
+    whole = _streamed(masks, maps, 8)
+    one_thread = metrics.PixelMetricsAccumulator(n_threads=1)
+    for i in range(8):
+        one_thread.update(masks[i : i + 1], maps[i : i + 1])
+    for acc in (_streamed(masks, maps, 3), one_thread):
+        assert acc.pixel_auroc() == whole.pixel_auroc() and acc.aupro() == whole.aupro()
+    assert whole.n_images == 8 and whole.nbytes < 64 << 20
+    assert repr(whole).startswith("PixelMetricsAccumulator(8 images, ")
+
+
+def test_accumulator_takes_maps_of_another_size_in_a_later_batch(rng):
+    small, big = blobs(rng, 3, 16, 16), blobs(rng, 3, 24, 20)
+    acc = metrics.PixelMetricsAccumulator().update(*small).update(*big)
+    exact = metrics.pixel_auroc(
+        np.concatenate([small[0].ravel(), big[0].ravel()])[None, None],
+        np.concatenate([small[1].ravel(), big[1].ravel()])[None, None],
+    )
+    assert abs(acc.pixel_auroc() - exact) <= acc.error_bounds()[0] + 1e-12
+
+
+def test_accumulator_refuses_bad_inputs_naming_the_argument(rng):
+    masks, maps = blobs(rng, 3, 8, 8)
+    acc = metrics.PixelMetricsAccumulator()
+    with pytest.raises(ValueError, match=r"^masks: expected the shape of maps \(3, 8, 8\), got \(3, 7, 8\)$"):
+        acc.update(masks[:, 1:], maps)
+    with pytest.raises(TypeError, match=r"^masks: expected an int or bool array"):
+        acc.update(masks.astype(float), maps)
+    bad = maps.copy()
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match=r"^maps: expected finite values"):
+        acc.update(masks, bad)
+    with pytest.raises(ValueError, match=r"^maps: expected a 3-D array \(N, H, W\), got shape \(8, 8\)$"):
+        acc.update(masks[0], maps[0])
+    assert acc.n_images == 0  # nothing was added by the failed calls
+    with pytest.raises(ValueError, match=r"^masks: need both normal \(0\) and anomalous \(1\) pixels"):
+        acc.pixel_auroc()
+    acc.update(masks, maps)
+    with pytest.raises(ValueError, match=r"^fpr_limit: expected a number in \(0, 1\], got 0$"):
+        acc.aupro(fpr_limit=0)

@@ -11,7 +11,8 @@ when ``score >= threshold``; tied scores enter together, exactly as in scikit-le
 
 Pixel metrics take maps and masks of shape (N, H, W) (a singleton channel axis, (N, 1, H, W), is
 accepted) and run over the whole test set at once: one parallel sort of all pixels, no
-per-threshold copy. Each call releases the GIL and runs on ``n_threads`` threads (default:
+per-threshold copy. :class:`PixelMetricsAccumulator` gives the same metrics from batches, without
+keeping the maps (binned, within a bound it reports). Each call releases the GIL and runs on ``n_threads`` threads (default:
 ``torch.get_num_threads()``); results do not depend on the thread count.
 """
 
@@ -30,6 +31,7 @@ from anomalox._convert import as_float32, resolve_threads, same_kind
 Curve = tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 __all__ = [
+    "PixelMetricsAccumulator",
     "aupro",
     "f1_max",
     "image_aupr",
@@ -300,3 +302,90 @@ def pro_at_threshold(masks: Any, maps: Any, threshold: float, n_threads: int | N
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(f"threshold: expected a number, got {threshold!r}")
     return float(_core.pro_at_threshold(m, k, float(threshold), resolve_threads(n_threads)))
+
+
+class PixelMetricsAccumulator:
+    """Pixel AUROC and AUPRO from batches of (masks, maps), without keeping the maps.
+
+    Each pixel's score is counted in a bin: the top 24 bits of the float32's order-preserving bit
+    pattern (sign, exponent, 15 mantissa bits), so bins are 2**-15 of the score wide in relative
+    terms and no score range is needed in advance. Per bin it keeps the normal-pixel count, the
+    defect-pixel count and the summed overlap of the 8-connected defect regions (labelled per
+    image, as :func:`aupro`). Memory: 96 KiB per 4,096 bins in use (a few MiB for real maps),
+    independent of the number of images.
+
+    Every threshold of the binned curves is a threshold of the exact ones (:func:`pixel_auroc`,
+    :func:`aupro`, :func:`pro_curve`); scores closer than a bin count as tied. The difference is
+    at most ``error_bounds(fpr_limit)`` (½·Σ Δfpr·Δtpr over the bins): below 1e-3 when the scores
+    spread over a few percent of their value, tested against the exact kernels; results are exact
+    when no bin holds two distinct scores. Results do not depend on the batch split or on
+    ``n_threads``.
+
+    Parameters
+    ----------
+    n_threads : int, optional
+        Threads per call (default ``torch.get_num_threads()``).
+
+    Examples
+    --------
+    >>> acc = PixelMetricsAccumulator()
+    >>> for masks, maps in batches:  # doctest: +SKIP
+    ...     acc.update(masks, maps)
+    >>> acc.pixel_auroc(), acc.aupro(fpr_limit=0.3)  # doctest: +SKIP
+    """
+
+    def __init__(self, n_threads: int | None = None) -> None:
+        self.n_threads = n_threads
+        self._core = _core.PixelMetricsAccumulator()
+
+    def update(self, masks: Any, maps: Any) -> PixelMetricsAccumulator:
+        """Add a batch: masks (N, H, W) int or bool 0/1, maps (N, H, W) float; all or nothing.
+
+        Sizes may differ between batches; within one call all maps share one size.
+        """
+        k, m, _ = _pixel_inputs(masks, maps)
+        self._core.update(m, k, resolve_threads(self.n_threads))
+        return self
+
+    def pixel_auroc(self) -> float:
+        """Pixel AUROC over every pixel added so far (see :func:`pixel_auroc`)."""
+        return float(self._core.pixel_auroc(resolve_threads(self.n_threads)))
+
+    def aupro(self, fpr_limit: float = 0.3) -> float:
+        """AUPRO up to ``fpr_limit`` over every pixel added so far (see :func:`aupro`)."""
+        return float(self._core.aupro(_fpr_limit(fpr_limit), resolve_threads(self.n_threads)))
+
+    def pro_curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(fpr, pro, thresholds) at ``inf`` and then at each non-empty bin, highest score first.
+
+        A threshold is its bin's lowest score; the points are points of :func:`pro_curve`'s.
+        """
+        fpr, pro, thr = self._core.pro_curve(resolve_threads(self.n_threads))
+        return fpr, pro, thr
+
+    def error_bounds(self, fpr_limit: float = 0.3) -> tuple[float, float]:
+        """Bounds on ``|binned - exact|`` of (pixel AUROC, AUPRO at ``fpr_limit``) for these data."""
+        auroc_bound, aupro_bound = self._core.error_bounds(_fpr_limit(fpr_limit), resolve_threads(self.n_threads))
+        return float(auroc_bound), float(aupro_bound)
+
+    @property
+    def n_images(self) -> int:
+        """Images added so far."""
+        return int(self._core.n_images)
+
+    @property
+    def n_regions(self) -> int:
+        """Defect regions (8-connected components of the masks) added so far."""
+        return int(self._core.n_regions)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the bins."""
+        return int(self._core.nbytes)
+
+    def __repr__(self) -> str:
+        normal, defect = self._core.n_pixels
+        return (
+            f"PixelMetricsAccumulator({self.n_images} images, {normal} normal and {defect} defect pixels, "
+            f"{self.n_regions} regions)"
+        )

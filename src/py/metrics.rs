@@ -7,6 +7,7 @@ use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray3};
 use pyo3::prelude::*;
 
 use crate::aupro as aupro_k;
+use crate::pixel_stream;
 use crate::py::runtime::run;
 use crate::roc::{self, InputNames};
 
@@ -124,4 +125,89 @@ pub fn pro_at_threshold(
     run(py, n_threads, |intr| {
         aupro_k::pro_at_threshold(m, k, threshold, intr)
     })
+}
+
+/// Streaming pixel AUROC and AUPRO (see `crate::pixel_stream::PixelMetricsAccumulator`).
+#[pyclass(module = "anomalox._core")]
+pub struct PixelMetricsAccumulator {
+    inner: pixel_stream::PixelMetricsAccumulator,
+}
+
+#[pymethods]
+impl PixelMetricsAccumulator {
+    #[new]
+    fn new() -> Self {
+        PixelMetricsAccumulator {
+            inner: pixel_stream::PixelMetricsAccumulator::new(),
+        }
+    }
+
+    #[pyo3(signature = (maps, masks, n_threads))]
+    fn update(
+        &mut self,
+        py: Python<'_>,
+        maps: PyReadonlyArray3<'_, f32>,
+        masks: PyReadonlyArray3<'_, bool>,
+        n_threads: usize,
+    ) -> PyResult<()> {
+        let (m, k) = (maps.as_array(), masks.as_array());
+        let inner = &mut self.inner;
+        run(py, n_threads, |intr| inner.update(m, k, intr))
+    }
+
+    #[pyo3(signature = (n_threads))]
+    fn pixel_auroc(&self, py: Python<'_>, n_threads: usize) -> PyResult<f64> {
+        let inner = &self.inner;
+        run(py, n_threads, |_| inner.auroc())
+    }
+
+    #[pyo3(signature = (fpr_limit, n_threads))]
+    fn aupro(&self, py: Python<'_>, fpr_limit: f64, n_threads: usize) -> PyResult<f64> {
+        let inner = &self.inner;
+        run(py, n_threads, |_| inner.aupro(fpr_limit))
+    }
+
+    #[pyo3(signature = (n_threads))]
+    fn pro_curve<'py>(&self, py: Python<'py>, n_threads: usize) -> PyResult<Curve<'py>> {
+        let inner = &self.inner;
+        let out = run(py, n_threads, |_| inner.pro_curve())?;
+        Ok(curve(py, out))
+    }
+
+    /// Bounds on |binned − exact| of (pixel AUROC, AUPRO at `fpr_limit`).
+    #[pyo3(signature = (fpr_limit, n_threads))]
+    fn error_bounds(
+        &self,
+        py: Python<'_>,
+        fpr_limit: f64,
+        n_threads: usize,
+    ) -> PyResult<(f64, f64)> {
+        let inner = &self.inner;
+        run(py, n_threads, |_| {
+            Ok((
+                inner.auroc_error_bound()?,
+                inner.aupro_error_bound(fpr_limit)?,
+            ))
+        })
+    }
+
+    #[getter]
+    fn n_images(&self) -> u64 {
+        self.inner.n_images()
+    }
+
+    #[getter]
+    fn n_regions(&self) -> u64 {
+        self.inner.n_regions()
+    }
+
+    #[getter]
+    fn n_pixels(&self) -> (u64, u64) {
+        self.inner.n_pixels()
+    }
+
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.nbytes()
+    }
 }
