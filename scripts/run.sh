@@ -34,7 +34,9 @@ LIBTORCH_USE_PYTORCH=1 maturin develop --release --quiet
 
 # Settings in pyproject.toml ([tool.ruff], [tool.mypy]). Clippy twice: the kernel crate alone
 # (default features, as `cargo test` builds it) and with the bindings (feature `python`, linked
-# to the venv's libtorch). rustfmt and clippy are rustup components of the machine's toolchain.
+# to the venv's libtorch; `--release` reuses the build scripts' outputs of the release build
+# above instead of compiling torch-sys's C++ again). rustfmt and clippy are rustup components of
+# the machine's toolchain.
 lint() {
     echo "==> ruff check, ruff format --check, mypy, cargo fmt --check, cargo clippy"
     ruff check python tests benches
@@ -46,7 +48,7 @@ lint() {
     fi
     cargo fmt --check
     cargo clippy --quiet -- -D warnings
-    LIBTORCH_USE_PYTORCH=1 cargo clippy --quiet --features python -- -D warnings
+    LIBTORCH_USE_PYTORCH=1 cargo clippy --quiet --release --features python -- -D warnings
 }
 
 case "$task" in
