@@ -150,3 +150,48 @@ def test_evaluation_reads_as_the_mapping_of_its_metrics(folder_evaluation):
 def test_a_number_in_place_of_labels_points_to_the_keyword_fpr_limit(model, mvtec):
     with pytest.raises(TypeError, match=r"labels: .*got the number 0\.2 \(fpr_limit is keyword-only"):
         anomalox.evaluate(model, str(mvtec), 0.2)
+
+
+def test_streamed_pixel_metrics_equal_the_in_memory_ones_within_the_stated_bound(model, mvtec):
+    from anomalox import metrics
+    from anomalox.evaluate import read_mask
+
+    kept = anomalox.evaluate(model, str(mvtec), keep_maps=True, keep_masks=True, chunk_size=model.batch_size)
+    masks = np.stack([np.zeros(m.shape, bool) if k is None else k for m, k in zip(kept.maps, kept.masks)])
+    assert abs(kept["pixel_auroc"] - metrics.pixel_auroc(masks, kept.maps)) <= 1e-3
+    assert abs(kept["aupro"] - metrics.aupro(masks, kept.maps)) <= 1e-3
+    assert "streamed in score bins (|error| <= " in kept["pixel_metrics"]
+    one_chunk = anomalox.evaluate(model, str(mvtec), chunk_size=100)
+    assert one_chunk.metrics == kept.metrics  # the chunking changes nothing
+    fpr, pro = kept.pro_curve
+    assert fpr[0] == pro[0] == 0 and fpr[-1] == pro[-1] == 1
+    assert read_mask(read_labeled_set(mvtec).mask_paths[-1]).sum() == 14 * 14
+
+
+def test_maps_are_written_to_a_folder_instead_of_kept(model, mvtec, tmp_path, folder_evaluation):
+    from anomalox.evaluate import write_maps
+
+    ev = anomalox.evaluate(model, str(mvtec), maps_dir=tmp_path / "maps", chunk_size=model.batch_size)
+    assert ev.maps is None and ev.metrics == folder_evaluation.metrics
+    labeled = read_labeled_set(mvtec)
+    assert [os.path.basename(f) for f in ev.map_files][:2] == ["000000_000.npy", "000001_001.npy"]
+    np.testing.assert_array_equal(np.stack([np.load(f) for f in ev.map_files]), model.anomaly_map(labeled.paths))
+    written = write_maps(model, labeled.paths, tmp_path / "scored")
+    np.testing.assert_array_equal(written.scores, ev.scores)
+    assert written.paths == labeled.paths and written.threshold == model.threshold_
+    assert [os.path.basename(f) for f in written.files] == [os.path.basename(f) for f in ev.map_files]
+    with pytest.raises(ValueError, match=r"^chunk_size: expected an int >= 1, got 0$"):
+        write_maps(model, labeled.paths, tmp_path / "x", chunk_size=0)
+
+
+def test_report_without_kept_maps_inspects_only_the_examples_and_shows_the_false_alarm_rate(
+    model, mvtec, tmp_path, folder_evaluation
+):
+    ev = folder_evaluation
+    text = Path(write_evaluation_report(tmp_path / "r.html", ev, detector=model)).read_text(encoding="utf-8")
+    assert "PRO curve" in text and 'alt="heatmap"' in text and 'alt="ground truth"' in text
+    good = ev.scores[ev.labels == 0]
+    rate = float(np.mean(good > model.threshold_))
+    assert f"Realised false-alarm rate: {100 * rate:.2f}% of the good images" in text
+    plain = Path(write_evaluation_report(tmp_path / "p.html", ev)).read_text(encoding="utf-8")
+    assert "PRO curve" in plain and 'alt="heatmap"' not in plain

@@ -132,8 +132,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     from anomalox.report import write_evaluation_report
 
     model = _load(args.model, not args.quiet)
-    evaluation = anomalox.evaluate(model, args.test_dir, keep_maps=True, keep_masks=True)
-    write_evaluation_report(args.out, evaluation, title=f"anomalox report: {args.test_dir}")
+    # Maps are not kept: the report inspects again only the images its grids show.
+    evaluation = anomalox.evaluate(model, args.test_dir)
+    write_evaluation_report(args.out, evaluation, title=f"anomalox report: {args.test_dir}", detector=model)
     print(f"wrote {args.out}")
 
 

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from anomalox import metrics, ops
-from anomalox.data import LabeledSet, read_labeled_set
+from anomalox.data import LabeledSet, as_source, read_labeled_set
 from anomalox.preprocess import center_crop, size_pair
 
-__all__ = ["Evaluation", "evaluate", "read_mask"]
+__all__ = ["Evaluation", "MapFiles", "evaluate", "mask_for_map", "read_mask", "write_maps"]
 
 
 @dataclass
@@ -52,6 +52,13 @@ class Evaluation(Mapping[str, Any]):
     masks : list of (H_i, W_i) bool arrays or None, or None
         The ground-truth masks at their map's size, None for an image without a mask (all
         pixels normal); None unless ``keep_masks=True`` and the set has masks.
+    map_files : list of str or None
+        With ``evaluate(..., maps_dir=...)``: the ``.npy`` file of each image's map.
+    pro_curve : (fpr, pro) float64 arrays, or None
+        The PRO curve of the pixel metrics (:meth:`PixelMetricsAccumulator.pro_curve`), None
+        when they were skipped.
+    mask_sources : list or None
+        The masks as given (files, arrays or None per image), for drawing a few of them again.
     """
 
     metrics: dict[str, Any]
@@ -61,6 +68,9 @@ class Evaluation(Mapping[str, Any]):
     threshold: float | None = None
     maps: np.ndarray | list[np.ndarray] | None = field(default=None, repr=False)
     masks: list[np.ndarray | None] | None = field(default=None, repr=False)
+    map_files: list[str] | None = field(default=None, repr=False)
+    pro_curve: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    mask_sources: list[Any] | None = field(default=None, repr=False)
 
     def __getitem__(self, key: str) -> Any:
         return self.metrics[key]
@@ -149,6 +159,113 @@ def _test_set(X: Any, labels: Any, masks: Sequence[Any] | None) -> tuple[Any, np
     return X, y, masks, "skipped: no ground-truth masks given"
 
 
+@dataclass
+class MapFiles:
+    """What :func:`write_maps` scored: scores, the map files, predicted labels and paths."""
+
+    scores: np.ndarray
+    files: list[str]
+    labels: np.ndarray | None
+    paths: list[str | None]
+    threshold: float | None
+
+
+def _chunks(detector: Any, X: Any, chunk_size: int | None) -> Iterator[tuple[Any, list[str | None]]]:
+    """(inspection, paths) per chunk of at most ``chunk_size`` images of ``X``, in order.
+
+    The default is the multiple of ``detector.batch_size`` nearest 32: chunks then split into the
+    same backbone batches as one ``inspect`` of all images, so the scores are the same bits.
+    """
+    detector.check_is_fitted()
+    if chunk_size is None:
+        chunk_size = detector.batch_size * max(1, round(32 / detector.batch_size))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
+    source = as_source(X, "test")
+    for items, paths in source.iter_batches(int(chunk_size)):
+        inspection = detector.inspect(items)
+        yield inspection, [p if p is not None else q for p, q in zip(paths, inspection.paths)]
+
+
+def _map_names(start: int, paths: list[str | None]) -> list[str]:
+    return [
+        f"{start + i:06d}" + ("" if p is None else "_" + os.path.splitext(os.path.basename(p))[0]) + ".npy"
+        for i, p in enumerate(paths)
+    ]
+
+
+def _write_chunk(maps_dir: str, start: int, paths: list[str | None], maps: Any) -> list[str]:
+    files = []
+    for name, amap in zip(_map_names(start, paths), maps):
+        file = os.path.join(maps_dir, name)
+        np.save(file, np.asarray(amap, np.float32))
+        files.append(file)
+    return files
+
+
+def write_maps(detector: Any, X: Any, maps_dir: str | os.PathLike[str], *, chunk_size: int | None = None) -> MapFiles:
+    """Score ``X`` and write each anomaly map to ``maps_dir`` as it goes, keeping none in memory.
+
+    Parameters
+    ----------
+    detector : a fitted anomalox detector
+    X : anything ``detector.inspect`` accepts
+    maps_dir : folder
+        Created if needed; one float32 ``.npy`` per image, ``<index>_<file stem>.npy`` (the
+        index in scoring order, 6 digits; no stem for images given as arrays).
+    chunk_size : int, optional
+        Images per ``detector.inspect`` call: peak memory is about one chunk of maps. Default:
+        the multiple of ``detector.batch_size`` nearest 32 (the scores are then bit for bit those
+        of one ``inspect`` call; other sizes can change their last bits, as batching does).
+
+    Returns
+    -------
+    MapFiles
+        Scores (N,) float32, the files written, 0/1 labels (with ``threshold_``), the paths.
+    """
+    folder = os.fspath(maps_dir)
+    os.makedirs(folder, exist_ok=True)
+    scores: list[np.ndarray] = []
+    files: list[str] = []
+    paths: list[str | None] = []
+    for inspection, chunk_paths in _chunks(detector, X, chunk_size):
+        files += _write_chunk(folder, len(paths), chunk_paths, inspection.maps)
+        scores.append(inspection.scores)
+        paths += chunk_paths
+    all_scores = np.concatenate(scores)
+    threshold = detector.threshold_
+    labels = None if threshold is None else (all_scores > threshold).astype(np.int64)
+    return MapFiles(all_scores, files, labels, paths, threshold)
+
+
+def _image_size(item: Any) -> tuple[int, int] | None:
+    """(H, W) of an image file or array without decoding it; None when unknown."""
+    if isinstance(item, (str, os.PathLike)):
+        from PIL import Image
+
+        try:
+            with Image.open(item) as image:
+                return image.size[1], image.size[0]
+        except OSError:
+            return None
+    if isinstance(item, torch.Tensor):
+        return (int(item.shape[-2]), int(item.shape[-1])) if item.dim() == 3 else tuple(item.shape[:2])  # type: ignore[return-value]
+    if isinstance(item, np.ndarray):
+        return (int(item.shape[0]), int(item.shape[1])) if item.ndim in (2, 3) else None
+    return None
+
+
+def _one_map_size(X: Any, detector: Any) -> bool:
+    """Whether every map of ``X`` will have one size (a crop, or images of one size)."""
+    if detector.backbone_.preprocessing.center_crop is not None:
+        return True
+    source = as_source(X, "test")
+    if not source.sized:
+        return True  # checked per chunk: a second size raises
+    sizes = {_image_size(item) for item in source.items or []}
+    return len(sizes) == 1 and None not in sizes
+
+
 def evaluate(
     detector: Any,
     X: Any,
@@ -158,8 +275,14 @@ def evaluate(
     fpr_limit: float = 0.3,
     keep_maps: bool = False,
     keep_masks: bool = False,
+    maps_dir: str | os.PathLike[str] | None = None,
+    chunk_size: int | None = None,
 ) -> Evaluation:
     """Image AUROC, AUPR, F1-max and, when the test set has masks, pixel AUROC and AUPRO.
+
+    The test set is scored ``chunk_size`` images at a time; each chunk's maps feed a
+    :class:`~anomalox.metrics.PixelMetricsAccumulator` and are then dropped (or written to
+    ``maps_dir``, or kept with ``keep_maps``), so memory does not grow with the number of images.
 
     Parameters
     ----------
@@ -178,15 +301,22 @@ def evaluate(
         The FPR limit of AUPRO.
     keep_maps, keep_masks : bool
         Keep the anomaly maps / the masks (at their map's size) in the result.
+    maps_dir : folder, optional
+        Write each map there as it is computed (see :func:`write_maps`); ``.map_files`` lists them.
+    chunk_size : int, optional
+        Images per ``detector.inspect`` call (default: see :func:`write_maps`).
 
     Returns
     -------
     Evaluation
         ``.metrics`` holds ``image_auroc``, ``image_aupr``, ``f1_max``, ``f1_threshold``,
         ``pixel_auroc``, ``aupro`` (None when skipped), ``pixel_metrics`` (a note: where they
-        were computed or why skipped), ``n_images`` and ``n_defective``; ``result["aupro"]``
-        reads it too.
+        were computed, or why skipped, and the bound on their binning error), ``n_images`` and
+        ``n_defective``; ``result["aupro"]`` reads it too.
 
+    Image metrics are exact. Pixel metrics are binned (see
+    :class:`~anomalox.metrics.PixelMetricsAccumulator`): within the bound the note states of
+    :func:`~anomalox.metrics.pixel_auroc` / :func:`~anomalox.metrics.aupro` on all maps at once.
     When the maps do not all share one size, pixel metrics are computed at the detector's input
     resolution (maps resized bilinearly, masks with nearest neighbours), as anomalib does.
     """
@@ -195,48 +325,115 @@ def evaluate(
     if not isinstance(keep_masks, bool):
         raise TypeError(f"keep_masks: expected a bool, got {keep_masks!r}")
     images, y, mask_sources, skipped = _test_set(X, labels, masks)
-    inspection = detector.inspect(images)
-    scores = inspection.scores
-    if len(scores) != y.size:
-        raise ValueError(f"labels: expected {len(scores)} labels (one per image of X), got {y.size}")
-    f1, f1_threshold = metrics.f1_max(y, scores)
+    source = as_source(images, "test")
+    if source.sized and len(source) != y.size:
+        raise ValueError(f"labels: expected {len(source)} labels (one per image of X), got {y.size}")
+    folder = None if maps_dir is None else os.fspath(maps_dir)
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+    accumulator = metrics.PixelMetricsAccumulator()
+    native = mask_sources is None or _one_map_size(images, detector)
+    first_shape: tuple[int, ...] | None = None
+    scores: list[np.ndarray] = []
+    paths: list[str | None] = []
+    kept_maps: list[np.ndarray] = []
+    kept_masks: list[np.ndarray | None] = []
+    map_files: list[str] = []
+    for inspection, chunk_paths in _chunks(detector, images, chunk_size):
+        start = len(paths)
+        scores.append(inspection.scores)
+        paths += chunk_paths
+        if start + len(chunk_paths) > y.size:
+            continue  # more images than labels (an iterable of batches): the check below says so
+        maps = list(inspection.maps)
+        if folder is not None:
+            map_files += _write_chunk(folder, start, chunk_paths, maps)
+        if keep_maps:
+            kept_maps += maps
+        if mask_sources is None:
+            continue
+        chunk_masks = [
+            mask_for_map(mask_sources[start + i], path, amap, detector)
+            for i, (path, amap) in enumerate(zip(chunk_paths, maps))
+        ]
+        if keep_masks:
+            kept_masks += [None if mask_sources[start + i] is None else m for i, m in enumerate(chunk_masks)]
+        if native:
+            for amap in maps:
+                first_shape = first_shape or amap.shape
+                if amap.shape != first_shape:
+                    raise ValueError(
+                        f"X: expected images of one size when given as an iterable of batches, got maps of "
+                        f"{first_shape[1]}x{first_shape[0]} and {amap.shape[1]}x{amap.shape[0]}; pass a list"
+                    )
+            accumulator.update(np.stack(chunk_masks), np.stack(maps))
+        else:
+            size = detector.backbone_.preprocessing.output_size
+            accumulator.update(
+                np.concatenate([_resize_mask(m, size) for m in chunk_masks]),
+                np.concatenate([ops.upsample(m[None], size) for m in maps]),
+            )
+    all_scores = np.concatenate(scores)
+    if len(all_scores) != y.size:
+        raise ValueError(f"labels: expected {len(all_scores)} labels (one per image of X), got {y.size}")
+    f1, f1_threshold = metrics.f1_max(y, all_scores)
     result: dict[str, Any] = {
-        "n_images": len(scores),
+        "n_images": len(all_scores),
         "n_defective": int(y.sum()),
-        "image_auroc": metrics.image_auroc(y, scores),
-        "image_aupr": metrics.image_aupr(y, scores),
+        "image_auroc": metrics.image_auroc(y, all_scores),
+        "image_aupr": metrics.image_aupr(y, all_scores),
         "f1_max": f1,
         "f1_threshold": float(f1_threshold),
         "pixel_auroc": None,
         "aupro": None,
     }
-    kept_masks: list[np.ndarray | None] | None = None
+    curve = None
     if mask_sources is None:
         result["pixel_metrics"] = skipped
     else:
-        maps = list(inspection.maps)
-        pixel_masks = [
-            _pixel_mask(source, path, amap, detector)
-            for source, path, amap in zip(mask_sources, inspection.paths, maps)
-        ]
-        result["pixel_auroc"], result["aupro"], result["pixel_metrics"] = _pixel_metrics(
-            maps, pixel_masks, detector, fpr_limit
+        result["pixel_auroc"] = accumulator.pixel_auroc()
+        result["aupro"] = accumulator.aupro(fpr_limit)
+        auroc_bound, aupro_bound = accumulator.error_bounds(fpr_limit)
+        if native:
+            where = f"at the images' own resolution {first_shape[1]}x{first_shape[0]}"  # type: ignore[index]
+        else:
+            size = detector.backbone_.preprocessing.output_size
+            where = f"at the detector's input resolution {size[1]}x{size[0]} (the images differ in size)"
+        result["pixel_metrics"] = (
+            f"computed {where}, streamed in score bins (|error| <= {auroc_bound:.1e} pixel AUROC, "
+            f"{aupro_bound:.1e} AUPRO)"
         )
-        if keep_masks:
-            kept_masks = [None if source is None else mask for source, mask in zip(mask_sources, pixel_masks)]
+        fpr, pro, _ = accumulator.pro_curve()
+        curve = (fpr, pro)
+    threshold = detector.threshold_
+    maps_out: np.ndarray | list[np.ndarray] | None = None
+    if keep_maps:
+        maps_out = np.stack(kept_maps) if len({m.shape for m in kept_maps}) == 1 else kept_maps
     return Evaluation(
         metrics=result,
         labels=y,
-        scores=scores,
-        paths=list(inspection.paths),
-        threshold=inspection.threshold,
-        maps=inspection.maps if keep_maps else None,
-        masks=kept_masks,
+        scores=all_scores,
+        paths=paths,
+        threshold=threshold,
+        maps=maps_out,
+        masks=kept_masks if keep_masks and mask_sources is not None else None,
+        map_files=map_files if folder is not None else None,
+        pro_curve=curve,
+        mask_sources=mask_sources,
     )
 
 
-def _pixel_mask(source: Any, path: str | None, amap: np.ndarray, detector: Any) -> np.ndarray:
-    """One image's mask at its map's size: all-normal for None, else read (a file) and cropped."""
+def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    resized = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].float(), size=size, mode="nearest")
+    return resized[0].numpy() >= 0.5
+
+
+def mask_for_map(source: Any, path: str | None, amap: np.ndarray, detector: Any) -> np.ndarray:
+    """One image's mask at its map's size: all-normal for None, else read (a file) and cropped.
+
+    ``source`` is a mask file, an (H, W) array at the image's size, or None; ``path`` names the
+    image in errors.
+    """
     if source is None:
         return np.zeros(amap.shape, bool)
     if isinstance(source, (str, os.PathLike)):
@@ -256,30 +453,3 @@ def _pixel_mask(source: Any, path: str | None, amap: np.ndarray, detector: Any) 
             f"(and its map) is {amap.shape[1]}x{amap.shape[0]}"
         )
     return mask
-
-
-def _pixel_metrics(
-    maps: list[np.ndarray], masks: list[np.ndarray], detector: Any, fpr_limit: float
-) -> tuple[float, float, str]:
-    """Pixel AUROC, AUPRO and where they were computed."""
-    if len({m.shape for m in maps}) == 1:
-        all_maps, all_masks = np.stack(maps), np.stack(masks)
-        where = f"at the images' own resolution {maps[0].shape[1]}x{maps[0].shape[0]}"
-    else:
-        size = detector.backbone_.preprocessing.output_size
-        all_maps = np.concatenate([ops.upsample(m[None], size) for m in maps])
-        all_masks = np.concatenate(
-            [
-                torch.nn.functional.interpolate(torch.from_numpy(m)[None, None].float(), size=size, mode="nearest")[
-                    0
-                ].numpy()
-                >= 0.5
-                for m in masks
-            ]
-        )
-        where = f"at the detector's input resolution {size[1]}x{size[0]} (the images differ in size)"
-    return (
-        metrics.pixel_auroc(all_masks, all_maps),
-        metrics.aupro(all_masks, all_maps, fpr_limit=fpr_limit),
-        f"computed {where}",
-    )

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from anomalox.evaluate import mask_for_map
 from anomalox.metrics import image_auroc, pro_curve, roc_curve
 
 if TYPE_CHECKING:
     from anomalox.evaluate import Evaluation
 
-__all__ = ["overlay", "write_evaluation_report", "write_heatmaps", "write_report"]
+__all__ = ["example_indices", "overlay", "write_evaluation_report", "write_heatmaps", "write_report"]
 
 _T = np.linspace(0.0, 1.0, 256)[:, None]
 #: Jet colour map, 256 x RGB uint8: dark blue (low) through green and yellow to dark red (high).
@@ -225,15 +226,19 @@ def _pro_plot(maps: list[np.ndarray], masks: list, notes: list[str]) -> str:
     except ValueError as exc:
         notes.append(f"PRO curve skipped: {exc}")
         return ""
-    fpr, pro = _decimate(np.asarray(fpr), np.asarray(pro))
+    return _pro_plot_from_curve(np.asarray(fpr, float), np.asarray(pro, float))
+
+
+def _pro_plot_from_curve(fpr: np.ndarray, pro: np.ndarray) -> str:
     keep = fpr <= 0.3
+    fpr, pro = _decimate(fpr[keep], pro[keep])
     return _plot(
         "PRO curve (FPR <= 0.3)",
         "false positive rate (pixels)",
         "per-region overlap",
         (0, 0.3),
         (0, 1),
-        [("line", fpr[keep], pro[keep], "#1f77b4", "", False)],
+        [("line", fpr, pro, "#1f77b4", "", False)],
     )
 
 
@@ -284,9 +289,9 @@ def _example_row(i, s, thr, y, paths, images, maps, masks, vmin, vmax) -> str:
     elif paths[i] is not None:
         img = _read(paths[i])
     else:  # nothing to show: a grey canvas of the map's size
-        img = np.full((*(maps[i].shape if maps else (64, 64)), 3), 128, np.uint8)
+        img = np.full((*(maps[i].shape if maps and maps[i] is not None else (64, 64)), 3), 128, np.uint8)
     cells = [(img, "input")]
-    if maps is not None:
+    if maps is not None and maps[i] is not None:
         cells.append((overlay(img, maps[i], vmin, vmax), "heatmap"))
     if masks is not None:
         k = masks[i]
@@ -302,6 +307,22 @@ def _example_row(i, s, thr, y, paths, images, maps, masks, vmin, vmax) -> str:
     return f'<div class="row"><div class="cap">{cap}</div>{figs}</div>'
 
 
+def _ranked(s: np.ndarray, y: np.ndarray | None) -> list[np.ndarray]:
+    """The images of each example grid, in display order: all by score (no labels), or the normal
+    ones by descending score and the defective ones by ascending score."""
+    if y is None:
+        return [np.argsort(-s, kind="stable")]
+    normal, defect = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+    return [normal[np.argsort(-s[normal], kind="stable")], defect[np.argsort(s[defect], kind="stable")]]
+
+
+def example_indices(scores: Any, labels: Any = None, max_examples: int = 8) -> list[int]:
+    """The images :func:`write_report` shows in its example grids (the only maps it needs)."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = None if labels is None else np.asarray(labels).astype(np.int64).reshape(-1)
+    return sorted({int(i) for idx in _ranked(s, y) for i in idx[:max_examples]})
+
+
 def write_report(
     out_path: str | os.PathLike,
     *,
@@ -315,6 +336,8 @@ def write_report(
     title: str = "anomalox report",
     images: Sequence[Any] | None = None,
     max_examples: int = 8,
+    pro: tuple[Any, Any] | None = None,
+    false_alarm_rate: float | None = None,
 ) -> str:
     """Write a self-contained HTML report of scored images.
 
@@ -331,11 +354,13 @@ def write_report(
     gt_labels : array (N,) of 0/1, optional
         Ground truth (1 = defective). Enables the per-class histogram, the ROC curve and the
         false-alarm / miss grids; without it the highest-scored images are shown.
-    maps : array (N, H, W) or list of (H_i, W_i) float arrays, optional
+    maps : array (N, H, W) or list of (H_i, W_i) float arrays (or None entries), optional
         Anomaly maps, each resized to its image's size for the overlay. All maps share one
-        colour scale: the min and max over the whole set.
+        colour scale: the min and max over the maps given. A list may hold None for the images
+        not shown (see :func:`example_indices`).
     gt_masks : list of (H_i, W_i) bool arrays or None, optional
-        Ground-truth defect masks (None = no defect). Adds the mask column and the PRO curve.
+        Ground-truth defect masks (None = no defect). Adds the mask column and, without ``pro``,
+        the PRO curve computed from all maps.
     metrics : dict, optional
         Name -> value for the ``<table id="metrics">``; None values are shown as "skipped".
     title : str
@@ -343,6 +368,12 @@ def write_report(
         Images to show instead of reading ``paths`` (uint8/uint16/float/bool, gray/RGB(A)).
     max_examples : int
         Images per example grid.
+    pro : (fpr, pro) arrays, optional
+        The PRO curve to draw (e.g. :attr:`Evaluation.pro_curve`), instead of computing it from
+        ``maps`` and ``gt_masks``.
+    false_alarm_rate : float, optional
+        The realised false-alarm rate of the detector's threshold on the good images, shown in
+        the summary.
 
     Returns
     -------
@@ -358,32 +389,45 @@ def write_report(
             raise ValueError(f"{name}: expected {n} entries (one per score), got {len(v)}")
     if n == 0:
         raise ValueError("scores: expected at least one image")
-    mlist = None if maps is None else [np.nan_to_num(np.squeeze(np.asarray(m, np.float32))) for m in maps]
+    mlist = (
+        None
+        if maps is None
+        else [None if m is None else np.nan_to_num(np.squeeze(np.asarray(m, np.float32))) for m in maps]
+    )
     notes: list[str] = []
     rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_value(v)}</td></tr>" for k, v in (metrics or {}).items())
     summary = f"{n} images, threshold {thr:.6g}, {int((s >= thr).sum())} flagged (score &ge; threshold)"
     if y is not None:
         summary += f"; ground truth: {int((y == 0).sum())} normal, {int((y == 1).sum())} defective"
+    if false_alarm_rate is not None:
+        summary += (
+            f'. <span id="false-alarm-rate">Realised false-alarm rate: {100 * false_alarm_rate:.2f}% of the good '
+            f"images score above the detector's threshold_</span>"
+        )
     plots = _score_plots(s, y, thr, notes)
-    if gt_masks is not None and mlist is not None:
-        plots.append(_pro_plot(mlist, list(gt_masks), notes))
+    if pro is not None:
+        plots.append(_pro_plot_from_curve(np.asarray(pro[0], float), np.asarray(pro[1], float)))
+    elif gt_masks is not None and mlist is not None and all(m is not None for m in mlist):
+        plots.append(_pro_plot(mlist, list(gt_masks), notes))  # type: ignore[arg-type]
 
-    vmin = min(float(m.min()) for m in mlist) if mlist else 0.0
-    vmax = max(float(m.max()) for m in mlist) if mlist else 1.0
-    if y is None:
-        sections = [("Highest-scored images", np.argsort(-s, kind="stable"))]
-    else:
-        normal, defect = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
-        sections = [
-            ("Highest-scored normal images (false alarms when flagged)", normal[np.argsort(-s[normal], kind="stable")]),
-            ("Lowest-scored defective images (misses when not flagged)", defect[np.argsort(s[defect], kind="stable")]),
+    shown = [m for m in mlist or [] if m is not None]
+    vmin = min(float(m.min()) for m in shown) if shown else 0.0
+    vmax = max(float(m.max()) for m in shown) if shown else 1.0
+    headings = (
+        ["Highest-scored images"]
+        if y is None
+        else [
+            "Highest-scored normal images (false alarms when flagged)",
+            "Lowest-scored defective images (misses when not flagged)",
         ]
+    )
+    sections = list(zip(headings, _ranked(s, y)))
     parts = (
         []
         if mlist is None
         else [
             f"<p>Heatmap colour scale (jet, shared by all images): map value {vmin:.4g} (dark blue) to "
-            f"{vmax:.4g} (dark red), the min and max over all maps.</p>{_colourbar(vmin, vmax, thr)}"
+            f"{vmax:.4g} (dark red), the min and max over the maps shown.</p>{_colourbar(vmin, vmax, thr)}"
         ]
     )
     for heading, idx in sections:
@@ -416,6 +460,7 @@ def write_evaluation_report(
     title: str = "anomalox report",
     metrics: dict[str, Any] | None = None,
     max_examples: int = 8,
+    detector: Any = None,
 ) -> str:
     """Write the HTML report of an :func:`anomalox.evaluate` result (see :func:`write_report`).
 
@@ -424,31 +469,55 @@ def write_evaluation_report(
     out_path : str or path
         The HTML file to write.
     evaluation : Evaluation
-        Its scores, labels and paths; its maps and masks when it kept them
+        Its scores, labels, paths and PRO curve; its maps and masks when it kept them
         (``evaluate(..., keep_maps=True, keep_masks=True)``).
     title : str
     metrics : dict, optional
         The metrics table; default ``evaluation.metrics``.
     max_examples : int
         Images per example grid.
+    detector : fitted detector, optional
+        When the evaluation kept no maps: the detector that was evaluated, to inspect again only
+        the (at most 2 × ``max_examples``) images the grids show. Without it the grids show no
+        heatmaps.
 
     Returns
     -------
     str
-        The path written. The threshold drawn is the detector's, else the F1-max threshold.
+        The path written. The threshold drawn is the detector's, else the F1-max threshold. With
+        the detector's threshold and good images in the test set, the summary gives the realised
+        false-alarm rate: the fraction of the good images scored above it (as ``predict``).
     """
-    threshold = evaluation.threshold if evaluation.threshold is not None else evaluation.metrics["f1_threshold"]
+    ev = evaluation
+    threshold = ev.threshold if ev.threshold is not None else ev.metrics["f1_threshold"]
+    good = ev.scores[ev.labels == 0]
+    false_alarm_rate = None if ev.threshold is None or good.size == 0 else float(np.mean(good > ev.threshold))
+    maps: Any = ev.maps
+    masks: Any = ev.masks
+    if maps is None and detector is not None and all(p is not None for p in ev.paths):
+        shown = example_indices(ev.scores, ev.labels, max_examples)
+        inspection = detector.inspect([ev.paths[i] for i in shown])
+        maps, masks = [None] * len(ev.paths), None
+        for i, amap in zip(shown, inspection.maps):
+            maps[i] = amap
+        if ev.mask_sources is not None:
+            masks = [None] * len(ev.paths)
+            for i in shown:
+                if ev.mask_sources[i] is not None:
+                    masks[i] = mask_for_map(ev.mask_sources[i], ev.paths[i], maps[i], detector)
     return write_report(
         out_path,
-        paths=evaluation.paths,
-        scores=evaluation.scores,
+        paths=ev.paths,
+        scores=ev.scores,
         threshold=threshold,
-        gt_labels=evaluation.labels,
-        maps=evaluation.maps,
-        gt_masks=evaluation.masks,
-        metrics=evaluation.metrics if metrics is None else metrics,
+        gt_labels=ev.labels,
+        maps=maps,
+        gt_masks=masks,
+        metrics=ev.metrics if metrics is None else metrics,
         title=title,
         max_examples=max_examples,
+        pro=ev.pro_curve,
+        false_alarm_rate=false_alarm_rate,
     )
 
 
