@@ -3,7 +3,9 @@
 The test set is an MVTec-layout folder, a :class:`~anomalox.data.LabeledSet`, or any images a
 detector accepts with their 0/1 labels (and optionally their masks). The result is an
 :class:`Evaluation`: the metrics, the labels, the scores and the paths; the anomaly maps and the
-ground-truth masks only when asked for (they are the large part).
+ground-truth masks only when asked for (they are the large part). Images are scored in chunks and
+pixel metrics accumulated per chunk, so memory does not grow with the test set;
+:func:`write_maps` scores images with their maps written to a folder instead of kept.
 """
 
 from __future__ import annotations
