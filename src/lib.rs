@@ -15,6 +15,7 @@ pub mod pixel_stream;
 pub mod record_sort;
 pub mod rng;
 pub mod roc;
+pub mod stitch;
 pub mod upsample;
 pub mod validate;
 
@@ -36,6 +37,7 @@ fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     m.add_function(wrap_pyfunction!(py::ops::mahalanobis, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::upsample, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::gaussian_blur, m)?)?;
+    m.add_function(wrap_pyfunction!(py::ops::stitch, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::libtorch_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::_debug_panic, m)?)?;
     m.add_class::<py::ops::GaussianAccumulator>()?;

@@ -34,6 +34,8 @@ __all__ = [
     "gaussian_fit",
     "knn",
     "mahalanobis",
+    "stitch",
+    "tile_offsets",
     "upsample",
 ]
 
@@ -283,3 +285,123 @@ def gaussian_blur(maps: ArrayT, sigma: float = 4.0, n_threads: int | None = None
     m, as_torch = as_float32(maps, "maps", "(B, H, W)")
     check("sigma", sigma, [Interval(numbers.Real, 0, None, closed="neither")])
     return same_kind(_core.gaussian_blur(m, float(sigma), resolve_threads(n_threads)), as_torch)
+
+
+def _pair(value: Any, name: str) -> tuple[int, int]:
+    """``(value, value)`` for an int, else the two positive ints of a pair."""
+    pair = (value, value) if isinstance(value, numbers.Integral) else value
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"{name}: expected an int or a pair of ints (rows, cols), got {value!r}")
+    first, second = (int(check(name, v, [POSITIVE_INT])) for v in pair)
+    return first, second
+
+
+def _int64_array(x: Any, name: str, shape: tuple[int, ...], shape_doc: str) -> np.ndarray:
+    """An int64 numpy view of integers `x` of exactly `shape`."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise ValueError(f"{name}: expected a CPU tensor, got one on {x.device}")
+        x = x.detach().numpy()
+    arr = np.asarray(x)
+    if arr.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape_doc} = {shape}, got {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integers, got dtype {arr.dtype}")
+    lo, hi = arr.min(), arr.max()  # checked before the cast: uint64 could wrap
+    if lo < 0 or hi > np.iinfo(np.int64).max:
+        raise ValueError(f"{name}: expected non-negative int64 values, got {lo if lo < 0 else hi}")
+    return arr.astype(np.int64, copy=False)
+
+
+def stitch(
+    tiles: ArrayT,
+    offsets: Any,
+    size: int | Sequence[int],
+    image_index: Any = None,
+    n_threads: int | None = None,
+) -> ArrayT:
+    """Stitch per-tile maps into whole maps, averaging where tiles overlap.
+
+    Parameters
+    ----------
+    tiles : array (T, th, tw), float32
+        One map per tile.
+    offsets : integer array (T, 2)
+        Top-left corner (row, col) of each tile in its output map, as :func:`tile_offsets` gives.
+        Every tile must lie inside the output, and every output pixel must be covered by at least
+        one tile: an uncovered pixel raises ``ValueError`` naming ``offsets`` and the pixel
+        (there is no fill value).
+    size : int or (H, W)
+        Size of each output map.
+    image_index : integer array (T,), optional
+        Output image of each tile, for the tiles of several images in one call.
+    n_threads : int, optional
+
+    Returns
+    -------
+    (H, W) float32, or (N, H, W) with ``N = image_index.max() + 1`` when ``image_index`` is given.
+
+    Notes
+    -----
+    Each pixel is the mean of the tile values covering it, summed in float64 in tile order (the
+    result does not depend on ``n_threads``). Equal, up to the float32 rounding of the mean, to the
+    numpy reference ``np.add.at(total, (image_index, rows, cols), tiles)`` and the same for a count,
+    then ``total / count``. Memory: the float32 output plus, per thread, a float64 sum and a uint32
+    count for a block of at most 65,536 output pixels.
+
+    Examples
+    --------
+    >>> offsets = tile_offsets(600, 1000, tile_size=256, tile_stride=192)
+    >>> maps = stitch(tile_maps, offsets, (600, 1000))  # doctest: +SKIP
+    """
+    t, as_torch = as_float32(tiles, "tiles", "(T, th, tw)")
+    height, width = _pair(size, "size")
+    off = _int64_array(offsets, "offsets", (t.shape[0], 2), "(T, 2)")
+    if image_index is None:
+        idx, n_images = None, 1
+    else:
+        idx = _int64_array(image_index, "image_index", (t.shape[0],), "(T,)")
+        n_images = int(idx.max()) + 1
+    out = _core.stitch(t, off, idx, n_images, height, width, resolve_threads(n_threads))
+    return same_kind(out if image_index is not None else out[0], as_torch)
+
+
+def tile_offsets(
+    height: int,
+    width: int,
+    tile_size: int | Sequence[int],
+    tile_stride: int | Sequence[int] | None = None,
+) -> np.ndarray:
+    """Top-left corners (row, col) of overlapping tiles covering a (height, width) image.
+
+    Along each axis tiles start every ``tile_stride`` pixels, and a last tile flush with the
+    border covers the remainder (it overlaps its neighbour by more when the stride does not divide
+    the size evenly).
+
+    Parameters
+    ----------
+    height, width : int
+        Image size.
+    tile_size : int or (th, tw)
+        At most the image size.
+    tile_stride : int or (sh, sw), optional
+        At most ``tile_size``, so that tiles leave no gaps; default ``tile_size`` (no overlap
+        except at the border).
+
+    Returns
+    -------
+    (T, 2) int64, in row-major order; the input to :func:`stitch`.
+    """
+    h = int(check("height", height, [POSITIVE_INT]))
+    w = int(check("width", width, [POSITIVE_INT]))
+    th, tw = _pair(tile_size, "tile_size")
+    sh, sw = _pair(tile_size if tile_stride is None else tile_stride, "tile_stride")
+    if th > h or tw > w:
+        raise ValueError(f"tile_size: expected at most the image size ({h}, {w}), got ({th}, {tw})")
+    if sh > th or sw > tw:
+        raise ValueError(
+            f"tile_stride: expected at most tile_size ({th}, {tw}) so that tiles leave no gaps, got ({sh}, {sw})"
+        )
+    rows = [*range(0, h - th, sh), h - th]
+    cols = [*range(0, w - tw, sw), w - tw]
+    return np.array([(r, c) for r in rows for c in cols], dtype=np.int64).reshape(-1, 2)

@@ -12,7 +12,7 @@ use crate::py::runtime::{argument_error, run, to_py_err};
 use crate::validate::ensure_finite;
 use crate::{
     blur, coreset as coreset_k, gaussian, knn as knn_k, mahalanobis as mahalanobis_k,
-    upsample as upsample_k,
+    stitch as stitch_k, upsample as upsample_k,
 };
 
 type Pair<'py, A, B> = (Bound<'py, A>, Bound<'py, B>);
@@ -167,6 +167,28 @@ pub fn gaussian_blur<'py>(
     let out = run(py, n_threads, |intr| {
         ensure_finite(&m, "maps")?;
         blur::gaussian_blur(m, sigma, intr)
+    })?;
+    Ok(out.into_pyarray(py))
+}
+
+#[pyfunction]
+#[pyo3(signature = (tiles, offsets, image_index, n_images, height, width, n_threads))]
+#[allow(clippy::too_many_arguments)]
+pub fn stitch<'py>(
+    py: Python<'py>,
+    tiles: PyReadonlyArray3<'py, f32>,
+    offsets: PyReadonlyArray2<'py, i64>,
+    image_index: Option<PyReadonlyArray1<'py, i64>>,
+    n_images: usize,
+    height: usize,
+    width: usize,
+    n_threads: usize,
+) -> PyResult<Bound<'py, PyArray3<f32>>> {
+    let (t, off) = (tiles.as_array(), offsets.as_array());
+    let idx = image_index.as_ref().map(|i| i.as_array());
+    let out = run(py, n_threads, |intr| {
+        ensure_finite(&t, "tiles")?;
+        stitch_k::stitch(t, off, idx, n_images, height, width, intr)
     })?;
     Ok(out.into_pyarray(py))
 }
