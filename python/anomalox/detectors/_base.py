@@ -386,7 +386,8 @@ class BaseDetector(BaseEstimator):
         """Set the image and pixel thresholds and their calibration values (None: no calibration)."""
         self.calibration_scores_ = None if scores is None else np.asarray(scores, np.float32)
         self.pixel_calibration_scores_ = None if map_max is None else np.asarray(map_max, np.float32)
-        self.threshold_ = None if scores is None else conformal_threshold(scores, contamination, "threshold_")
+        # stacklevel 4: the warning points at the caller of fit / set_threshold.
+        self.threshold_ = None if scores is None else conformal_threshold(scores, contamination, stacklevel=4)
         # Same n as the image scores: their warning covers both.
         self.pixel_threshold_ = None if map_max is None else conformal_threshold(map_max, contamination, warn=False)
 

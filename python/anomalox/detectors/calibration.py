@@ -30,12 +30,14 @@ def conformal_rank(n: int, alpha: float) -> int:
     return math.ceil((n + 1) * (1.0 - alpha) - 1e-9)
 
 
-def conformal_threshold(scores: np.ndarray, alpha: float, what: str = "threshold_", warn: bool = True) -> float:
+def conformal_threshold(
+    scores: np.ndarray, alpha: float, what: str = "threshold_", warn: bool = True, stacklevel: int = 2
+) -> float:
     """The ⌈(n + 1)(1 − alpha)⌉-th smallest of `scores` (see the module docstring).
 
     When that rank exceeds n the largest score is returned and (with `warn`) a
     ``CalibrationWarning`` states the rate achievable with n scores, 1 / (n + 1), and the ways
-    out. `what` names the threshold in the warning.
+    out. `what` names the threshold in the warning; `stacklevel` is ``warnings.warn``'s.
     """
     ordered = np.sort(np.asarray(scores, dtype=np.float64).ravel())
     n = ordered.size
@@ -50,7 +52,7 @@ def conformal_threshold(scores: np.ndarray, alpha: float, what: str = "threshold
             f"Use at least {math.ceil(1.0 / alpha) - 1} calibration images (more images, or calibration='cv', "
             f"which calibrates on every training image) or a larger contamination (>= {1.0 / (n + 1):.3g})",
             CalibrationWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     k = min(k, n)
     return float(ordered[max(k, 1) - 1])
