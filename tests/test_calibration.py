@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -163,3 +165,16 @@ def test_calibration_survives_save_and_load(images, tmp_path):
     np.testing.assert_array_equal(loaded.calibration_scores_, model.calibration_scores_)
     assert loaded.pixel_threshold_ == model.pixel_threshold_
     np.testing.assert_array_equal(loaded.p_value(images[2]), model.p_value(images[2]))
+
+
+def test_a_failed_set_threshold_leaves_the_previous_calibration_whole(images):
+    model = PatchCore(image_size=SIZE, coreset_ratio=1.0, validation_fraction=0.0).fit(images[0])
+    model.set_threshold(images[1], contamination=0.4)
+    before = (model.threshold_, model.pixel_threshold_, model.calibration_scores_.copy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)  # the warning raised, as the suite does
+        with pytest.raises(CalibrationWarning):
+            model.set_threshold(images[1][:2], contamination=0.05)
+    assert (model.threshold_, model.pixel_threshold_) == before[:2]
+    np.testing.assert_array_equal(model.calibration_scores_, before[2])
+    assert len(model.pixel_calibration_scores_) == len(before[2])

@@ -56,9 +56,12 @@ SHARED_PARAMETERS_DOC = """\
         Images per forward pass.
     contamination : float in (0, 0.5)
         The false-alarm rate α asked of ``predict``: ``threshold_`` is the conformal threshold, the
-        ⌈(n + 1)(1 − α)⌉-th smallest of n calibration scores of good images, so a new good image
-        scores above it with probability at most α (exchangeability). Needs n + 1 >= 1/α; with
-        fewer, ``threshold_`` is the largest score and ``fit`` emits ``CalibrationWarning``.
+        ⌈(n + 1)(1 − α)⌉-th smallest of n calibration scores of good images. With "holdout", a new
+        good image scores above it with probability at most α (split-conformal, under
+        exchangeability); with "cv" the scores come from the fold models, not the final one, so
+        that bound is not guaranteed (cross-conformal methods only guarantee about 2α). Needs
+        n + 1 >= 1/α; with fewer, ``threshold_`` is the largest score and ``fit`` emits
+        ``CalibrationWarning``.
     calibration : "holdout" or "cv"; validation_fraction : float in [0, 1); n_folds : int >= 2
         Where the calibration scores come from. "holdout": ``validation_fraction`` of the images
         are held out (not learned from) and scored; one fit. "cv": the images are split into
@@ -384,12 +387,14 @@ class BaseDetector(BaseEstimator):
 
     def _calibrate(self, scores: np.ndarray | None, map_max: np.ndarray | None, contamination: float) -> None:
         """Set the image and pixel thresholds and their calibration values (None: no calibration)."""
+        # Both thresholds first, then the four attributes: a warning raised as an error (or any
+        # failure) leaves the previous calibration whole. stacklevel 4: the warning points at the
+        # caller of fit / set_threshold; the pixel threshold has the same n, so one warning covers both.
+        threshold = None if scores is None else conformal_threshold(scores, contamination, stacklevel=4)
+        pixel_threshold = None if map_max is None else conformal_threshold(map_max, contamination, warn=False)
         self.calibration_scores_ = None if scores is None else np.asarray(scores, np.float32)
         self.pixel_calibration_scores_ = None if map_max is None else np.asarray(map_max, np.float32)
-        # stacklevel 4: the warning points at the caller of fit / set_threshold.
-        self.threshold_ = None if scores is None else conformal_threshold(scores, contamination, stacklevel=4)
-        # Same n as the image scores: their warning covers both.
-        self.pixel_threshold_ = None if map_max is None else conformal_threshold(map_max, contamination, warn=False)
+        self.threshold_, self.pixel_threshold_ = threshold, pixel_threshold
 
     def fit(self, X: Any, y: Any = None) -> BaseDetector:
         """Learn from images of good parts and calibrate ``threshold_`` (see ``calibration``).
