@@ -146,6 +146,11 @@ class Backbone:
         (Lite0/1/2: 224/240/260, ResNets: 224).
     center_crop : int or (height, width), optional
         Center crop after resizing.
+    keep_aspect_ratio : bool
+        True: an int ``image_size`` is the short side and the long side keeps the image's aspect
+        ratio (see ``anomalox.preprocess.Preprocessing``).
+    resize : bool
+        False: images keep their own size (``image_size`` and ``keep_aspect_ratio`` unused).
 
     Attributes
     ----------
@@ -176,15 +181,18 @@ class Backbone:
         device: str | torch.device = "cpu",
         image_size: int | tuple[int, int] | None = None,
         center_crop: int | tuple[int, int] | None = None,
+        keep_aspect_ratio: bool = False,
+        resize: bool = True,
     ) -> None:
         self.name = _canonical(name)
         spec = BACKBONES[self.name]
         self.device = self._resolve_device(device)
         self.preprocessing = Preprocessing(
-            image_size=spec.image_size if image_size is None else image_size,
+            image_size=None if not resize else spec.image_size if image_size is None else image_size,
             center_crop=center_crop,
             mean=spec.mean,
             std=spec.std,
+            keep_aspect_ratio=bool(keep_aspect_ratio) and resize,
         )
         self._model = self._load(spec, weights)
         taps = {n: (c, s) for n, c, s in self._model.taps}

@@ -104,7 +104,7 @@ def _mask_like_map(mask: np.ndarray, detector: Any) -> np.ndarray:
     prep = detector.backbone_.preprocessing  # as fitted, even if set_params changed crop_size since
     if prep.center_crop is None:
         return mask
-    size = size_pair(prep.image_size, "image_size")
+    size = prep.resized_size(*mask.shape)
     resized = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].float(), size=size, mode="nearest")
     return center_crop(resized, size_pair(prep.center_crop, "crop_size"))[0, 0].numpy() >= 0.5
 
@@ -369,6 +369,10 @@ def evaluate(
                         f"{first_shape[1]}x{first_shape[0]} and {amap.shape[1]}x{amap.shape[0]}; pass a list"
                     )
             accumulator.update(np.stack(chunk_masks), np.stack(maps))
+        elif not detector.backbone_.preprocessing.fixed_size:
+            # No one input resolution (image_size=None or keep_aspect_ratio): each at its own size.
+            for mask, amap in zip(chunk_masks, maps):
+                accumulator.update(mask[None], amap[None])
         else:
             size = detector.backbone_.preprocessing.output_size
             accumulator.update(
@@ -398,6 +402,8 @@ def evaluate(
         auroc_bound, aupro_bound = accumulator.error_bounds(fpr_limit)
         if native:
             where = f"at the images' own resolution {first_shape[1]}x{first_shape[0]}"  # type: ignore[index]
+        elif not detector.backbone_.preprocessing.fixed_size:
+            where = "at each image's own resolution (the images differ in size)"
         else:
             size = detector.backbone_.preprocessing.output_size
             where = f"at the detector's input resolution {size[1]}x{size[0]} (the images differ in size)"

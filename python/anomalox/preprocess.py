@@ -14,8 +14,10 @@ Values: ``uint8`` is divided by 255, ``uint16`` by 65535, floating point is take
 channel is dropped.
 
 Then, in this order: resize to ``image_size`` (bilinear with antialiasing, as torchvision's
-``Resize(antialias=True)`` on tensors), optional center crop, and the normalisation the backbone
-was trained with. The result is a float32 batch (N, 3, H, W) on the requested device.
+``Resize(antialias=True)`` on tensors; with ``keep_aspect_ratio`` the short side is resized to it,
+and ``image_size=None`` keeps every image's own size), optional center crop, and the normalisation
+the backbone was trained with. The result is a float32 batch (N, 3, H, W) on the requested device
+(or, with :meth:`Preprocessing.transform_each`, one (3, H, W) tensor per image when sizes differ).
 """
 
 from __future__ import annotations
@@ -234,26 +236,39 @@ class Preprocessing:
 
     Parameters
     ----------
-    image_size : int or (height, width)
-        Every image is resized to exactly this size (an int gives a square).
+    image_size : int, (height, width) or None
+        Every image is resized to exactly this size (an int gives a square); None keeps each
+        image's own size.
     center_crop : int or (height, width), optional
         Crop this central window after resizing.
+    keep_aspect_ratio : bool
+        True: an int ``image_size`` is the length of the short side, the long side follows the
+        image's aspect ratio (rounded to the nearest pixel), as torchvision's ``Resize(int)``.
+        Needs an int (or None) ``image_size``.
     mean, std : 3 floats
         Normalisation applied to pixels in [0, 1]: ``(x - mean) / std``.
     """
 
-    image_size: int | tuple[int, int]
+    image_size: int | tuple[int, int] | None
     center_crop: int | tuple[int, int] | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    keep_aspect_ratio: bool = False
 
     def __post_init__(self) -> None:
-        size_pair(self.image_size, "image_size")
+        if self.image_size is not None:
+            size_pair(self.image_size, "image_size")
+        if self.keep_aspect_ratio and self.image_size is not None and not isinstance(self.image_size, numbers.Integral):
+            raise ValueError(
+                f"keep_aspect_ratio: True needs an int image_size (the short side), got image_size={self.image_size!r}; "
+                f"an (h, w) image_size sets both sides"
+            )
         if self.center_crop is not None:
             crop = size_pair(self.center_crop, "center_crop")
-            size = size_pair(self.image_size, "image_size")
-            if crop[0] > size[0] or crop[1] > size[1]:
-                raise ValueError(f"center_crop: {crop} does not fit in image_size {size}")
+            if self.fixed_size:
+                size = size_pair(self.image_size, "image_size")
+                if crop[0] > size[0] or crop[1] > size[1]:
+                    raise ValueError(f"center_crop: {crop} does not fit in image_size {size}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if len(value) != 3:
@@ -262,25 +277,77 @@ class Preprocessing:
             raise ValueError(f"std: expected positive values, got {self.std!r}")
 
     @property
+    def fixed_size(self) -> bool:
+        """Whether every image is resized to one size (an int or (h, w) ``image_size``, aspect ignored)."""
+        return self.image_size is not None and not self.keep_aspect_ratio
+
+    @property
     def output_size(self) -> tuple[int, int]:
-        """(height, width) of the batches this produces."""
+        """(height, width) of the batches this produces; ValueError when it depends on the image."""
         if self.center_crop is not None:
             return size_pair(self.center_crop, "center_crop")
+        if not self.fixed_size:
+            raise ValueError(
+                "output_size: the size depends on each image (image_size=None or keep_aspect_ratio); "
+                "use resized_size(height, width)"
+            )
         return size_pair(self.image_size, "image_size")
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) an image of this size has after resizing (before the crop)."""
+        if self.image_size is None:
+            return int(height), int(width)
+        if not self.keep_aspect_ratio:
+            return size_pair(self.image_size, "image_size")
+        short = int(self.image_size)  # type: ignore[arg-type]
+        if height <= width:
+            return short, max(1, int(round(width * short / height)))
+        return max(1, int(round(height * short / width))), short
+
+    def map_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of the preprocessed image (and its map) for an input of this size."""
+        if self.center_crop is not None:
+            return size_pair(self.center_crop, "center_crop")
+        return self.resized_size(height, width)
 
     def __call__(self, images: Any, device: torch.device | str = "cpu") -> torch.Tensor:
         """A normalised float32 batch (N, 3, H, W) on `device`."""
         return self.transform(images, device)[0]
 
     def transform(self, images: Any, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """The normalised batch, and each image's (height, width) before resizing."""
-        size = size_pair(self.image_size, "image_size")
+        """The normalised batch, and each image's (height, width) before resizing.
+
+        Raises ValueError when the images do not come out at one size (``image_size=None`` or
+        ``keep_aspect_ratio`` with images of different sizes): use :meth:`transform_each`.
+        """
+        parts, sizes = self._batches(images, device)
+        shapes = {tuple(b.shape[-2:]) for b in parts}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"images: they come out at {len(shapes)} different sizes (image_size=None or keep_aspect_ratio), "
+                f"so they do not form one batch; use transform_each"
+            )
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return self._normalise(x), sizes
+
+    def transform_each(
+        self, images: Any, device: torch.device | str = "cpu"
+    ) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """Each image normalised at its own output size: (3, H, W) tensors, and the sizes before resizing."""
+        parts, sizes = self._batches(images, device)
+        return [self._normalise(b)[i] for b in parts for i in range(b.shape[0])], sizes
+
+    def _batches(self, images: Any, device: torch.device | str) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """Resized (and cropped) float batches in [0, 1], one per input item, and the sizes before resizing."""
         raw = to_float_batches(images, device)
         sizes = [(int(b.shape[-2]), int(b.shape[-1])) for b in raw for _ in range(b.shape[0])]
-        batches = [resize(b, size) for b in raw]
-        x = torch.cat(batches) if len(batches) > 1 else batches[0]
+        batches = [resize(b, self.resized_size(b.shape[-2], b.shape[-1])) for b in raw]
         if self.center_crop is not None:
-            x = center_crop(x, size_pair(self.center_crop, "center_crop"))
+            crop = size_pair(self.center_crop, "center_crop")
+            batches = [center_crop(b, crop) for b in batches]
+        return batches, sizes
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous(), sizes
+        return ((x - mean) / std).contiguous()

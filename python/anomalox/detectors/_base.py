@@ -8,7 +8,12 @@ A detector subclass implements three hooks:
   grid; ``None`` scores mean "the maximum of the smoothed map at input resolution".
 - ``_summary()``: a short description of the fitted state for the repr.
 
-and declares three tables: ``learned_attributes`` (the names ``_fit_features`` returns: the
+Detectors that learn a model per feature-grid position (``per_position = True``: PaDiM, DFM)
+get, when tiling, the tiles' features image-major with ``self._positions`` tiles per image (every
+image has the same tile layout), and list ``input_size_`` in ``learned_attributes`` (the base
+sets it: the preprocessed size the positions were fitted on).
+
+It declares three tables: ``learned_attributes`` (the names ``_fit_features`` returns: the
 fitted state that ``state_dict`` exports and model files hold), ``_parameter_constraints`` (its
 own parameters' constraints, checked by ``fit``; the shared ones are declared here) and
 ``_default_layers`` (its default taps per tap naming, see ``anomalox.detectors.families``).
@@ -49,8 +54,21 @@ __all__ = [
 
 # Placed in each detector's Parameters section in place of the line "    <shared parameters>".
 SHARED_PARAMETERS_DOC = """\
-    image_size, crop_size : int or (h, w)
-        Resize target and optional center crop (maps then cover the crop).
+    image_size : int, (h, w) or None; keep_aspect_ratio : bool
+        Resize target: an int is a square, (h, w) an exact size (both ignore the aspect ratio);
+        with ``keep_aspect_ratio=True`` an int is the short side and the long side keeps the
+        image's proportions; None keeps each image's own size (its native resolution).
+    crop_size : int or (h, w), optional
+        Center crop after resizing (maps then cover the crop).
+    tile_size : int or (h, w), optional; tile_stride : int or (h, w), optional
+        Cut each (resized, cropped) image into tiles of ``tile_size`` every ``tile_stride`` pixels
+        (default ``tile_size``: no overlap; the last tile of a row or column is flush with the
+        border), featurise them in batches of ``batch_size`` tiles, and stitch the tile maps into
+        one map per image, averaging where tiles overlap (``anomalox.ops.stitch``). The image score
+        is then the maximum of the stitched, smoothed map. Use it with ``image_size=None`` or
+        ``keep_aspect_ratio`` to keep small defects of large or long images at their native scale.
+        Memory banks (PatchCore, SPADE) are shared over tile positions; PaDiM and DFM learn one
+        model per tile position, so every image must have the same size.
     weights : see ``anomalox.Backbone``; device : "cpu" or "cuda[:N]"
     batch_size : int
         Images per forward pass.
@@ -86,6 +104,33 @@ class Inspection:
     labels: np.ndarray | None
     paths: list[str | None]
     threshold: float | None
+
+
+@dataclass
+class _Group:
+    """One backbone pass: features of images (or of their tiles, image-major) of one batch.
+
+    ``sizes``: each image's size before preprocessing; ``input_sizes``: after (its map's size
+    before ``_postprocess``); ``offsets``: each image's tile corners (T_i, 2), or None untiled.
+    """
+
+    features: dict[str, torch.Tensor]
+    sizes: list[tuple[int, int]]
+    input_sizes: list[tuple[int, int]]
+    offsets: list[np.ndarray] | None
+
+    @property
+    def n_images(self) -> int:
+        return len(self.sizes)
+
+
+def _size_or_pair(value: Any, name: str) -> tuple[int, int] | None:
+    """None, or an int / (h, w) pair of positive ints as (h, w); ValueError naming `name`."""
+    if value is None:
+        return None
+    from anomalox.preprocess import size_pair
+
+    return size_pair(value, name)
 
 
 class _Silent:
@@ -181,6 +226,12 @@ class BaseDetector(BaseEstimator):
 
     # Subclasses: the names _fit_features returns (besides threshold_ and backbone_, set here).
     learned_attributes: ClassVar[tuple[str, ...]] = ()
+    # Learned attributes a state written by an older version may lack, and the value they load with.
+    _learned_defaults: ClassVar[dict[str, Any]] = {}
+    # Subclasses that fit one model per feature-grid position (see the module docstring).
+    per_position: ClassVar[bool] = False
+    # Tiles per image for the hooks of per_position detectors (1 untiled); set by the base.
+    _positions: int = 1
     # Subclasses: default taps per tap naming (FamilyRules.taps), and the sigma of the map smoothing.
     _default_layers: ClassVar[dict[str, tuple[str, ...]]] = {}
     _sigma: ClassVar[float] = 4.0
@@ -190,6 +241,9 @@ class BaseDetector(BaseEstimator):
         "layers": [_BACKBONE],
         "image_size": [_BACKBONE],
         "crop_size": [_BACKBONE],
+        "keep_aspect_ratio": [Unchecked("its truth value")],
+        "tile_size": [Unchecked("None, an int or an (h, w) pair; checked by fit")],
+        "tile_stride": [Unchecked("None, an int or an (h, w) pair; checked by fit")],
         "weights": [_BACKBONE],
         "device": [_BACKBONE],
         "batch_size": [POSITIVE_INT],
@@ -235,6 +289,29 @@ class BaseDetector(BaseEstimator):
     def _check_params(self) -> None:
         """Subclass rules the constraint table cannot express (called by fit before anything is changed)."""
 
+    def _tiling(self) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """(tile, stride) from ``tile_size`` / ``tile_stride``, or None untiled; ValueError naming the argument."""
+        tile = _size_or_pair(self.tile_size, "tile_size")
+        stride = _size_or_pair(self.tile_stride, "tile_stride")
+        if tile is None:
+            if stride is not None:
+                raise ValueError(f"tile_stride: set without tile_size, got tile_stride={self.tile_stride!r}")
+            return None
+        stride = tile if stride is None else stride
+        if stride[0] > tile[0] or stride[1] > tile[1]:
+            raise ValueError(
+                f"tile_stride: expected at most tile_size {tile} so that tiles leave no gaps, got {stride}"
+            )
+        return tile, stride
+
+    def _check_shared(self) -> None:
+        """Rules of the shared parameters the table cannot express."""
+        if self.keep_aspect_ratio and self.image_size is not None and not isinstance(self.image_size, Integral):
+            raise ValueError(
+                f"keep_aspect_ratio: True needs an int image_size (the short side), got image_size={self.image_size!r}"
+            )
+        self._tiling()
+
     # --------------------------------------------------------------- helpers
     def _layers_for(self, backbone: str) -> tuple[str, ...] | None:
         if self.layers is not None:
@@ -251,6 +328,8 @@ class BaseDetector(BaseEstimator):
             device=self.device,
             image_size=self.image_size,
             center_crop=self.crop_size,
+            keep_aspect_ratio=bool(self.keep_aspect_ratio),
+            resize=self.image_size is not None,
         )
 
     def __sklearn_is_fitted__(self) -> bool:
@@ -273,10 +352,69 @@ class BaseDetector(BaseEstimator):
             from tqdm import tqdm
         return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
-    def _features(self, backbone: Backbone, items: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Size, list[Any]]:
-        x, sizes = backbone.preprocessing.transform(items if len(items) > 1 else items[0], backbone.device)
+    def _forward(self, backbone: Backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = backbone.features(x, preprocess=False, n_threads=self.n_threads)
-        return {k: v.cpu() for k, v in feats.items()}, x.shape[-2:], sizes
+        return {k: v.cpu() for k, v in feats.items()}
+
+    def _groups(self, backbone: Backbone, items: list[Any]) -> Iterator[_Group]:
+        """Backbone passes over one batch of items, in order: one pass when the images come out at
+        one size, one per run of equal sizes otherwise; with tiles, one group of all their tiles,
+        featurised ``batch_size`` tiles at a time."""
+        prep = backbone.preprocessing
+        images = items if len(items) > 1 else items[0]
+        tiles = self._tiles
+        if tiles is None and prep.fixed_size:
+            x, sizes = prep.transform(images, backbone.device)
+            yield _Group(self._forward(backbone, x), sizes, [(x.shape[-2], x.shape[-1])] * len(sizes), None)
+            return
+        each, sizes = prep.transform_each(images, backbone.device)
+        input_sizes = [(int(m.shape[-2]), int(m.shape[-1])) for m in each]
+        if tiles is None:
+            start = 0
+            while start < len(each):
+                stop = start + 1
+                while stop < len(each) and input_sizes[stop] == input_sizes[start]:
+                    stop += 1
+                x = torch.stack(each[start:stop])
+                yield _Group(self._forward(backbone, x), sizes[start:stop], input_sizes[start:stop], None)
+                start = stop
+            return
+        tile, stride = tiles
+        offsets = [self._tile_offsets(size, tile, stride) for size in input_sizes]
+        crops = [m[:, r : r + tile[0], c : c + tile[1]] for m, off in zip(each, offsets) for r, c in off.tolist()]
+        parts = [
+            self._forward(backbone, torch.stack(crops[i : i + self.batch_size]))
+            for i in range(0, len(crops), self.batch_size)
+        ]
+        feats = {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
+        yield _Group(feats, sizes, input_sizes, offsets)
+
+    def _tile_offsets(self, size: tuple[int, int], tile: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
+        if tile[0] > size[0] or tile[1] > size[1]:
+            resize = "" if self.image_size is None else f" after image_size={self.image_size!r}"
+            raise ValueError(
+                f"tile_size: expected tiles no larger than the images, got {tile[0]}x{tile[1]} tiles for an image of "
+                f"{size[0]}x{size[1]} (h x w){resize}; use a smaller tile_size or a larger image_size"
+            )
+        return ops.tile_offsets(size[0], size[1], tile, stride)
+
+    def _check_positions(self, group: _Group, expected: Any) -> tuple[int, int]:
+        """Per-position detectors: every image at the size the positions were fitted on (`expected`,
+        None while fitting the first group); sets ``self._positions``. Returns that size."""
+        size = group.input_sizes[0]
+        other = next((s for s in group.input_sizes if s != size), None)
+        if expected is not None and tuple(expected) != size:
+            size, other = (int(expected[0]), int(expected[1])), size
+        if other is not None:
+            name = type(self).__name__
+            raise ValueError(
+                f"X: {name} learns one model per feature position{' and tile' if group.offsets is not None else ''}, "
+                f"so every image must come out of preprocessing at one size; got {size[0]}x{size[1]} and "
+                f"{other[0]}x{other[1]} (h x w). Resize to one size (image_size as an int or (h, w)), or tile "
+                f"images of equal size; PatchCore and SPADE share their memory bank over positions and accept any size"
+            )
+        self._positions = 1 if group.offsets is None else len(group.offsets[0])
+        return size
 
     def _split(self, source: Source) -> tuple[Iterator[Any], list[Any]]:
         """The training batches and the held-out validation items (never put in the model)."""
@@ -303,14 +441,14 @@ class BaseDetector(BaseEstimator):
 
         return batches(), held
 
-    def _smooth(self, maps: torch.Tensor, input_size: torch.Size) -> torch.Tensor:
+    def _smooth(self, maps: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
         """Feature-grid maps upsampled to the input resolution and smoothed."""
         full = ops.upsample(maps.to(torch.float32).contiguous(), list(input_size), n_threads=self.n_threads)
         if self._sigma > 0:
             full = ops.gaussian_blur(full, sigma=self._sigma, n_threads=self.n_threads)
         return full
 
-    def _postprocess(self, full: torch.Tensor, input_size: torch.Size, sizes: list[Any]) -> list[np.ndarray]:
+    def _postprocess(self, full: torch.Tensor, input_size: tuple[int, int], sizes: list[Any]) -> list[np.ndarray]:
         """Input-resolution maps → each image's own size (with a crop: the crop's resolution)."""
         # The fitted backbone's crop, not self.crop_size: set_params after fit must not mix the two.
         if self.backbone_.preprocessing.center_crop is not None:
@@ -322,19 +460,38 @@ class BaseDetector(BaseEstimator):
             out.append(np.ascontiguousarray(m.numpy()))
         return out
 
+    def _stitched(self, grid: torch.Tensor, group: _Group) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Tile maps on the feature grid → per image: stitched, smoothed, its maximum as the score."""
+        assert self._tiles is not None and group.offsets is not None
+        tile_maps = ops.upsample(grid.to(torch.float32).contiguous(), list(self._tiles[0]), n_threads=self.n_threads)
+        scores, maps, start = [], [], 0
+        for off, input_size, size in zip(group.offsets, group.input_sizes, group.sizes):
+            full = ops.stitch(tile_maps[start : start + len(off)], off, input_size, n_threads=self.n_threads)[None]
+            start += len(off)
+            if self._sigma > 0:
+                full = ops.gaussian_blur(full, sigma=self._sigma, n_threads=self.n_threads)
+            scores.append(float(full.max()))
+            maps += self._postprocess(full, input_size, [size])
+        return np.array(scores, dtype=np.float32), maps
+
     # ------------------------------------------------------------------- API
     def _learn(self, backbone: Backbone, batches: Iterator[Any], total: int | None, held: bool) -> dict[str, Any]:
         """The learned attributes from `batches` of training items (one fit of the hooks)."""
         bar = self._progress(total, "fit: features")
 
+        self._positions = 1
+        fit_size: tuple[int, int] | None = None
+
         def features() -> Iterator[dict[str, torch.Tensor]]:
+            nonlocal fit_size
             n = 0
             for items, _ in batches:
-                feats, _, _ = self._features(backbone, items)
-                count = next(iter(feats.values())).shape[0]
-                n += count
-                bar.update(count)
-                yield feats
+                for group in self._groups(backbone, items):
+                    if self.per_position:
+                        fit_size = self._check_positions(group, fit_size)
+                    n += group.n_images
+                    bar.update(group.n_images)
+                    yield group.features
             if n == 0:
                 if held:
                     raise ValueError("X: no training images left after holding out the validation images")
@@ -342,6 +499,8 @@ class BaseDetector(BaseEstimator):
 
         with bar:
             state = self._fit_features(features())
+        if self.per_position:
+            state["input_size_"] = fit_size
         if set(state) != set(self.learned_attributes):
             raise TypeError(
                 f"{type(self).__name__}._fit_features returned {sorted(state)}, but its learned_attributes "
@@ -413,6 +572,9 @@ class BaseDetector(BaseEstimator):
         learned = {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
         for k in learned:
             delattr(self, k)
+        self._check_shared()
+        tiles_before = getattr(self, "_tiles", None)
+        self._tiles = self._tiling()
         try:
             backbone = self.build_backbone()
             source = as_source(X, "train")
@@ -439,12 +601,22 @@ class BaseDetector(BaseEstimator):
                 delattr(self, k)
             for k, v in learned.items():
                 setattr(self, k, v)
+            self._tiles = tiles_before
             raise
         self._fitted_with = fitted_with
         return self
 
     # Parameters that build the backbone: changing them after fit takes effect at the next fit only.
-    _STRUCTURAL = ("backbone", "layers", "image_size", "crop_size", "weights")
+    _STRUCTURAL = (
+        "backbone",
+        "layers",
+        "image_size",
+        "crop_size",
+        "keep_aspect_ratio",
+        "tile_size",
+        "tile_stride",
+        "weights",
+    )
 
     def _structural_params(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._STRUCTURAL}
@@ -491,17 +663,20 @@ class BaseDetector(BaseEstimator):
         and ``p_value`` / ``predict_mask`` ask for ``set_threshold``.
         """
         expected = {*self.learned_attributes, *self.calibrated_attributes}
-        optional = set(self.calibrated_attributes) - {"threshold_"}
+        optional = (set(self.calibrated_attributes) - {"threshold_"}) | set(self._learned_defaults)
         missing, unexpected = sorted(expected - optional - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise ValueError(
                 f"state: expected the attributes {sorted(expected)} of a {type(self).__name__}, "
                 f"got {len(missing)} missing {missing} and {len(unexpected)} unexpected {unexpected}"
             )
+        self._check_shared()
+        tiles = self._tiling()
         backbone = self.build_backbone() if backbone is None else backbone
         for name in expected:
-            setattr(self, name, state.get(name))
+            setattr(self, name, state.get(name, self._learned_defaults.get(name)))
         self.backbone_ = backbone
+        self._tiles = tiles
         self._fitted_with = self._structural_params()
         return self
 
@@ -513,18 +688,27 @@ class BaseDetector(BaseEstimator):
         paths: list[str | None] = []
         with self._progress(len(source) if source.sized else None, desc) as bar:
             for items, batch_paths in source.iter_batches(self.batch_size):
-                feats, input_size, sizes = self._features(self.backbone_, items)
-                if maps.capacity is None and n_batches is not None:
-                    maps.capacity = n_batches * len(sizes)
-                batch_scores, grid = self._score_features(feats)
-                full = self._smooth(grid, input_size)
-                if batch_scores is None:
-                    batch_scores = full.amax(dim=(-2, -1)).numpy()
-                for m in self._postprocess(full, input_size, sizes):
-                    maps.add(m)
-                scores.append(np.asarray(batch_scores, dtype=np.float32))
-                paths.extend(batch_paths if batch_paths is not None else [None] * len(sizes))
-                bar.update(len(sizes))
+                count = 0
+                for group in self._groups(self.backbone_, items):
+                    if self.per_position:
+                        self._check_positions(group, self.input_size_)
+                    if maps.capacity is None and n_batches is not None:
+                        maps.capacity = n_batches * group.n_images
+                    batch_scores, grid = self._score_features(group.features)
+                    if group.offsets is not None:
+                        batch_scores, group_maps = self._stitched(grid, group)
+                    else:
+                        input_size = group.input_sizes[0]
+                        full = self._smooth(grid, input_size)
+                        if batch_scores is None:
+                            batch_scores = full.amax(dim=(-2, -1)).numpy()
+                        group_maps = self._postprocess(full, input_size, group.sizes)
+                    for m in group_maps:
+                        maps.add(m)
+                    scores.append(np.asarray(batch_scores, dtype=np.float32))
+                    count += group.n_images
+                paths.extend(batch_paths if batch_paths is not None else [None] * count)
+                bar.update(count)
         if not scores:
             raise ValueError("X: expected at least one image, got none (an empty iterable)")
         all_scores = np.concatenate(scores)

@@ -34,6 +34,11 @@ class DFM(BaseDetector):
     The map is the per-cell squared reconstruction error summed over channels on the pooled grid,
     for both scores (anomalib gives no map for ``"nll"``); upsampled and smoothed (sigma 4).
 
+    Tiled (``tile_size``), one PCA is fitted per tile position, so every image must have the same
+    size; each position keeps its own number of components, and the image score is the maximum of
+    the stitched map (the ``"fre"`` map, whatever ``score``). Memory per tile position: D floats of
+    mean and K · D of components (K the most components any position keeps).
+
     Parameters
     ----------
     backbone : str
@@ -56,6 +61,11 @@ class DFM(BaseDetector):
         Variances along the components (ddof 1).
     explained_variance_ratio_ : (n_components_,) float32 array
     n_components_ : int; n_train_images_ : int
+        Tiled: a leading axis of T tile positions on each array, (T, D), (T, K, D), (T, K), (T, K),
+        with K the most components a position keeps; a position with fewer has zero rows (variance
+        1, ratio 0) after its own, which change no score, and ``n_components_`` is a tuple of T ints.
+    input_size_ : (height, width)
+        The preprocessed image size the model was fitted on; images must come out at it.
     threshold_, pixel_threshold_ : float or None
     calibration_scores_, pixel_calibration_scores_ : (n,) float32 array or None
         The calibration images' scores and maximum map values the thresholds come from.
@@ -74,7 +84,10 @@ class DFM(BaseDetector):
         "explained_variance_ratio_",
         "n_components_",
         "n_train_images_",
+        "input_size_",
     )
+    _learned_defaults = {"input_size_": None}
+    per_position = True
     _default_layers = {"efficientnet_lite": ("_blocks.10",), "resnet": ("layer3",)}
     _parameter_constraints = {
         "pooling_kernel_size": [POSITIVE_INT],
@@ -91,6 +104,9 @@ class DFM(BaseDetector):
         score: str = "fre",
         image_size: Any = 256,
         crop_size: Any = None,
+        keep_aspect_ratio: bool = False,
+        tile_size: Any = None,
+        tile_stride: Any = None,
         weights: Any = None,
         device: str = "cpu",
         batch_size: int = 4,
@@ -109,6 +125,9 @@ class DFM(BaseDetector):
         self.score = score
         self.image_size = image_size
         self.crop_size = crop_size
+        self.keep_aspect_ratio = keep_aspect_ratio
+        self.tile_size = tile_size
+        self.tile_stride = tile_stride
         self.weights = weights
         self.device = device
         self.batch_size = batch_size
@@ -132,15 +151,41 @@ class DFM(BaseDetector):
             if min(tap.shape[-2:]) < k:
                 raise ValueError(
                     f"pooling_kernel_size: {k} is larger than the {tuple(tap.shape[-2:])} grid of tap {name!r}; "
-                    f"use a smaller kernel or a larger image_size"
+                    f"use a smaller kernel, or a larger image_size or tile_size"
                 )
             tap = torch.nn.functional.avg_pool2d(tap, k)
         return tap
 
     def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
         x = torch.cat([self._pool(feats).flatten(1) for feats in batches]).double()
-        if x.shape[0] < 2:
-            raise ValueError(f"X: DFM needs at least 2 training images (after the validation hold-out), got {len(x)}")
+        t = self._positions
+        if x.shape[0] // t < 2:
+            raise ValueError(
+                f"X: DFM needs at least 2 training images (after the validation hold-out), got {x.shape[0] // t}"
+            )
+        if t == 1:
+            return self._pca(x)
+        # One PCA per tile position (rows are image-major), stacked with zero-padded components.
+        fits = [self._pca(x.reshape(-1, t, x.shape[1])[:, p]) for p in range(t)]
+        k = max(f["n_components_"] for f in fits)
+
+        def padded(name: str, fill: float) -> np.ndarray:
+            out = np.full((t, k, *fits[0][name].shape[1:]), fill, dtype=np.float32)
+            for p, f in enumerate(fits):
+                out[p, : f["n_components_"]] = f[name]
+            return out
+
+        return {
+            "mean_": np.stack([f["mean_"] for f in fits]),
+            "components_": padded("components_", 0.0),
+            "explained_variance_": padded("explained_variance_", 1.0),
+            "explained_variance_ratio_": padded("explained_variance_ratio_", 0.0),
+            "n_components_": tuple(int(f["n_components_"]) for f in fits),
+            "n_train_images_": fits[0]["n_train_images_"],
+        }
+
+    def _pca(self, x: torch.Tensor) -> dict[str, Any]:
+        """The PCA of the rows of `x` (n, D) float64."""
         mean = x.mean(0)
         _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
         variance = s**2 / (x.shape[0] - 1)
@@ -162,22 +207,31 @@ class DFM(BaseDetector):
     def _score_features(self, features: dict[str, torch.Tensor]) -> tuple[np.ndarray, torch.Tensor]:
         pooled = self._pool(features)
         n, c, h, w = pooled.shape
-        if c * h * w != self.mean_.shape[0]:
+        t = self._positions
+        # Untiled: one position; the arrays then have no position axis (as before tiling existed).
+        mean = torch.from_numpy(self.mean_).double().reshape(-1, self.mean_.shape[-1])
+        if c * h * w != mean.shape[1] or t != mean.shape[0]:
             raise ValueError(
-                f"X: the backbone gives {c * h * w}-dim pooled features but mean_ holds {self.mean_.shape[0]}-dim "
-                f"ones; the detector was changed after fit: refit it"
+                f"X: the backbone gives {t} tile position(s) of {c * h * w}-dim pooled features but mean_ holds "
+                f"{mean.shape[0]} of {mean.shape[1]}-dim ones; the detector was changed after fit: refit it"
             )
-        centred = pooled.flatten(1).double() - torch.from_numpy(self.mean_).double()
-        components = torch.from_numpy(self.components_).double()
-        z = centred @ components.T
-        residual = (centred - z @ components) ** 2
+        components = torch.from_numpy(self.components_).double().reshape(t, -1, mean.shape[1])
+        variance = torch.from_numpy(self.explained_variance_).double().reshape(t, -1).clamp_min(1e-12)
+        centred = pooled.flatten(1).double().reshape(n // t, t, -1) - mean  # (images, T, D)
+        z = torch.einsum("ntd,tkd->ntk", centred, components)
+        residual = (centred - torch.einsum("ntk,tkd->ntd", z, components)) ** 2
         maps = residual.reshape(n, c, h, w).sum(1)
         if self.score == "fre":
-            scores = residual.sum(1)
+            scores = residual.reshape(n, -1).sum(1)
         else:
-            variance = torch.from_numpy(self.explained_variance_).double().clamp_min(1e-12)
-            scores = (z**2 / variance).sum(1) + variance.log().sum()
+            scores = ((z**2 / variance).sum(-1) + variance.log().sum(-1)).reshape(n)
         return scores.float().numpy(), maps.float()
 
     def _summary(self) -> str:
-        return f"{self.n_components_} of {self.mean_.shape[0]} PCA dims ({self.score}), {self.n_train_images_:,} images"
+        if self.mean_.ndim == 1:
+            return f"{self.n_components_} of {self.mean_.shape[0]} PCA dims ({self.score}), {self.n_train_images_:,} images"
+        t, d = self.mean_.shape
+        return (
+            f"{min(self.n_components_)}-{max(self.n_components_)} of {d} PCA dims at each of {t} tile positions "
+            f"({self.score}), {self.n_train_images_:,} images"
+        )

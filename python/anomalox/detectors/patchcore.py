@@ -111,6 +111,9 @@ class PatchCore(BaseDetector):
         projection_dim: int | None = 128,
         image_size: Any = 256,
         crop_size: Any = None,
+        keep_aspect_ratio: bool = False,
+        tile_size: Any = None,
+        tile_stride: Any = None,
         weights: Any = None,
         device: str = "cpu",
         batch_size: int = 4,
@@ -130,6 +133,9 @@ class PatchCore(BaseDetector):
         self.projection_dim = projection_dim
         self.image_size = image_size
         self.crop_size = crop_size
+        self.keep_aspect_ratio = keep_aspect_ratio
+        self.tile_size = tile_size
+        self.tile_stride = tile_stride
         self.weights = weights
         self.device = device
         self.batch_size = batch_size
