@@ -254,3 +254,26 @@ def test_elpv_demo_split():
     assert len(mono["test"]) == 488 + 313
     with pytest.raises(ValueError):
         elpv.demo_split(1508)
+
+
+def test_evaluation_report_states_how_images_were_scored(tmp_path, rng):
+    """The summary names the detector's resizing and tiling, as fitted (set_params after fit does not change it)."""
+    import anomalox
+    from anomalox.report import describe_setup, write_evaluation_report
+
+    train = (rng.random((4, 40, 100, 3)) * 255).astype(np.uint8)
+    test = (rng.random((4, 40, 100, 3)) * 255).astype(np.uint8)
+    tiled = anomalox.PatchCore(image_size=None, tile_size=32, tile_stride=24, validation_fraction=0.0).fit(train)
+    result = anomalox.evaluate(tiled, test, labels=[0, 0, 1, 1])
+    tiled.set_params(tile_size=None, tile_stride=None)
+    doc = Path(write_evaluation_report(tmp_path / "r.html", result, detector=tiled)).read_text(encoding="utf-8")
+    setup = re.search(r'<span id="setup">([^<]*)</span>', doc)
+    assert setup is not None
+    assert setup.group(1) == (
+        "PatchCore (efficientnet_lite0): images at their own size, cut into 32-px tiles every 24 px whose maps are "
+        "stitched (overlaps averaged); image score = the maximum of the stitched map."
+    )
+    squashed = anomalox.PaDiM(image_size=(24, 48), n_features=10, validation_fraction=0.0).fit(train)
+    assert describe_setup(squashed) == "PaDiM (efficientnet_lite0): images resized to 24 x 48 (aspect ratio ignored)."
+    short = anomalox.DFM(image_size=32, keep_aspect_ratio=True, validation_fraction=0.0, pooling_kernel_size=1)
+    assert "short side of 32 px (aspect ratio kept)" in describe_setup(short.fit(train))

@@ -28,7 +28,7 @@ from anomalox.metrics import image_auroc, pro_curve, roc_curve
 if TYPE_CHECKING:
     from anomalox.evaluate import Evaluation
 
-__all__ = ["example_indices", "overlay", "write_evaluation_report", "write_heatmaps", "write_report"]
+__all__ = ["describe_setup", "example_indices", "overlay", "write_evaluation_report", "write_heatmaps", "write_report"]
 
 _T = np.linspace(0.0, 1.0, 256)[:, None]
 #: Jet colour map, 256 x RGB uint8: dark blue (low) through green and yellow to dark red (high).
@@ -338,6 +338,7 @@ def write_report(
     max_examples: int = 8,
     pro: tuple[Any, Any] | None = None,
     false_alarm_rate: float | None = None,
+    setup: str | None = None,
 ) -> str:
     """Write a self-contained HTML report of scored images.
 
@@ -374,6 +375,8 @@ def write_report(
     false_alarm_rate : float, optional
         The realised false-alarm rate of the detector's threshold on the good images, shown in
         the summary.
+    setup : str, optional
+        How the images were scored (see :func:`describe_setup`), shown under the summary.
 
     Returns
     -------
@@ -404,6 +407,8 @@ def write_report(
             f'. <span id="false-alarm-rate">Realised false-alarm rate: {100 * false_alarm_rate:.2f}% of the good '
             f"images score above the detector's threshold_</span>"
         )
+    if setup is not None:
+        summary += f'.<br><span id="setup">{html.escape(setup)}</span>'
     plots = _score_plots(s, y, thr, notes)
     if pro is not None:
         plots.append(_pro_plot_from_curve(np.asarray(pro[0], float), np.asarray(pro[1], float)))
@@ -451,6 +456,34 @@ def write_report(
     with open(out, "w", encoding="utf-8") as f:
         f.write(doc)
     return out
+
+
+def describe_setup(detector: Any) -> str:
+    """One sentence on how a fitted detector scores images: its class, resizing, crop and tiles.
+
+    Reads the fitted backbone's preprocessing and ``tiling_`` (as fitted, even if ``set_params``
+    changed the parameters since).
+    """
+    prep = detector.backbone_.preprocessing
+    if prep.image_size is None:
+        size = "at their own size"
+    elif prep.keep_aspect_ratio:
+        size = f"resized to a short side of {prep.image_size} px (aspect ratio kept)"
+    else:
+        h, w = (prep.image_size, prep.image_size) if isinstance(prep.image_size, int) else prep.image_size
+        size = f"resized to {h} x {w} (aspect ratio ignored)"
+    text = f"{type(detector).__name__} ({detector.backbone_.name}): images {size}"
+    if prep.center_crop is not None:
+        text += f", center crop {prep.center_crop}"
+    if detector.tiling_ is not None:
+        (th, tw), (sh, sw) = detector.tiling_
+        tile = f"{th}-px" if th == tw else f"{th} x {tw}-px"
+        stride = f"{sh} px" if sh == sw else f"{sh} x {sw} px"
+        text += (
+            f", cut into {tile} tiles every {stride} whose maps are stitched (overlaps averaged); "
+            f"image score = the maximum of the stitched map"
+        )
+    return text + "."
 
 
 def write_evaluation_report(
@@ -518,6 +551,7 @@ def write_evaluation_report(
         max_examples=max_examples,
         pro=ev.pro_curve,
         false_alarm_rate=false_alarm_rate,
+        setup=None if detector is None else describe_setup(detector),
     )
 
 

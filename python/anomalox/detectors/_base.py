@@ -332,6 +332,15 @@ class BaseDetector(BaseEstimator):
             resize=self.image_size is not None,
         )
 
+    @property
+    def tiling_(self) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """((tile h, w), (stride h, w)) the fitted detector cuts images into, or None untiled.
+
+        As fitted: ``set_params(tile_size=...)`` after ``fit`` takes effect at the next fit only.
+        """
+        self.check_is_fitted()
+        return self._tiles
+
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "backbone_")
 
@@ -569,10 +578,10 @@ class BaseDetector(BaseEstimator):
         """
         validate_params(self.parameter_constraints(), self.get_params(deep=False))
         self._check_params()
+        self._check_shared()  # before the fitted state is put aside: a refused fit leaves it whole
         learned = {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
         for k in learned:
             delattr(self, k)
-        self._check_shared()
         tiles_before = getattr(self, "_tiles", None)
         self._tiles = self._tiling()
         try:

@@ -140,8 +140,8 @@ class PaDiM(BaseDetector):
         h = th // self._positions
         if (h, w) != tuple(self.grid_) or th * w != self.mean_.shape[0]:
             raise ValueError(
-                f"X: the features form {self._positions} grid(s) of {(h, w)} but the Gaussians were fitted on "
-                f"{self.mean_.shape[0] // (self.grid_[0] * self.grid_[1])} of {tuple(self.grid_)}; the detector was "
+                f"X: the features form {self._positions} tile position(s) of a {(h, w)} grid but the Gaussians were "
+                f"fitted on {self.mean_.shape[0]} positions, tiles of a {tuple(self.grid_)} grid; the detector was "
                 f"changed after fit: refit it"
             )
         maps = ops.mahalanobis(
