@@ -165,3 +165,76 @@ def test_bad_inputs_are_named(rng, tmp_path):
         Preprocessing(image_size=0)
     with pytest.raises(ValueError, match="center_crop"):
         Preprocessing(image_size=10, center_crop=11)
+
+
+# ------------------------------------------------------------- aspect-preserving and native sizes
+def test_resized_size_keeps_the_aspect_ratio_with_the_short_side_given():
+    prep = Preprocessing(image_size=64, keep_aspect_ratio=True)
+    assert prep.resized_size(96, 320) == (64, 213)  # 213.3
+    assert prep.resized_size(320, 96) == (213, 64)
+    assert prep.resized_size(60, 100) == (64, 106)  # 106.7: truncated, as torchvision
+    assert prep.resized_size(50, 50) == (64, 64)
+    assert not prep.fixed_size
+    assert Preprocessing(image_size=64).resized_size(96, 320) == (64, 64)
+    assert Preprocessing(image_size=(40, 50)).map_size(96, 320) == (40, 50)
+    assert Preprocessing(image_size=64, keep_aspect_ratio=True, center_crop=48).map_size(96, 320) == (48, 48)
+
+
+@pytest.mark.parametrize("size", [(96, 320), (320, 96), (60, 100), (100, 60), (37, 91), (90, 301), (64, 64)])
+def test_keep_aspect_ratio_gives_torchvision_resize_int_sizes(size):
+    x = torch.zeros(1, 3, *size)
+    assert tuple(tv_functional.resize(x, [64], antialias=True).shape[-2:]) == (
+        Preprocessing(image_size=64, keep_aspect_ratio=True).resized_size(*size)
+    )
+
+
+def test_image_size_none_keeps_each_image_as_it_is(rng):
+    prep = Preprocessing(image_size=None, mean=(0, 0, 0), std=(1, 1, 1))
+    assert prep.resized_size(37, 91) == (37, 91) and not prep.fixed_size
+    x = torch.from_numpy(rng.random((1, 3, 37, 91)).astype(np.float32))
+    out, sizes = prep.transform(x)
+    assert torch.equal(out, x) and sizes == [(37, 91)]
+    with pytest.raises(ValueError, match="output_size: the size depends on each image"):
+        _ = prep.output_size
+    with pytest.raises(ValueError, match="output_size"):
+        _ = Preprocessing(image_size=32, keep_aspect_ratio=True).output_size
+    assert Preprocessing(image_size=None, center_crop=(20, 30)).output_size == (20, 30)
+
+
+def test_keep_aspect_ratio_needs_an_int_image_size():
+    with pytest.raises(ValueError, match="keep_aspect_ratio: True needs an int image_size"):
+        Preprocessing(image_size=(64, 80), keep_aspect_ratio=True)
+    Preprocessing(image_size=None, keep_aspect_ratio=True)  # nothing to resize: allowed
+
+
+def test_transform_refuses_images_that_come_out_at_different_sizes(rng):
+    a = rng.integers(0, 256, (96, 320, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (120, 80, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="2 different sizes.*transform_each"):
+        Preprocessing(image_size=64, keep_aspect_ratio=True).transform([a, b])
+    with pytest.raises(ValueError, match="transform_each"):
+        Preprocessing(image_size=None).transform([a, b])
+    # Equal aspect ratios, or a fixed size, still make one batch.
+    assert Preprocessing(image_size=64, keep_aspect_ratio=True)([a, a]).shape == (2, 3, 64, 213)
+    assert Preprocessing(image_size=64)([a, b]).shape == (2, 3, 64, 64)
+
+
+def test_transform_each_resizes_and_normalises_every_image_alone(rng):
+    a = rng.integers(0, 256, (96, 320, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (120, 80, 3), dtype=np.uint8)
+    c = rng.random((2, 3, 50, 70)).astype(np.float32)  # one item holding two images
+    prep = Preprocessing(image_size=64, keep_aspect_ratio=True)
+    out, sizes = prep.transform_each([a, b, torch.from_numpy(c)])
+    assert sizes == [(96, 320), (120, 80), (50, 70), (50, 70)]
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    units = [as_nchw(a[None] / 255.0), as_nchw(b[None] / 255.0), torch.from_numpy(c[:1]), torch.from_numpy(c[1:])]
+    shapes = [(64, 213), (96, 64), (64, 89), (64, 89)]
+    assert len(out) == 4
+    for got, unit, shape in zip(out, units, shapes):
+        resized = torch.nn.functional.interpolate(
+            unit, size=shape, mode="bilinear", align_corners=False, antialias=True
+        )
+        expected = (resized[0] - mean) / std
+        assert got.shape == (3, *shape) and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -320,7 +320,9 @@ def evaluate(
     :class:`~anomalox.metrics.PixelMetricsAccumulator`): within the bound the note states of
     :func:`~anomalox.metrics.pixel_auroc` / :func:`~anomalox.metrics.aupro` on all maps at once.
     When the maps do not all share one size, pixel metrics are computed at the detector's input
-    resolution (maps resized bilinearly, masks with nearest neighbours), as anomalib does.
+    resolution (maps resized bilinearly, masks with nearest neighbours), as anomalib does; when it
+    has none (``image_size=None`` or ``keep_aspect_ratio``), over every pixel of each map at its
+    image's own resolution.
     """
     if not isinstance(keep_maps, bool):
         raise TypeError(f"keep_maps: expected a bool, got {keep_maps!r}")

@@ -243,7 +243,7 @@ class Preprocessing:
         Crop this central window after resizing.
     keep_aspect_ratio : bool
         True: an int ``image_size`` is the length of the short side, the long side follows the
-        image's aspect ratio (rounded to the nearest pixel), as torchvision's ``Resize(int)``.
+        image's aspect ratio (truncated to whole pixels), as torchvision's ``Resize(int)``.
         Needs an int (or None) ``image_size``.
     mean, std : 3 floats
         Normalisation applied to pixels in [0, 1]: ``(x - mean) / std``.
@@ -300,9 +300,10 @@ class Preprocessing:
         if not self.keep_aspect_ratio:
             return size_pair(self.image_size, "image_size")
         short = int(self.image_size)  # type: ignore[arg-type]
+        # The long side truncated, as torchvision's Resize(int) computes it: int(short * long / short_side).
         if height <= width:
-            return short, max(1, int(round(width * short / height)))
-        return max(1, int(round(height * short / width))), short
+            return short, max(1, int(short * width / height))
+        return max(1, int(short * height / width)), short
 
     def map_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) of the preprocessed image (and its map) for an input of this size."""
