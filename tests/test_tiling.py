@@ -280,6 +280,18 @@ def test_per_position_detectors_refuse_images_of_different_sizes(cls, tiled):
         model.anomaly_map([images[0], images[1]])
 
 
+def test_spade_untiled_refuses_images_of_different_sizes_and_tiled_records_no_size():
+    images = _mixed_sizes()
+    with pytest.raises(ValueError, match=r"^X: SPADE compares .* one size; got .*set tile_size"):
+        SPADE(image_size=None, validation_fraction=0.0, batch_size=8).fit(images)
+    same = list(smooth_images(4, seed=9))
+    model = SPADE(image_size=None, validation_fraction=0.0).fit(same)
+    assert tuple(model.input_size_) == (H, W)
+    with pytest.raises(ValueError, match=r"one size; got 44x76 and 40x64"):
+        model.decision_function(images[1][None])
+    assert _tiled(SPADE).fit(images).input_size_ is None
+
+
 def test_tile_size_larger_than_the_image_is_named(train):
     with pytest.raises(ValueError, match=r"tile_size: .*64x64 tiles for an image of 44x76"):
         _tiled(PatchCore, tile_size=64, tile_stride=None).fit(train[:3])

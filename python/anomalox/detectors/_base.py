@@ -10,8 +10,10 @@ A detector subclass implements three hooks:
 
 Detectors that learn a model per feature-grid position (``per_position = True``: PaDiM, DFM)
 get, when tiling, the tiles' features image-major with ``self._positions`` tiles per image (every
-image has the same tile layout), and list ``input_size_`` in ``learned_attributes`` (the base
-sets it: the preprocessed size the positions were fitted on).
+image has the same tile layout). They, and detectors that keep the training images' feature maps
+(``one_size_untiled = True``: SPADE), need every image at one size (untiled, or always for
+``per_position``); they list ``input_size_`` in ``learned_attributes`` and the base sets it: the
+preprocessed size they were fitted on (None where any size is accepted).
 
 It declares three tables: ``learned_attributes`` (the names ``_fit_features`` returns: the
 fitted state that ``state_dict`` exports and model files hold), ``_parameter_constraints`` (its
@@ -230,6 +232,8 @@ class BaseDetector(BaseEstimator):
     _learned_defaults: ClassVar[dict[str, Any]] = {}
     # Subclasses that fit one model per feature-grid position (see the module docstring).
     per_position: ClassVar[bool] = False
+    # Subclasses whose fitted state holds feature maps of one grid: images of one size unless tiled.
+    one_size_untiled: ClassVar[bool] = False
     # Tiles per image for the hooks of per_position detectors (1 untiled); set by the base.
     _positions: int = 1
     # Subclasses: default taps per tap naming (FamilyRules.taps), and the sigma of the map smoothing.
@@ -407,20 +411,29 @@ class BaseDetector(BaseEstimator):
             )
         return ops.tile_offsets(size[0], size[1], tile, stride)
 
+    def _one_size(self, group: _Group) -> bool:
+        """Whether the images of `group` must all come out at the fitted size."""
+        return self.per_position or (self.one_size_untiled and group.offsets is None)
+
     def _check_positions(self, group: _Group, expected: Any) -> tuple[int, int]:
-        """Per-position detectors: every image at the size the positions were fitted on (`expected`,
-        None while fitting the first group); sets ``self._positions``. Returns that size."""
+        """Every image at the size the detector was fitted on (`expected`, None while fitting the
+        first group); sets ``self._positions``. Returns that size."""
         size = group.input_sizes[0]
         other = next((s for s in group.input_sizes if s != size), None)
         if expected is not None and tuple(expected) != size:
             size, other = (int(expected[0]), int(expected[1])), size
         if other is not None:
             name = type(self).__name__
+            if self.per_position:
+                why = f"learns one model per feature position{' and tile' if group.offsets is not None else ''}"
+                fix = "or tile images of equal size; PatchCore and SPADE (tiled) accept any size"
+            else:
+                why = "compares each image's feature map with the training images' maps"
+                fix = "or set tile_size (tiles all have one size)"
             raise ValueError(
-                f"X: {name} learns one model per feature position{' and tile' if group.offsets is not None else ''}, "
-                f"so every image must come out of preprocessing at one size; got {size[0]}x{size[1]} and "
-                f"{other[0]}x{other[1]} (h x w). Resize to one size (image_size as an int or (h, w)), or tile "
-                f"images of equal size; PatchCore and SPADE share their memory bank over positions and accept any size"
+                f"X: {name} {why}, so every image must come out of preprocessing at one size; got "
+                f"{size[0]}x{size[1]} and {other[0]}x{other[1]} (h x w). Resize to one size (image_size as an int "
+                f"or (h, w)), {fix}"
             )
         self._positions = 1 if group.offsets is None else len(group.offsets[0])
         return size
@@ -496,7 +509,7 @@ class BaseDetector(BaseEstimator):
             n = 0
             for items, _ in batches:
                 for group in self._groups(backbone, items):
-                    if self.per_position:
+                    if self._one_size(group):
                         fit_size = self._check_positions(group, fit_size)
                     n += group.n_images
                     bar.update(group.n_images)
@@ -508,7 +521,7 @@ class BaseDetector(BaseEstimator):
 
         with bar:
             state = self._fit_features(features())
-        if self.per_position:
+        if self.per_position or self.one_size_untiled:
             state["input_size_"] = fit_size
         if set(state) != set(self.learned_attributes):
             raise TypeError(
@@ -699,7 +712,7 @@ class BaseDetector(BaseEstimator):
             for items, batch_paths in source.iter_batches(self.batch_size):
                 count = 0
                 for group in self._groups(self.backbone_, items):
-                    if self.per_position:
+                    if self._one_size(group):
                         self._check_positions(group, self.input_size_)
                     if maps.capacity is None and n_batches is not None:
                         maps.capacity = n_batches * group.n_images

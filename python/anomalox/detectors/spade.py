@@ -55,6 +55,9 @@ class SPADE(BaseDetector):
     train_maps_ : (N, C, h, w) float32 array
     global_layer_ : str
         The tap pooled into the global features.
+    input_size_ : (height, width) or None
+        The preprocessed image size of the training images (untiled: every image must come out at
+        it, since ``train_maps_`` has one grid); None when tiled (tiles have one size, images any).
     threshold_, pixel_threshold_ : float or None
     calibration_scores_, pixel_calibration_scores_ : (n,) float32 array or None
         The calibration images' scores and maximum map values the thresholds come from.
@@ -66,7 +69,9 @@ class SPADE(BaseDetector):
     >>> maps = model.anomaly_map(["tile_1.png", "tile_2.png"])
     """
 
-    learned_attributes = ("train_global_", "train_maps_", "global_layer_")
+    learned_attributes = ("train_global_", "train_maps_", "global_layer_", "input_size_")
+    _learned_defaults = {"input_size_": None}
+    one_size_untiled = True
     _default_layers = {"efficientnet_lite": ("_blocks.4", "_blocks.10"), "resnet": ("layer1", "layer2", "layer3")}
     _parameter_constraints = {"top_k_images": [POSITIVE_INT], "num_neighbors": [POSITIVE_INT]}
 
