@@ -1,7 +1,8 @@
 //! anomalox: kernels for visual anomaly detection, and (feature `python`) their Python bindings.
 //!
 //! Every kernel module is plain Rust (ndarray, rayon, faer) and is tested with `cargo test`
-//! without Python or libtorch. This file only declares the modules and registers the bindings.
+//! without Python. This file only declares the modules and registers the bindings. Nothing here
+//! links libtorch: the tch backbones are the separate crate `anomalox-tch` (tch/).
 
 pub mod aupro;
 pub mod blur;
@@ -20,7 +21,7 @@ pub mod upsample;
 pub mod validate;
 
 #[cfg(feature = "python")]
-mod py;
+pub mod py;
 
 #[cfg(feature = "python")]
 #[pyo3::pymodule]
@@ -28,7 +29,6 @@ fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     use pyo3::prelude::*;
     py::configure_allocator();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("__torch_version__", env!("ANOMALOX_TORCH_VERSION"))?;
     m.add_function(wrap_pyfunction!(py::ops::knn, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::coreset, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::coreset_in_place, m)?)?;
@@ -38,7 +38,6 @@ fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     m.add_function(wrap_pyfunction!(py::ops::upsample, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::gaussian_blur, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::stitch, m)?)?;
-    m.add_function(wrap_pyfunction!(py::ops::libtorch_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(py::ops::_debug_panic, m)?)?;
     m.add_class::<py::ops::GaussianAccumulator>()?;
     m.add_function(wrap_pyfunction!(py::metrics::auroc, m)?)?;
@@ -50,6 +49,5 @@ fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     m.add_function(wrap_pyfunction!(py::metrics::aupro, m)?)?;
     m.add_function(wrap_pyfunction!(py::metrics::pro_at_threshold, m)?)?;
     m.add_class::<py::metrics::PixelMetricsAccumulator>()?;
-    m.add_class::<py::backbone::BackboneModel>()?;
     Ok(())
 }

@@ -1,25 +1,56 @@
-"""Input handling shared by `anomalox.ops`: numpy arrays and torch tensors in, the same kind out.
+"""Input handling shared by `anomalox.ops` and `anomalox.metrics`: numpy arrays and torch tensors
+in, the same kind out; torch is optional.
 
-Torch CPU tensors are viewed as numpy arrays (`Tensor.numpy()` shares memory), so nothing is
-copied when the dtype is already float32; results come back through `torch.from_numpy`, which
-shares memory too.
+Torch CPU tensors are viewed as numpy arrays through DLPack (``np.from_dlpack``: shares memory),
+so nothing is copied when the dtype is already float32; results go back through
+``torch.from_dlpack``, which shares memory too. DLPack, not ``Tensor.numpy()`` /
+``torch.from_numpy``: those need the numpy torch was built against (a torch built for NumPy 1
+refuses NumPy 2). Torch is never imported here: a tensor can only be passed once it is.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import numpy as np
-import torch
 
 from anomalox.params import POSITIVE_INT, check
 
 
-def resolve_threads(n_threads: int | None) -> int:
-    """`n_threads`, or torch's intra-op thread count when it is None."""
-    if n_threads is None:
+def _torch() -> Any:
+    """The torch module when it has been imported, else None (a tensor implies it has)."""
+    return sys.modules.get("torch")
+
+
+def is_tensor(x: Any) -> bool:
+    """Whether `x` is a torch tensor (False without torch)."""
+    torch = _torch()
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def default_threads() -> int:
+    """torch's intra-op thread count when torch is loaded, else the CPUs this process may use."""
+    torch = _torch()
+    if torch is not None:
         return max(1, torch.get_num_threads())
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(n_threads: int | None) -> int:
+    """`n_threads`, or :func:`default_threads` when it is None."""
+    if n_threads is None:
+        return default_threads()
     return int(check("n_threads", n_threads, [POSITIVE_INT, None]))
+
+
+def tensor_to_numpy(x: Any) -> np.ndarray:
+    """A CPU tensor as a numpy array sharing its memory (DLPack); conjugate / negative views resolved."""
+    return np.from_dlpack(x.detach().resolve_conj().resolve_neg())
 
 
 def as_float32(x: Any, name: str, shape_doc: str) -> tuple[np.ndarray, bool]:
@@ -28,8 +59,9 @@ def as_float32(x: Any, name: str, shape_doc: str) -> tuple[np.ndarray, bool]:
     Other floating dtypes are converted (one copy); integer, bool and complex inputs are refused.
     """
     ndim = len(shape_doc.split(","))
-    is_torch = isinstance(x, torch.Tensor)
+    is_torch = is_tensor(x)
     if is_torch:
+        torch = _torch()
         if x.device.type != "cpu":
             raise ValueError(
                 f"{name}: anomalox kernels run on the CPU, but this tensor is on {x.device}; "
@@ -39,7 +71,7 @@ def as_float32(x: Any, name: str, shape_doc: str) -> tuple[np.ndarray, bool]:
             raise TypeError(f"{name}: expected a float32 tensor {shape_doc}, got dtype {x.dtype}")
         if x.dtype not in (torch.float32, torch.float64):
             x = x.to(torch.float32)  # float16 / bfloat16: exact in float32
-        arr = x.detach().resolve_conj().resolve_neg().numpy()
+        arr = tensor_to_numpy(x)
     else:
         arr = np.asarray(x)
         if arr.dtype.kind != "f":
@@ -64,10 +96,10 @@ def as_float32(x: Any, name: str, shape_doc: str) -> tuple[np.ndarray, bool]:
 
 def as_int64(x: Any, name: str, n: int) -> np.ndarray:
     """A 1-D, non-empty int64 numpy view of integer indices into `n` rows."""
-    if isinstance(x, torch.Tensor):
+    if is_tensor(x):
         if x.device.type != "cpu":
             raise ValueError(f"{name}: expected a CPU tensor, got one on {x.device}")
-        x = x.detach().numpy()
+        x = tensor_to_numpy(x)
     arr = np.asarray(x)
     if arr.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D array of indices, got shape {arr.shape}")
@@ -82,5 +114,9 @@ def as_int64(x: Any, name: str, n: int) -> np.ndarray:
 
 
 def same_kind(arr: np.ndarray, as_torch: bool) -> Any:
-    """Return `arr` as a torch tensor (sharing memory) when the input was one."""
-    return torch.from_numpy(arr) if as_torch else arr
+    """Return `arr` as a torch tensor (sharing memory, through DLPack) when the input was one."""
+    if not as_torch:
+        return arr
+    if not arr.flags.writeable:  # DLPack cannot say read-only; a tensor result is the caller's to write
+        arr = arr.copy()
+    return _torch().from_dlpack(arr)

@@ -1,14 +1,11 @@
 """Type stubs for the compiled extension. Use `anomalox.ops`, not this module directly."""
 
-import os
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 __version__: str
-__torch_version__: str
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -31,7 +28,6 @@ def gaussian_blur(maps: F32, sigma: float, n_threads: int) -> F32: ...
 def stitch(
     tiles: F32, offsets: I64, image_index: I64 | None, n_images: int, height: int, width: int, n_threads: int
 ) -> F32: ...
-def libtorch_num_threads() -> int: ...
 def _debug_panic(n_threads: int) -> None: ...
 
 B = npt.NDArray[np.bool_]
@@ -70,34 +66,3 @@ class PixelMetricsAccumulator:
     def n_pixels(self) -> tuple[int, int]: ...
     @property
     def nbytes(self) -> int: ...
-
-class BackboneModel:
-    def __init__(
-        self,
-        arch: str,
-        family: Literal["efficientnet_lite", "resnet", "resnet_bottleneck"],
-        config: dict[str, Any],
-        state_dict: list[tuple[str, torch.Tensor]],
-        cuda: int | None,
-        n_threads: int,
-        exclusive: bool = False,
-    ) -> None: ...
-    @staticmethod
-    def from_safetensors(
-        arch: str,
-        family: Literal["efficientnet_lite", "resnet", "resnet_bottleneck"],
-        config: dict[str, Any],
-        path: str | os.PathLike[str],
-        cuda: int | None,
-        n_threads: int,
-    ) -> BackboneModel: ...
-    @property
-    def arch(self) -> str: ...
-    @property
-    def device(self) -> str: ...
-    @property
-    def taps(self) -> list[tuple[str, int, int]]: ...
-    @property
-    def _taps_reached(self) -> int: ...
-    def features(self, x: torch.Tensor, layers: list[str], n_threads: int) -> list[torch.Tensor]: ...
-    def logits(self, x: torch.Tensor, n_threads: int) -> torch.Tensor: ...

@@ -19,13 +19,15 @@ keeping the maps (binned, within a bound it reports). Each call releases the GIL
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from anomalox import _core
-from anomalox._convert import as_float32, resolve_threads, same_kind
+from anomalox._convert import as_float32, is_tensor, resolve_threads, same_kind, tensor_to_numpy
 
 #: Three curve arrays (x, y, thresholds): numpy arrays, or torch tensors when the scores were.
 Curve = tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -45,7 +47,7 @@ __all__ = [
 
 def _as_binary(x: Any, name: str, shape_doc: str) -> np.ndarray:
     """A bool numpy array from int or bool 0/1 labels; floats and other values are refused."""
-    if isinstance(x, torch.Tensor):
+    if is_tensor(x):
         if x.device.type != "cpu":
             raise ValueError(
                 f"{name}: anomalox metrics run on the CPU, but this tensor is on {x.device}; "
@@ -53,7 +55,8 @@ def _as_binary(x: Any, name: str, shape_doc: str) -> np.ndarray:
             )
         if x.dtype.is_floating_point or x.dtype.is_complex:
             raise TypeError(f"{name}: expected an int or bool tensor {shape_doc} of 0/1, got dtype {x.dtype}")
-        x = x.detach().resolve_neg().numpy()
+        # DLPack has no bool on older numpy / torch: 0/1 bytes instead (one copy).
+        x = tensor_to_numpy(x.byte() if str(x.dtype) == "torch.bool" else x)
     arr = np.asarray(x)
     if arr.dtype == np.bool_:
         return arr
@@ -69,7 +72,7 @@ def _as_binary(x: Any, name: str, shape_doc: str) -> np.ndarray:
 
 def _squeeze_channel(x: Any) -> Any:
     """(N, 1, H, W) -> (N, H, W); anything else unchanged."""
-    if not isinstance(x, (np.ndarray, torch.Tensor)):
+    if not isinstance(x, np.ndarray) and not is_tensor(x):
         x = np.asarray(x)
     if x.ndim == 4 and x.shape[1] == 1:
         return x[:, 0]

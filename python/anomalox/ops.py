@@ -6,7 +6,8 @@ float32 (one copy); integer, bool and complex inputs raise ``TypeError``. CUDA t
 ``ValueError`` naming the device instead of being copied silently. NaN or infinite values raise
 ``ValueError``.
 
-Each call releases the GIL, runs on ``n_threads`` threads (default: ``torch.get_num_threads()``)
+Each call releases the GIL, runs on ``n_threads`` threads (default: ``torch.get_num_threads()``
+when torch is loaded, else the CPUs the process may use)
 and stops within about a second on Ctrl-C (``KeyboardInterrupt``).
 """
 
@@ -14,17 +15,19 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from anomalox import _core
-from anomalox._convert import as_float32, as_int64, resolve_threads, same_kind
+from anomalox._convert import as_float32, as_int64, is_tensor, resolve_threads, same_kind, tensor_to_numpy
 from anomalox.params import NON_NEGATIVE_INT, POSITIVE_INT, Interval, check
 
 # Results are of the kind given: numpy arrays for numpy (or array-like) input, tensors for tensors.
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
 __all__ = [
     "GaussianAccumulator",
@@ -298,10 +301,10 @@ def _pair(value: Any, name: str) -> tuple[int, int]:
 
 def _int64_array(x: Any, name: str, shape: tuple[int, ...], shape_doc: str) -> np.ndarray:
     """An int64 numpy view of integers `x` of exactly `shape`."""
-    if isinstance(x, torch.Tensor):
+    if is_tensor(x):
         if x.device.type != "cpu":
             raise ValueError(f"{name}: expected a CPU tensor, got one on {x.device}")
-        x = x.detach().numpy()
+        x = tensor_to_numpy(x)
     arr = np.asarray(x)
     if arr.shape != shape:
         raise ValueError(f"{name}: expected shape {shape_doc} = {shape}, got {arr.shape}")

@@ -247,12 +247,6 @@ impl GaussianAccumulator {
     }
 }
 
-/// The intra-op thread count of the libtorch this extension is linked to (shared with Python torch).
-#[pyfunction]
-pub fn libtorch_num_threads() -> i32 {
-    tch::get_num_threads()
-}
-
 /// Deliberately panic inside a pool worker, to test that panics surface as `InternalError`.
 #[pyfunction]
 #[pyo3(signature = (n_threads))]

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{KernelError, KernelResult};
+use anomalox::error::{KernelError, KernelResult};
 
 /// How many offending keys an error message names before it only counts the rest.
 const KEYS_SHOWN: usize = 5;

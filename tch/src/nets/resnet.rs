@@ -5,8 +5,8 @@ use tch::Tensor;
 
 use super::params::{classify, ConvBn, Linear, Padding, StateDict};
 use super::{Backbone, Tap};
-use crate::error::KernelResult;
-use crate::interrupt::Interrupt;
+use anomalox::error::KernelResult;
+use anomalox::interrupt::Interrupt;
 
 /// torchvision's batch-norm epsilon.
 const BN_EPS: f64 = 1e-5;

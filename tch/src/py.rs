@@ -1,14 +1,10 @@
-//! Backbones run with tch inside Rust: `anomalox._core.BackboneModel`, behind `anomalox.Backbone`.
+//! Backbones run with tch inside Rust: `anomalox_tch._tch.BackboneModel`, behind `anomalox.Backbone`.
 //!
 //! Python owns the list of architectures (`anomalox.backbone.BACKBONES`) and device parsing: a
 //! model is built from a family and its structural parameters, on a device already resolved.
 //! Weights arrive as tensors (read in Python with `torch.load(weights_only=True)`, or read here from
 //! a `.safetensors` file) and are copied into the model on its device. A forward pass stops after the
 //! deepest requested tap and hands the feature maps back as torch tensors without a copy.
-
-mod efficientnet_lite;
-mod params;
-mod resnet;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -19,36 +15,10 @@ use pyo3::types::PyDict;
 use pyo3_tch::PyTensor;
 use tch::{Device, Kind, Tensor};
 
-use crate::error::KernelResult;
-use crate::interrupt::Interrupt;
-use crate::py::runtime::{argument_error, run};
-use params::StateDict;
+use anomalox::py::runtime::{argument_error, run};
 
-/// A named intermediate output: its channels and its stride relative to the input.
-pub struct Tap {
-    pub name: String,
-    pub channels: i64,
-    pub stride: i64,
-}
-
-/// A network whose forward pass reports its taps as it reaches them.
-pub trait Backbone: Send {
-    /// Taps in forward order.
-    fn taps(&self) -> &[Tap];
-
-    /// Run the network on `x` (B, 3, H, W) up to and including tap `last`, calling `emit(i, t)` for
-    /// every tap `i <= last` as it is reached, and stop there. Returns the last tap's output.
-    fn forward(
-        &self,
-        x: &Tensor,
-        last: usize,
-        intr: &Interrupt,
-        emit: &mut dyn FnMut(usize, &Tensor),
-    ) -> KernelResult<Tensor>;
-
-    /// Class scores (B, classes), or None without a classifier.
-    fn logits(&self, x: &Tensor, intr: &Interrupt) -> KernelResult<Option<Tensor>>;
-}
+use crate::nets::params::StateDict;
+use crate::nets::{efficientnet_lite, resnet, Backbone};
 
 /// The structure of a network, resolved in Python from `anomalox.backbone.BACKBONES`.
 enum Structure {
@@ -123,7 +93,7 @@ fn set_threads(n_threads: usize) {
     tch::set_num_threads(n_threads.min(i32::MAX as usize) as i32);
 }
 
-#[pyclass(module = "anomalox._core", frozen)]
+#[pyclass(module = "anomalox_tch._tch", frozen)]
 pub struct BackboneModel {
     net: Mutex<Box<dyn Backbone>>,
     arch: String,
@@ -342,4 +312,10 @@ impl BackboneModel {
         })?;
         Ok(PyTensor(scores))
     }
+}
+
+/// The intra-op thread count of the libtorch this extension is linked to (shared with Python torch).
+#[pyfunction]
+pub fn libtorch_num_threads() -> i32 {
+    tch::get_num_threads()
 }
