@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine. Creates or reuses the project venv (.venv, or
-# $ANOMALOX_VENV), installs torch==2.13.0 and the other requirements, builds the Rust extension
-# into it, then:
+# $ANOMALOX_VENV), installs torch==2.13.0 and the other requirements, builds both Rust extensions
+# into it (the core, anomalox._core, and the tch part, anomalox_tch in tch/), then:
 #   scripts/run.sh demo    the main job: `anomalox demo` (PatchCore on the ELPV solar cells, HTML report)
 #   scripts/run.sh test    the whole test suite: the linters (ruff, mypy, rustfmt, clippy), cargo test
-#                          (kernels) and pytest
+#                          (kernels; the tch networks against libtorch) and pytest
 #   scripts/run.sh lint    only the linters
 #   scripts/run.sh setup   only the set-up
 set -euo pipefail
@@ -29,14 +29,15 @@ if ! cmp -s requirements-dev.txt "$stamp" 2>/dev/null; then
     cp requirements-dev.txt "$stamp"
 fi
 
-echo "==> building the extension (release; a clean build takes a few minutes)"
-LIBTORCH_USE_PYTORCH=1 maturin develop --release --quiet
+echo "==> building the extensions (release; a clean build takes a few minutes)"
+maturin develop --release --quiet
+(cd tch && LIBTORCH_USE_PYTORCH=1 maturin develop --release --quiet)
 
-# Settings in pyproject.toml ([tool.ruff], [tool.mypy]). Clippy twice: the kernel crate alone
-# (default features, as `cargo test` builds it) and with the bindings (feature `python`, linked
-# to the venv's libtorch; `--release` reuses the build scripts' outputs of the release build
-# above instead of compiling torch-sys's C++ again). rustfmt and clippy are rustup components of
-# the machine's toolchain.
+# Settings in pyproject.toml ([tool.ruff], [tool.mypy]). Clippy on each crate as `cargo test`
+# builds it (default features) and as the wheels build it (core: feature `abi3`; tch: feature
+# `python`, linked to the venv's libtorch; `--release` reuses the build scripts' outputs of the
+# release builds above instead of compiling torch-sys's C++ again). rustfmt and clippy are rustup
+# components of the machine's toolchain.
 lint() {
     echo "==> ruff check, ruff format --check, mypy, cargo fmt --check, cargo clippy"
     ruff check python tests benches
@@ -46,9 +47,11 @@ lint() {
         echo "scripts/run.sh: the Rust toolchain lacks rustfmt or clippy: rustup component add rustfmt clippy" >&2
         exit 1
     fi
-    cargo fmt --check
-    cargo clippy --quiet -- -D warnings
-    LIBTORCH_USE_PYTORCH=1 cargo clippy --quiet --release --features python -- -D warnings
+    cargo fmt --all --check
+    cargo clippy --quiet -p anomalox -- -D warnings
+    cargo clippy --quiet --release -p anomalox --features abi3 -- -D warnings
+    LIBTORCH_USE_PYTORCH=1 cargo clippy --quiet --release -p anomalox-tch -- -D warnings
+    LIBTORCH_USE_PYTORCH=1 cargo clippy --quiet --release -p anomalox-tch --features python -- -D warnings
 }
 
 case "$task" in
@@ -57,8 +60,9 @@ case "$task" in
     lint) lint ;;
     test)
         lint
-        echo "==> cargo test (kernels, no Python or libtorch)"
-        cargo test --quiet
+        echo "==> cargo test (kernels, no Python or libtorch; the tch networks against the venv's libtorch)"
+        cargo test --quiet -p anomalox
+        LIBTORCH_USE_PYTORCH=1 cargo test --quiet --release -p anomalox-tch
         echo "==> pytest"
         python -m pytest -q "$@"
         ;;

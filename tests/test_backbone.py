@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import anomalox
-from anomalox import Backbone, _core, weights
+from anomalox import Backbone, weights
 from anomalox.backbone import BACKBONES, family_of
 
 torchvision = pytest.importorskip("torchvision")
 skimage_data = pytest.importorskip("skimage.data")
 lite_reference = pytest.importorskip("efficientnet_lite_pytorch")
+anomalox_tch = pytest.importorskip("anomalox_tch", reason="anomalox.Backbone runs in the tch part (anomalox-tch)")
 
 LITE_SIZES = {0: 224, 1: 240, 2: 260}
 IMAGENET_CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -490,7 +491,7 @@ def test_rust_builds_the_structure_python_gives():
     torch.manual_seed(0)
     model = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]).eval()
     config = {"layers": (1, 1, 1, 1), "width_per_group": 64}
-    net = _core.BackboneModel("resnet10", "resnet", config, list(model.state_dict().items()), None, 2)
+    net = anomalox_tch.BackboneModel("resnet10", "resnet", config, list(model.state_dict().items()), None, 2)
     x = torch.randn(1, 3, 96, 96)
     ref_taps, ref_logits = torchvision_taps(model, x)
     ours = net.features(x, ["layer1", "layer2", "layer3", "layer4"], 2)

@@ -21,25 +21,42 @@ def run_python(code: str, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
-def test_import_in_a_fresh_interpreter_exposes_version_and_torch_build():
-    out = run_python("import anomalox, torch; print(anomalox.__version__, anomalox._core.__torch_version__)")
+def test_import_in_a_fresh_interpreter_exposes_the_version_without_loading_torch():
+    out = run_python("import sys, anomalox; print(anomalox.__version__, 'torch' in sys.modules)")
     assert out.returncode == 0, out.stderr
-    version, built = out.stdout.split()
+    version, torch_loaded = out.stdout.split()
     assert version == anomalox.__version__ and version.count(".") == 2
-    assert built == torch.__version__.split("+")[0] == anomalox.REQUIRED_TORCH
+    assert torch_loaded == "False"
 
 
-def test_wrong_torch_version_gives_a_clear_import_error():
+@pytest.fixture
+def tch():
+    return pytest.importorskip("anomalox_tch", reason="the tch part (anomalox-tch) is not installed")
+
+
+def test_the_tch_part_reports_the_torch_it_was_built_against(tch):
+    out = run_python("import anomalox_tch, torch; print(anomalox_tch._tch.__torch_version__)")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == torch.__version__.split("+")[0] == tch.REQUIRED_TORCH
+
+
+def test_wrong_torch_version_gives_a_clear_import_error_only_for_the_tch_part(tch):
     out = run_python(
         """
         import torch
         torch.__version__ = "2.9.1+cpu"
-        import anomalox
+        import numpy as np, anomalox
+        from anomalox.backbone import tch_available, tch_unavailable_reason
+        assert anomalox.ops.knn(np.ones((1, 2), np.float32), np.ones((1, 2), np.float32), 1)[0][0, 0] == 0
+        assert not tch_available()
+        print(tch_unavailable_reason())
+        anomalox.Backbone("efficientnet_lite0")
         """
     )
     assert out.returncode != 0
-    assert "built against torch==2.13.0, but torch 2.9.1+cpu is installed" in out.stderr
-    assert "pip install torch==2.13.0" in out.stderr
+    assert "built against torch==2.13.0, but torch 2.9.1+cpu is installed" in out.stdout
+    assert "pip install torch==2.13.0" in out.stdout and "pass a torch module as backbone" in out.stdout
+    assert "ImportError: Backbone('efficientnet_lite0') runs in anomalox's tch part, which does not load" in out.stderr
 
 
 def test_rust_panic_becomes_a_runtime_error_and_the_interpreter_survives():
@@ -103,9 +120,12 @@ def test_ctrl_c_interrupts_a_long_kernel_within_a_second(tmp_path):
     assert float(out.split()[1]) - sent < 1.0
 
 
+def test_the_tch_part_shares_torch_s_libtorch(tch):
+    assert tch._tch.libtorch_num_threads() == torch.get_num_threads()  # one shared libtorch
+
+
 def test_thread_count_defaults_to_torch_and_is_validated():
     assert _convert.resolve_threads(None) == torch.get_num_threads()
-    assert _core.libtorch_num_threads() == torch.get_num_threads()  # one shared libtorch
     assert _convert.resolve_threads(3) == 3
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="n_threads"):

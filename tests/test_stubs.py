@@ -1,5 +1,6 @@
-"""The typing contract of the compiled module: `_core.pyi` declares exactly what `_core` holds,
-with the same parameters (names, kinds, defaults) as the signatures pyo3 compiled in."""
+"""The typing contract of the compiled modules: `_core.pyi` declares exactly what `anomalox._core`
+holds, and `_tch.pyi` what `anomalox_tch._tch` holds (when the tch part is installed), with the
+same parameters (names, kinds, defaults) as the signatures pyo3 compiled in."""
 
 from __future__ import annotations
 
@@ -11,15 +12,27 @@ import pytest
 
 import anomalox
 from anomalox import _core
+from anomalox.backbone import tch_available
 
-STUB = Path(anomalox.__file__).with_name("_core.pyi")
+
+def _modules() -> list[object]:
+    modules: list[object] = [pytest.param((_core, Path(anomalox.__file__).with_name("_core.pyi")), id="_core")]
+    if tch_available():
+        import anomalox_tch
+
+        stub = Path(anomalox_tch.__file__).with_name("_tch.pyi")
+        modules.append(pytest.param((anomalox_tch._tch, stub), id="_tch"))
+    return modules
+
+
+MODULES = _modules()
 
 # Module attributes every extension module has; not part of the API.
 MODULE_DUNDERS = {"__all__", "__doc__", "__file__", "__loader__", "__name__", "__package__", "__spec__"}
 
 
-def _stub() -> ast.Module:
-    return ast.parse(STUB.read_text())
+def _stub(stub: Path) -> ast.Module:
+    return ast.parse(stub.read_text())
 
 
 def _stub_names(tree: ast.Module) -> dict[str, ast.AST]:
@@ -69,36 +82,52 @@ def _decorators(fn: ast.FunctionDef) -> set[str]:
     return {d.id for d in fn.decorator_list if isinstance(d, ast.Name)}
 
 
-def _compiled_names() -> list[str]:
-    return sorted(n for n in dir(_core) if n not in MODULE_DUNDERS)
+def _compiled_names(module: object) -> list[str]:
+    return sorted(n for n in dir(module) if n not in MODULE_DUNDERS)
 
 
-def test_every_compiled_name_is_declared_in_the_stub():
-    declared = _stub_names(_stub())
-    missing = [n for n in _compiled_names() if n not in declared]
-    assert not missing, f"in anomalox._core but not in _core.pyi: {missing}"
+@pytest.mark.parametrize("compiled", MODULES)
+def test_every_compiled_name_is_declared_in_the_stub(compiled):
+    module, stub = compiled
+    declared = _stub_names(_stub(stub))
+    missing = [n for n in _compiled_names(module) if n not in declared]
+    assert not missing, f"in {module.__name__} but not in {stub.name}: {missing}"
 
 
-def test_every_stub_declaration_exists_in_the_compiled_module():
-    tree = _stub()
+@pytest.mark.parametrize("compiled", MODULES)
+def test_every_stub_declaration_exists_in_the_compiled_module(compiled):
+    module, stub = compiled
+    tree = _stub(stub)
     declared = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     declared += [n.target.id for n in tree.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
-    extra = [n for n in declared if not hasattr(_core, n)]
-    assert not extra, f"declared in _core.pyi but not in anomalox._core: {extra}"
+    extra = [n for n in declared if not hasattr(module, n)]
+    assert not extra, f"declared in {stub.name} but not in {module.__name__}: {extra}"
 
 
-@pytest.mark.parametrize("name", [n for n in _compiled_names() if inspect.isbuiltin(getattr(_core, n))])
-def test_function_signature_matches_the_stub(name):
-    node = _stub_names(_stub())[name]
-    assert isinstance(node, ast.FunctionDef), f"{name} is a function in _core but not in the stub"
-    assert _stub_parameters(node, method=False) == _compiled_parameters(getattr(_core, name), method=False)
+def _members(kind: object) -> list[object]:
+    """(module, stub, name) for every compiled function (kind "function") or class of every module."""
+    out = []
+    for param in MODULES:
+        module, stub = param.values[0]
+        for n in _compiled_names(module):
+            value = getattr(module, n)
+            if inspect.isbuiltin(value) if kind == "function" else inspect.isclass(value):
+                out.append(pytest.param(module, stub, n, id=f"{module.__name__}.{n}"))
+    return out
 
 
-@pytest.mark.parametrize("name", [n for n in _compiled_names() if inspect.isclass(getattr(_core, n))])
-def test_class_members_match_the_stub(name):
-    cls = getattr(_core, name)
-    node = _stub_names(_stub())[name]
-    assert isinstance(node, ast.ClassDef), f"{name} is a class in _core but not in the stub"
+@pytest.mark.parametrize("module, stub, name", _members("function"))
+def test_function_signature_matches_the_stub(module, stub, name):
+    node = _stub_names(_stub(stub))[name]
+    assert isinstance(node, ast.FunctionDef), f"{name} is a function in {module.__name__} but not in the stub"
+    assert _stub_parameters(node, method=False) == _compiled_parameters(getattr(module, name), method=False)
+
+
+@pytest.mark.parametrize("module, stub, name", _members("class"))
+def test_class_members_match_the_stub(module, stub, name):
+    cls = getattr(module, name)
+    node = _stub_names(_stub(stub))[name]
+    assert isinstance(node, ast.ClassDef), f"{name} is a class in {module.__name__} but not in the stub"
     stub_members = {n.name: n for n in node.body if isinstance(n, ast.FunctionDef)}
 
     init = stub_members.pop("__init__", None)
@@ -118,10 +147,12 @@ def test_class_members_match_the_stub(name):
             assert "property" in _decorators(fn), f"{name}.{member} is a property"
         else:
             assert _stub_parameters(fn, method=True) == _compiled_parameters(value, method=True), f"{name}.{member}"
-    assert not stub_members, f"declared in the stub but not on _core.{name}: {sorted(stub_members)}"
+    assert not stub_members, f"declared in the stub but not on {module.__name__}.{name}: {sorted(stub_members)}"
 
 
-def test_stub_annotates_every_return():
-    for node in ast.walk(_stub()):
+@pytest.mark.parametrize("compiled", MODULES)
+def test_stub_annotates_every_return(compiled):
+    _, stub = compiled
+    for node in ast.walk(_stub(stub)):
         if isinstance(node, ast.FunctionDef):
-            assert node.returns is not None, f"{node.name} has no return annotation in _core.pyi"
+            assert node.returns is not None, f"{node.name} has no return annotation in {stub.name}"

@@ -1,36 +1,20 @@
 """anomalox: fast industrial visual anomaly detection with a Rust core.
 
 Convention: a higher anomaly score means more anomalous.
+
+The core (``anomalox.ops``, ``anomalox.metrics``) needs numpy only. The detectors, backbones,
+``evaluate`` and model files need torch (any supported version, ``MIN_TORCH`` or later): they are
+imported on first use, and without torch raise an ``ImportError`` saying so. The tch backbones are
+the optional package ``anomalox-tch`` (``pip install anomalox[tch]``).
 """
 
 from __future__ import annotations
 
-REQUIRED_TORCH = "2.13.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-
-def _check_torch() -> str:
-    try:
-        import torch  # noqa: F401  (libtorch must be loaded before the extension)
-    except ImportError as exc:  # pragma: no cover - exercised only without torch
-        raise ImportError(
-            f"anomalox needs torch=={REQUIRED_TORCH}, but torch is not installed: pip install torch=={REQUIRED_TORCH}"
-        ) from exc
-    found = torch.__version__.split("+")[0]
-    if found != REQUIRED_TORCH:
-        raise ImportError(
-            f"anomalox was built against torch=={REQUIRED_TORCH}, but torch {torch.__version__} is "
-            f"installed. Install the matching version: pip install torch=={REQUIRED_TORCH}"
-        )
-    return found
-
-
-_check_torch()
-
-from anomalox import _core, detectors, metrics, ops  # noqa: E402
-from anomalox.backbone import Backbone  # noqa: E402
-from anomalox.detectors import *  # noqa: E402,F401,F403  (PatchCore, PaDiM, ...)
-from anomalox.evaluate import Evaluation, evaluate  # noqa: E402
-from anomalox.exceptions import (  # noqa: E402
+from anomalox import _core, metrics, ops
+from anomalox.exceptions import (
     AnomaloxError,
     CalibrationWarning,
     InternalError,
@@ -38,30 +22,80 @@ from anomalox.exceptions import (  # noqa: E402
     ModelFileError,
     NotFittedError,
 )
-from anomalox.persist import load, save  # noqa: E402
 
-if _core.__torch_version__ not in (REQUIRED_TORCH, "unknown"):  # pragma: no cover
-    raise ImportError(
-        f"this anomalox build was compiled against torch {_core.__torch_version__}, "
-        f"but it requires torch=={REQUIRED_TORCH}; rebuild anomalox"
-    )
+#: The oldest torch the Python layer is tested with (the newest: the latest on PyPI when released).
+MIN_TORCH = "2.5.0"
 
 __version__: str = _core.__version__
+
+# Public names that need torch, and the module each comes from (imported on first access).
+_NEEDS_TORCH = {
+    "Backbone": "anomalox.backbone",
+    "ModuleBackbone": "anomalox.torch_backbone",
+    "Evaluation": "anomalox.evaluate",
+    "evaluate": "anomalox.evaluate",
+    "load": "anomalox.persist",
+    "save": "anomalox.persist",
+    "detectors": "anomalox.detectors",
+    "PatchCore": "anomalox.detectors",
+    "PaDiM": "anomalox.detectors",
+    "SPADE": "anomalox.detectors",
+    "DFM": "anomalox.detectors",
+    "Inspection": "anomalox.detectors",
+}
+
+if TYPE_CHECKING:
+    from anomalox import detectors
+    from anomalox.backbone import Backbone
+    from anomalox.detectors import DFM, SPADE, Inspection, PaDiM, PatchCore
+    from anomalox.evaluate import Evaluation, evaluate
+    from anomalox.persist import load, save
+    from anomalox.torch_backbone import ModuleBackbone
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _NEEDS_TORCH.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'anomalox' has no attribute {name!r}")
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            f"anomalox.{name} needs torch ({MIN_TORCH} or later), which is not installed: pip install torch "
+            f"(anomalox.ops and anomalox.metrics work without it)"
+        ) from exc
+    module = importlib.import_module(module_name)
+    importlib.import_module("anomalox.persist")  # registers the model-file writer (detector.save)
+    value = module if name == "detectors" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_NEEDS_TORCH})
+
 
 __all__ = [
     "AnomaloxError",
     "Backbone",
     "CalibrationWarning",
+    "DFM",
     "Evaluation",
+    "Inspection",
     "InternalError",
     "KernelArgumentError",
+    "MIN_TORCH",
     "ModelFileError",
+    "ModuleBackbone",
     "NotFittedError",
+    "PaDiM",
+    "PatchCore",
+    "SPADE",
     "evaluate",
     "load",
     "save",
     "metrics",
     "ops",
+    "detectors",
     "__version__",
-    *[name for name in detectors.__all__ if name != "BaseDetector"],
 ]

@@ -1,6 +1,6 @@
 """Type stubs for the compiled extension. Use `anomalox.ops`, not this module directly."""
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt

@@ -1,5 +1,12 @@
 """Pretrained CNN backbones run in Rust (tch), returning multi-layer feature maps.
 
+``Backbone`` runs in anomalox's tch part, the separate package ``anomalox-tch``
+(``pip install anomalox[tch]``), which loads only next to the torch it was built against
+(``anomalox_tch.REQUIRED_TORCH``); ``tch_available()`` says whether it loads here. Without it,
+``anomalox.torch_backbone.reference_backbone`` runs the same networks with the same weights in
+the installed torch (the detectors fall back to it on their own), and any ``torch.nn.Module``
+can be a backbone (``anomalox.torch_backbone.ModuleBackbone``).
+
 Architectures and their taps:
 
 - ``efficientnet_lite0`` (the default), ``efficientnet_lite1``, ``efficientnet_lite2``: taps
@@ -26,7 +33,6 @@ from typing import Any, Literal
 
 import torch
 
-from anomalox import _core
 from anomalox._convert import resolve_threads
 from anomalox.preprocess import (
     IMAGENET_MEAN,
@@ -37,7 +43,16 @@ from anomalox.preprocess import (
 )
 from anomalox.weights import hub_checkpoint_dir, hub_default, lite_default, load_file, unwrap
 
-__all__ = ["Backbone", "BACKBONES", "BackboneSpec", "Family", "family_of", "hub_checkpoint_dir"]
+__all__ = [
+    "Backbone",
+    "BACKBONES",
+    "BackboneSpec",
+    "Family",
+    "family_of",
+    "hub_checkpoint_dir",
+    "tch_available",
+    "tch_unavailable_reason",
+]
 
 Family = Literal["efficientnet_lite", "resnet", "resnet_bottleneck"]
 
@@ -120,8 +135,46 @@ def family_of(name: str) -> Family:
     return BACKBONES[_canonical(name)].family
 
 
+def _load_tch() -> tuple[Any, str | None]:
+    """(the ``anomalox_tch`` module, None), or (None, why it does not load here)."""
+    try:
+        import anomalox_tch
+    except ImportError as exc:
+        if getattr(exc, "name", None) == "anomalox_tch":
+            torch_version = torch.__version__
+            return None, (
+                f"anomalox's tch part is not installed (pip install anomalox[tch], which needs torch==2.13.0; "
+                f"torch {torch_version} is installed), or pass a torch module as backbone"
+            )
+        return None, str(exc)
+    return anomalox_tch, None
+
+
+_TCH: tuple[Any, str | None] | None = None
+
+
+def _tch() -> tuple[Any, str | None]:
+    global _TCH
+    if _TCH is None:
+        _TCH = _load_tch()
+    return _TCH
+
+
+def tch_available() -> bool:
+    """Whether anomalox's tch part (``anomalox-tch``) is installed and loads with the installed torch."""
+    return _tch()[0] is not None
+
+
+def tch_unavailable_reason() -> str | None:
+    """Why the tch part does not load here (names the installed and the required torch), or None."""
+    return _tch()[1]
+
+
 class Backbone:
-    """A pretrained CNN returning feature maps at named layers, run in Rust.
+    """A pretrained CNN returning feature maps at named layers, run in Rust (anomalox's tch part).
+
+    Raises ``ImportError`` when the tch part does not load (see ``tch_unavailable_reason``): the
+    message names the installed torch, the required one, and the ways out.
 
     Parameters
     ----------
@@ -186,6 +239,10 @@ class Backbone:
     ) -> None:
         self.name = _canonical(name)
         spec = BACKBONES[self.name]
+        tch, why = _tch()
+        if tch is None:
+            raise ImportError(f"Backbone({self.name!r}) runs in anomalox's tch part, which does not load: {why}")
+        self._tch = tch
         self.device = self._resolve_device(device)
         self.preprocessing = Preprocessing(
             image_size=None if not resize else spec.image_size if image_size is None else image_size,
@@ -227,7 +284,7 @@ class Backbone:
             raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}")
         return dev
 
-    def _load(self, spec: BackboneSpec, weights: Any) -> _core.BackboneModel:
+    def _load(self, spec: BackboneSpec, weights: Any) -> Any:
         config = dict(spec.config)
         cuda = self.device.index if self.device.type == "cuda" else None
         n_threads = resolve_threads(None)
@@ -241,7 +298,7 @@ class Backbone:
         elif isinstance(weights, Mapping):
             self.weights_source = "state_dict"
             state_dict = unwrap(weights, "the state_dict given")
-            return _core.BackboneModel(self.name, spec.family, config, list(state_dict.items()), cuda, n_threads)
+            return self._tch.BackboneModel(self.name, spec.family, config, list(state_dict.items()), cuda, n_threads)
         elif isinstance(weights, (str, os.PathLike)):
             path = os.fspath(weights)
             if not os.path.isfile(path):
@@ -253,9 +310,9 @@ class Backbone:
                 f"got {type(weights).__name__}"
             )
         if path.endswith(".safetensors"):
-            return _core.BackboneModel.from_safetensors(self.name, spec.family, config, path, cuda, n_threads)
+            return self._tch.BackboneModel.from_safetensors(self.name, spec.family, config, path, cuda, n_threads)
         # Read here and referenced nowhere else: the model may keep these tensors instead of copying.
-        return _core.BackboneModel(
+        return self._tch.BackboneModel(
             self.name, spec.family, config, list(load_file(path).items()), cuda, n_threads, exclusive=True
         )
 

@@ -30,7 +30,7 @@ from anomalox import _core
 from anomalox._convert import as_float32, is_tensor, resolve_threads, same_kind, tensor_to_numpy
 
 #: Three curve arrays (x, y, thresholds): numpy arrays, or torch tensors when the scores were.
-Curve = tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Curve = tuple[np.ndarray, np.ndarray, np.ndarray] | tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]
 
 __all__ = [
     "PixelMetricsAccumulator",

@@ -28,6 +28,7 @@ import anomalox
 from anomalox import detectors
 from anomalox.detectors import BaseDetector
 from anomalox.exceptions import ModelFileError
+from anomalox.torch_backbone import ModuleBackbone
 from anomalox.weights import read_state_dict, sha256_file
 
 FORMAT = "anomalox-detector"
@@ -81,7 +82,17 @@ def save(detector: BaseDetector, path: str | os.PathLike[str]) -> str:
             state[name] = _jsonable(value)
     backbone = detector.backbone_
     reference: dict[str, Any] = {"name": backbone.name, "layers": list(backbone.layers)}
-    if backbone.weights_path is not None:
+    if isinstance(backbone, ModuleBackbone):
+        # The module itself is never stored (nothing is pickled): its class and weights' digest,
+        # checked against the module given to load.
+        if callable(params.get("preprocessing")):
+            raise ValueError(
+                "preprocessing: a callable cannot be stored in a model file (nothing is ever pickled); give the "
+                "module's (mean, std) instead, or keep the detector in memory"
+            )
+        reference.update(kind="module", **backbone.fingerprint())
+        params["backbone"] = reference["class"]
+    elif backbone.weights_path is not None:
         reference.update(
             kind="default",
             tag=params["weights"],
@@ -135,11 +146,20 @@ def _read(path: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     return metadata, tensors
 
 
-def load(path: str | os.PathLike[str]) -> BaseDetector:
+def load(path: str | os.PathLike[str], backbone: torch.nn.Module | None = None) -> BaseDetector:
     """Read a detector written by ``save``; it scores bit-identically to the saved one.
 
+    Parameters
+    ----------
+    path : str or path
+    backbone : torch.nn.Module, optional
+        For a detector fitted with a torch module backbone: that module again (the file holds its
+        class name and the SHA-256 of its state_dict, never the module). Refused when its class or
+        weights differ, and when given for a file with a named backbone.
+
     Raises ``ModelFileError`` (a ValueError) for a pickle, a truncated or corrupt file, a wrong
-    checksum, or a format version this anomalox cannot read; nothing in the file is executed.
+    checksum, a format version this anomalox cannot read, or a module backbone that is missing or
+    differs; nothing in the file is executed.
     """
     path = os.fspath(path)
     metadata, tensors = _read(path)
@@ -157,19 +177,39 @@ def load(path: str | os.PathLike[str]) -> BaseDetector:
         raise ModelFileError(f"{path!r} holds an unknown detector class {metadata.get('class')!r}")
     params = json.loads(metadata["params"])
     reference = json.loads(metadata["backbone"])
-    if reference["kind"] == "embedded":
+    if reference["kind"] == "module":
+        if not isinstance(backbone, torch.nn.Module):
+            raise ModelFileError(
+                f"{path!r} was fitted with a torch module backbone ({reference['class']}); pass that module: "
+                f"anomalox.load(path, backbone=module) (modules are never stored in model files)"
+            )
+        params["backbone"], params["weights"] = backbone, None
+    elif backbone is not None:
+        raise ValueError(
+            f"backbone: {path!r} was fitted with the named backbone {reference['name']!r}; pass backbone= only "
+            f"for a model fitted with a torch module"
+        )
+    elif reference["kind"] == "embedded":
         params["weights"] = {
             k[len("weights.") :]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("weights.")
         }
     else:
         params["weights"] = reference.get("tag")
     detector = cls(**params)
-    backbone = detector.build_backbone()
-    if list(backbone.layers) != reference["layers"]:
+    built = detector.build_backbone()
+    if list(built.layers) != reference["layers"]:
         raise ModelFileError(
-            f"{path!r} was fitted on taps {reference['layers']}, but this anomalox resolves {list(backbone.layers)}"
+            f"{path!r} was fitted on taps {reference['layers']}, but this anomalox resolves {list(built.layers)}"
         )
-    found = backbone.weights_path
+    if reference["kind"] == "module":
+        found_print = built.fingerprint()
+        if found_print != {"class": reference["class"], "sha256": reference["sha256"]}:
+            raise ModelFileError(
+                f"{path!r} was fitted with a {reference['class']} whose state_dict has sha256 "
+                f"{reference['sha256'][:12]}…, but the module given is a {found_print['class']} with sha256 "
+                f"{found_print['sha256'][:12]}…: not the same network"
+            )
+    found = built.weights_path
     if reference["kind"] == "default" and (found is None or sha256_file(found) != reference["sha256"]):
         raise ModelFileError(
             f"{path!r} was fitted with backbone weights {reference['file']} (sha256 {reference['sha256'][:12]}…), "
@@ -181,7 +221,7 @@ def load(path: str | os.PathLike[str]) -> BaseDetector:
     }
     state.update({name[len("state.") :]: value for name, value in tensors.items() if name.startswith("state.")})
     try:
-        return detector.load_state_dict(state, backbone=backbone)
+        return detector.load_state_dict(state, backbone=built)
     except ValueError as exc:
         raise ModelFileError(f"{path!r} does not hold the state of a {cls.__name__}: {exc}") from exc
 

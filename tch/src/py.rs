@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 
 use anomalox::py::runtime::{argument_error, run};
 
-use crate::nets::params::StateDict;
+use crate::nets::params::{self, StateDict};
 use crate::nets::{efficientnet_lite, resnet, Backbone};
 
 /// The structure of a network, resolved in Python from `anomalox.backbone.BACKBONES`.

@@ -26,6 +26,7 @@ shared parameters' text.
 from __future__ import annotations
 
 import html
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
 from anomalox import ops
-from anomalox.backbone import Backbone
+from anomalox.backbone import Backbone, tch_available, tch_unavailable_reason
 from anomalox.data import Source, as_source
 from anomalox.detectors.calibration import calibration_cdf, conformal_threshold, p_values
 from anomalox.detectors.families import rules_for
@@ -72,6 +73,10 @@ SHARED_PARAMETERS_DOC = """\
         Memory banks (PatchCore, SPADE) are shared over tile positions; PaDiM and DFM learn one
         model per tile position, so every image must have the same size.
     weights : see ``anomalox.Backbone``; device : "cpu" or "cuda[:N]"
+    preprocessing : None, (mean, std) or callable
+        Only for a ``torch.nn.Module`` backbone (then ``layers`` names its tap submodules): the
+        per-channel mean and std the module expects of [0, 1] RGB pixels (default ImageNet's), or
+        a callable mapping a float (N, 3, H, W) batch in [0, 1] to the module's input.
     batch_size : int
         Images per forward pass.
     contamination : float in (0, 0.5)
@@ -133,6 +138,41 @@ def _size_or_pair(value: Any, name: str) -> tuple[int, int] | None:
     from anomalox.preprocess import size_pair
 
     return size_pair(value, name)
+
+
+_NOTICED: set[str] = set()
+
+
+def _notice_fallback(name: str) -> None:
+    """One line on the ``anomalox`` logger, once per backbone name: the tch part is not used."""
+    if name not in _NOTICED:
+        _NOTICED.add(name)
+        logging.getLogger("anomalox").warning(
+            "anomalox: %s runs in torch %s (the tch part does not load: %s)",
+            name,
+            torch.__version__,
+            tch_unavailable_reason(),
+        )
+
+
+def _is_module(value: Any) -> bool:
+    return isinstance(value, torch.nn.Module)
+
+
+def _normalisation(value: Any) -> tuple[Any, Any, Any]:
+    """(mean, std, callable) from a ``preprocessing`` parameter; ValueError naming it otherwise."""
+    if value is None:
+        return None, None, None
+    if callable(value):
+        return None, None, value
+    if isinstance(value, Mapping) and set(value) == {"mean", "std"}:
+        return tuple(value["mean"]), tuple(value["std"]), None
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return tuple(value[0]), tuple(value[1]), None
+    raise ValueError(
+        f"preprocessing: expected None, a (mean, std) pair of 3 values each, {{'mean': ..., 'std': ...}} or a "
+        f"callable, got {value!r}"
+    )
 
 
 class _Silent:
@@ -250,6 +290,7 @@ class BaseDetector(BaseEstimator):
         "tile_stride": [Unchecked("None, an int or an (h, w) pair; checked by fit")],
         "weights": [_BACKBONE],
         "device": [_BACKBONE],
+        "preprocessing": [Unchecked("None, (mean, std) or a callable; checked by fit")],
         "batch_size": [POSITIVE_INT],
         "validation_fraction": [Interval(Real, 0.0, 1.0, closed="left")],
         "contamination": _CONTAMINATION,
@@ -322,9 +363,49 @@ class BaseDetector(BaseEstimator):
             return (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
         return self._default_layers.get(rules_for(backbone).taps)
 
-    def build_backbone(self) -> Backbone:
-        """A new backbone for the current parameters (``backbone``, ``layers``, sizes, weights, device)."""
+    def build_backbone(self) -> Any:
+        """A new backbone for the current parameters (``backbone``, ``layers``, sizes, weights, device).
+
+        A ``torch.nn.Module`` gives an ``anomalox.torch_backbone.ModuleBackbone``; a name gives an
+        ``anomalox.Backbone`` (tch) when anomalox's tch part loads, and otherwise the same network
+        with the same weights in the installed torch (``reference_backbone``), after a one-line
+        notice (logger ``anomalox``, once per backbone name).
+        """
+        sizes = {
+            "image_size": 224 if self.image_size is None else self.image_size,
+            "center_crop": self.crop_size,
+            "keep_aspect_ratio": bool(self.keep_aspect_ratio),
+            "resize": self.image_size is not None,
+        }
+        if _is_module(self.backbone):
+            from anomalox.torch_backbone import ModuleBackbone
+
+            if self.layers is None:
+                raise ValueError(
+                    "layers: a torch module backbone needs the names of the submodules whose outputs are the taps, "
+                    "e.g. layers=['layer2', 'layer3'] for a torchvision ResNet; got None"
+                )
+            layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
+            mean, std, function = _normalisation(self.preprocessing)
+            return ModuleBackbone(self.backbone, layers, mean=mean, std=std, preprocess=function, **sizes)
+        if not isinstance(self.backbone, str):
+            raise ValueError(
+                f"backbone: expected a name of anomalox.backbone.BACKBONES or a torch.nn.Module, "
+                f"got {type(self.backbone).__name__}"
+            )
+        if self.preprocessing is not None:
+            raise ValueError(
+                f"preprocessing: only for a torch module backbone; the named backbone {self.backbone!r} has its own "
+                f"normalisation, got preprocessing={self.preprocessing!r}"
+            )
         name = str(self.backbone).replace("-", "_")
+        if not tch_available():
+            from anomalox.torch_backbone import reference_backbone
+
+            _notice_fallback(name)
+            return reference_backbone(
+                name, layers=self._layers_for(name), weights=self.weights, device=self.device, **sizes
+            )
         return Backbone(
             name,
             layers=self._layers_for(name),
@@ -638,6 +719,7 @@ class BaseDetector(BaseEstimator):
         "tile_size",
         "tile_stride",
         "weights",
+        "preprocessing",
     )
 
     def _structural_params(self) -> dict[str, Any]:

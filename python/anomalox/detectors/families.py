@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from anomalox.backbone import family_of
 
-__all__ = ["FAMILIES", "FamilyRules", "rules_for"]
+__all__ = ["FAMILIES", "FamilyRules", "padim_n_features_for_width", "rules_for"]
 
 
 @dataclass(frozen=True)
@@ -37,3 +37,13 @@ FAMILIES: dict[str, FamilyRules] = {
 def rules_for(backbone: str) -> FamilyRules:
     """The rules of backbone `backbone`'s family (``ValueError`` naming the known backbones otherwise)."""
     return FAMILIES[family_of(backbone)]
+
+
+def padim_n_features_for_width(width: int) -> int:
+    """PaDiM's default channel count for a torch module backbone, by the stacked taps' width.
+
+    The rule the named families follow, by width instead of name: 550 when the taps have at least
+    1,024 channels together (WRN-50-2's layer1-3: 1,792, the paper's 550), else 100 (ResNet-18's
+    layer1-3: 448, the paper's 100).
+    """
+    return 550 if width >= 1024 else 100

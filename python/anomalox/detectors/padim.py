@@ -10,7 +10,7 @@ import torch
 
 from anomalox import ops
 from anomalox.detectors._base import BaseDetector, seed_from, stack_taps
-from anomalox.detectors.families import rules_for
+from anomalox.detectors.families import padim_n_features_for_width, rules_for
 from anomalox.params import POSITIVE_INT, Hidden
 
 
@@ -43,7 +43,8 @@ class PaDiM(BaseDetector):
         channels); ResNets: ``("layer1", "layer2", "layer3")``.
     n_features : int, optional
         Channels kept; default by backbone family (``anomalox.detectors.families``): 550 for
-        resnet50 / wide_resnet50_2 and 100 otherwise (capped at the number of channels).
+        resnet50 / wide_resnet50_2 and 100 otherwise; for a torch module, 550 when the taps have
+        1,024 channels or more together, else 100 (capped at the number of channels).
     <shared parameters>
 
     Attributes
@@ -80,6 +81,7 @@ class PaDiM(BaseDetector):
         tile_stride: Any = None,
         weights: Any = None,
         device: str = "cpu",
+        preprocessing: Any = None,
         batch_size: int = 16,
         validation_fraction: float = 0.1,
         contamination: float = 0.01,
@@ -99,6 +101,7 @@ class PaDiM(BaseDetector):
         self.tile_stride = tile_stride
         self.weights = weights
         self.device = device
+        self.preprocessing = preprocessing
         self.batch_size = batch_size
         self.validation_fraction = validation_fraction
         self.contamination = contamination
@@ -122,8 +125,10 @@ class PaDiM(BaseDetector):
             if channels is None:
                 total = sum(f.shape[1] for f in feats.values())
                 wanted = self.n_features
-                if wanted is None:
-                    wanted = rules_for(str(self.backbone)).padim_n_features
+                if wanted is None and isinstance(self.backbone, str):
+                    wanted = rules_for(self.backbone).padim_n_features
+                elif wanted is None:  # a torch module: by width (see families.padim_n_features_for_width)
+                    wanted = padim_n_features_for_width(total)
                 rng = np.random.default_rng(seed_from(self.random_state))
                 channels = np.sort(rng.choice(total, size=min(wanted, total), replace=False)).astype(np.int64)
             embedding = self._embed(feats, channels)

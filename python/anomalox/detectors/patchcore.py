@@ -116,6 +116,7 @@ class PatchCore(BaseDetector):
         tile_stride: Any = None,
         weights: Any = None,
         device: str = "cpu",
+        preprocessing: Any = None,
         batch_size: int = 4,
         validation_fraction: float = 0.1,
         contamination: float = 0.01,
@@ -138,6 +139,7 @@ class PatchCore(BaseDetector):
         self.tile_stride = tile_stride
         self.weights = weights
         self.device = device
+        self.preprocessing = preprocessing
         self.batch_size = batch_size
         self.validation_fraction = validation_fraction
         self.contamination = contamination

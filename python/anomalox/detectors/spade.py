@@ -88,6 +88,7 @@ class SPADE(BaseDetector):
         tile_stride: Any = None,
         weights: Any = None,
         device: str = "cpu",
+        preprocessing: Any = None,
         batch_size: int = 4,
         validation_fraction: float = 0.1,
         contamination: float = 0.01,
@@ -108,6 +109,7 @@ class SPADE(BaseDetector):
         self.tile_stride = tile_stride
         self.weights = weights
         self.device = device
+        self.preprocessing = preprocessing
         self.batch_size = batch_size
         self.validation_fraction = validation_fraction
         self.contamination = contamination

@@ -36,4 +36,3 @@ pub trait Backbone: Send {
     /// Class scores (B, classes), or None without a classifier.
     fn logits(&self, x: &Tensor, intr: &Interrupt) -> KernelResult<Option<Tensor>>;
 }
-
