@@ -11,6 +11,8 @@ the optional package ``anomalox-tch`` (``pip install anomalox[tch]``).
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from anomalox import _core, metrics, ops
@@ -69,6 +71,20 @@ def __getattr__(name: str) -> Any:
     value = module if name == "detectors" else getattr(module, name)
     globals()[name] = value
     return value
+
+
+class _Package(types.ModuleType):
+    """``anomalox.evaluate`` is the function, though a submodule of that name exists: importing
+    the submodule (``from anomalox.evaluate import write_maps``) binds it on the package, and this
+    binds the function instead, as an eager ``from anomalox.evaluate import evaluate`` would."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "evaluate" and isinstance(value, types.ModuleType):
+            value = value.evaluate
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:
