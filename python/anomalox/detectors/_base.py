@@ -165,13 +165,22 @@ def _normalisation(value: Any) -> tuple[Any, Any, Any]:
         return None, None, None
     if callable(value):
         return None, None, value
+    pair: Any = None
     if isinstance(value, Mapping) and set(value) == {"mean", "std"}:
-        return tuple(value["mean"]), tuple(value["std"]), None
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return tuple(value[0]), tuple(value[1]), None
+        pair = (value["mean"], value["std"])
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        pair = value
+    if pair is not None:
+        # Each of mean and std: 3 finite reals (std positive); checked here so the error names the argument.
+        try:
+            mean, std = (tuple(float(v) for v in part) for part in pair)
+        except (TypeError, ValueError):
+            mean = std = ()
+        if len(mean) == 3 and len(std) == 3 and all(np.isfinite(mean)) and all(s > 0 and np.isfinite(s) for s in std):
+            return mean, std, None
     raise ValueError(
-        f"preprocessing: expected None, a (mean, std) pair of 3 values each, {{'mean': ..., 'std': ...}} or a "
-        f"callable, got {value!r}"
+        f"preprocessing: expected None, a (mean, std) pair of 3 values each (std positive), "
+        f"{{'mean': ..., 'std': ...}} or a callable, got {value!r}"
     )
 
 
