@@ -36,3 +36,6 @@ pub trait Backbone: Send {
     /// Class scores (B, classes), or None without a classifier.
     fn logits(&self, x: &Tensor, intr: &Interrupt) -> KernelResult<Option<Tensor>>;
 }
+
+#[cfg(test)]
+mod tests;

@@ -25,6 +25,9 @@ pub struct StateDict {
     exclusive: bool,
     missing: Vec<String>,
     mismatched: Vec<String>,
+    /// Tests only: hand out random parameters of whatever shape is asked for (see `synthetic`).
+    #[cfg(test)]
+    synthetic: bool,
 }
 
 impl StateDict {
@@ -37,12 +40,35 @@ impl StateDict {
             exclusive,
             missing: vec![],
             mismatched: vec![],
+            #[cfg(test)]
+            synthetic: false,
         }
+    }
+
+    /// Tests only: a state_dict that gives every requested parameter random values of the requested
+    /// shape (seeded by `tch::manual_seed`), batch-norm variances positive and scales near 1, so a
+    /// network of any structure can be built and run without a checkpoint.
+    #[cfg(test)]
+    pub fn synthetic() -> Self {
+        let mut sd = StateDict::new(vec![], Device::Cpu, false);
+        sd.synthetic = true;
+        sd
     }
 
     /// The parameter `name`, which must have `shape`. On a problem, records it and returns an
     /// empty placeholder: `finish` then fails, so the placeholder is never run.
     pub fn take(&mut self, name: &str, shape: &[i64]) -> Tensor {
+        #[cfg(test)]
+        if self.synthetic {
+            let opts = (Kind::Float, Device::Cpu);
+            return if name.ends_with("running_var") {
+                Tensor::rand(shape, opts) + 0.5
+            } else if shape.len() == 1 && name.ends_with(".weight") {
+                Tensor::randn(shape, opts) * 0.1 + 1.0
+            } else {
+                Tensor::randn(shape, opts) * 0.1
+            };
+        }
         match self.tensors.remove(name) {
             None => {
                 self.missing.push(name.to_string());
