@@ -29,9 +29,13 @@ if ! cmp -s requirements-dev.txt "$stamp" 2>/dev/null; then
     cp requirements-dev.txt "$stamp"
 fi
 
+# The tch crate builds in its own target folder: it compiles the core crate with other features
+# (pyo3 without abi3), and sharing one folder would make each build recompile what the other just
+# built. tests/test_wheel.py builds the wheels with the same folders, so they are cached.
+export ANOMALOX_TCH_TARGET="$PWD/target/tch"
 echo "==> building the extensions (release; a clean build takes a few minutes)"
 maturin develop --release --quiet
-(cd tch && LIBTORCH_USE_PYTORCH=1 maturin develop --release --quiet)
+(cd tch && CARGO_TARGET_DIR="$ANOMALOX_TCH_TARGET" LIBTORCH_USE_PYTORCH=1 maturin develop --release --quiet)
 
 # Settings in pyproject.toml ([tool.ruff], [tool.mypy]). Clippy on each crate as `cargo test`
 # builds it (default features) and as the wheels build it (core: feature `abi3`; tch: feature
@@ -50,8 +54,9 @@ lint() {
     cargo fmt --all --check
     cargo clippy --quiet -p anomalox -- -D warnings
     cargo clippy --quiet --release -p anomalox --features abi3 -- -D warnings
-    LIBTORCH_USE_PYTORCH=1 cargo clippy --quiet --release -p anomalox-tch -- -D warnings
-    LIBTORCH_USE_PYTORCH=1 cargo clippy --quiet --release -p anomalox-tch --features python -- -D warnings
+    CARGO_TARGET_DIR="$ANOMALOX_TCH_TARGET" LIBTORCH_USE_PYTORCH=1 cargo clippy --quiet --release -p anomalox-tch -- -D warnings
+    CARGO_TARGET_DIR="$ANOMALOX_TCH_TARGET" LIBTORCH_USE_PYTORCH=1 \
+        cargo clippy --quiet --release -p anomalox-tch --features python -- -D warnings
 }
 
 case "$task" in
@@ -62,7 +67,7 @@ case "$task" in
         lint
         echo "==> cargo test (kernels, no Python or libtorch; the tch networks against the venv's libtorch)"
         cargo test --quiet -p anomalox
-        LIBTORCH_USE_PYTORCH=1 cargo test --quiet --release -p anomalox-tch
+        CARGO_TARGET_DIR="$ANOMALOX_TCH_TARGET" LIBTORCH_USE_PYTORCH=1 cargo test --quiet --release -p anomalox-tch
         echo "==> pytest"
         python -m pytest -q "$@"
         ;;

@@ -132,7 +132,10 @@ def wheels(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheels")
     build = [sys.executable, "-m", "maturin", "build", "--release", "--quiet", "--out", str(out)]
     _run(build, timeout=BUILD_TIMEOUT, cwd=ROOT)
-    _run(build, timeout=BUILD_TIMEOUT, cwd=ROOT / "tch", env=dict(os.environ, LIBTORCH_USE_PYTORCH="1"))
+    # The tch crate's own target folder, as scripts/run.sh uses (the builds are then cached).
+    tch_target = os.environ.get("ANOMALOX_TCH_TARGET", str(ROOT / "target" / "tch"))
+    env = dict(os.environ, LIBTORCH_USE_PYTORCH="1", CARGO_TARGET_DIR=tch_target)
+    _run(build, timeout=BUILD_TIMEOUT, cwd=ROOT / "tch", env=env)
     (core,) = out.glob("anomalox-*.whl")
     (tch,) = out.glob("anomalox_tch-*.whl")
     return core, tch
