@@ -14,6 +14,13 @@ Four parts (``--parts``, default all):
    the default ``image_size=256`` (the strip squeezed 8x horizontally) vs ``image_size=None,
    tile_size=256, tile_stride=--stride`` (default 256: 8 tiles a strip, at native scale); image
    AUROC, pixel AUROC and AUPRO (``anomalox.evaluate`` with the drawn masks), fit and score time.
+1b. ``thin`` (not in the default set): the same strips and settings, but only defects that an 8x
+   horizontal squeeze erases: a thin vertical scratch (1-2 px wide, 20-60 px tall,
+   +-30-50 grey levels times ``--thin-contrast``), a 10-16 x 16-32 px patch with the vertical threads
+   in antiphase, or one vertical thread missing over 20-60 px (the last two preserve every row's
+   mean brightness). PatchCore with ``coreset_ratio=--coreset-ratio`` in both settings. Besides
+   the AUROCs: mean / std of good and defective image scores, their separation, the share of
+   defective strips above every good one, and how often the map's maximum lies on the defect.
 2. ``magnetic``: Magnetic Tile (``--data``, MVTec layout; image sides vary from about 100 to
    630 px). ``--mt-train`` (100) training images drawn (seeded) from ``train/good``, ``--mt-test``
    (300) test images drawn (seeded, stratified good/defective; 0 = all 641). ``PatchCore()``
@@ -34,6 +41,7 @@ Usage:
   python benches/bench_tiling.py                                 # everything, default sizes
   python benches/bench_tiling.py --parts synthetic --train 20 --test 20   # quick
   python benches/bench_tiling.py --parts scaling --widths 512 1024 2048 4096
+  python benches/bench_tiling.py --parts thin --detectors PaDiM PatchCore
 
 Markdown tables go to stdout, progress to stderr; --json PATH also writes the figures.
 """
@@ -180,6 +188,168 @@ def part_synthetic(args: argparse.Namespace) -> list[dict]:
         f"{args.height} x {args.width}, seed {args.seed}\n"
     )
     table(rows, ["detector", "setting", "image_auroc", "pixel_auroc", "aupro", "fit_s", "score_s"])
+    return rows
+
+
+# ----------------------------------------------------------------------------- thin defects
+
+
+def weave_thin(rng: np.random.Generator, height: int, width: int, defects: bool, contrast: float):
+    """The woven texture of ``weave`` (same formula), 1-2 defects that an 8x horizontal squeeze erases.
+
+    Returns (float32 image, bool mask). Defects (``defects=True``), each 1-2 per strip at random:
+    a thin vertical scratch (1-2 px wide, 20-60 px tall, +-``contrast`` x 30-50 grey levels, about
+    the weave's own peak amplitude: the 8x antialiased squeeze divides it by 4-8), a patch (10-16 px
+    wide, 16-32 px tall) where the vertical threads are in antiphase, or a missing vertical thread
+    (its sinusoid flattened over one period, 20-60 px tall). The two weave defects change only
+    the vertical threads, whose 8-column average is about 0 with or without them: they preserve
+    the mean brightness along every row, and the squeeze leaves the horizontal threads intact.
+    """
+    y = np.arange(height, dtype=np.float32)[:, None]
+    x = np.arange(width, dtype=np.float32)[None, :]
+    py, px = rng.uniform(7, 10), rng.uniform(7, 10)
+    phase = rng.uniform(0, 2 * np.pi)
+    warp = np.sin(2 * np.pi * x / px + phase) * np.ones((height, 1), np.float32)
+    weft = np.sin(2 * np.pi * y / py + rng.uniform(0, 2 * np.pi))
+    col_gain = 1 + 0.15 * rng.standard_normal(int(width / px) + 2)[(x / px).astype(int)]
+    row_gain = 1 + 0.15 * rng.standard_normal(int(height / py) + 2)[(y / py).astype(int)]
+    noise = rng.normal(0, 8, (height, width)).astype(np.float32)
+    mask = np.zeros((height, width), bool)
+    extra = np.zeros((height, width), np.float32)
+    if defects:
+        for _ in range(rng.integers(1, 3)):
+            kind = rng.integers(3)
+            if kind == 0:  # thin vertical scratch
+                tall, wide = int(rng.integers(20, 61)), int(rng.integers(1, 3))
+                r0, c0 = int(rng.integers(8, height - tall - 8)), int(rng.integers(8, width - 10))
+                extra[r0 : r0 + tall, c0 : c0 + wide] += rng.choice([-1, 1]) * contrast * rng.uniform(30, 50)
+                mask[r0 : r0 + tall, c0 : c0 + wide] = True
+            elif kind == 1:  # vertical threads in antiphase over a small patch
+                tall, wide = int(rng.integers(16, 33)), int(rng.integers(10, 17))
+                r0, c0 = int(rng.integers(8, height - tall - 8)), int(rng.integers(8, width - wide - 8))
+                warp[r0 : r0 + tall, c0 : c0 + wide] *= -1
+                mask[r0 : r0 + tall, c0 : c0 + wide] = True
+            else:  # one vertical thread missing: its sinusoid flat over one full period
+                tall, wide = int(rng.integers(20, 61)), int(round(px))
+                r0, c0 = int(rng.integers(8, height - tall - 8)), int(rng.integers(8, width - wide - 8))
+                warp[r0 : r0 + tall, c0 : c0 + wide] = 0
+                mask[r0 : r0 + tall, c0 : c0 + wide] = True
+    img = 128 + 22 * warp * col_gain + 22 * weft * row_gain + 10 * warp * weft + noise + extra
+    return img.astype(np.float32), mask
+
+
+def make_thin_strips(
+    n_train: int, n_test: int, height: int, width: int, seed: int, contrast: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    train = np.stack([rgb(weave_thin(rng, height, width, False, contrast)[0]) for _ in range(n_train)])
+    test, labels, masks = [], [], []
+    for i in range(n_test):
+        img, mask = weave_thin(rng, height, width, bool(i % 2), contrast)
+        test.append(rgb(img))
+        labels.append(i % 2)
+        masks.append(mask)
+    return train, np.stack(test), np.asarray(labels, np.int64), masks
+
+
+def score_spread(ev: Any, masks: list[np.ndarray], tol: int = 8) -> dict:
+    """Good / defective image-score statistics and where each defective strip's map peaks.
+
+    ``sep``: (mean defective - mean good) / std good. ``above_good_max``: fraction of defective
+    strips scoring above every good strip. ``peak_on_defect``: fraction of defective strips whose
+    map maximum, mapped to native coordinates, lies within ``tol`` native px of a defect pixel.
+    """
+    s, lab = np.asarray(ev.scores, np.float64), np.asarray(ev.labels)
+    g, d = s[lab == 0], s[lab == 1]
+    hits = []
+    for m, mp, y in zip(masks, ev.maps, lab):
+        if not y:
+            continue
+        mh, mw = np.asarray(mp).shape[-2:]
+        r, c = np.unravel_index(int(np.argmax(mp)), (mh, mw))
+        nr, nc = (r + 0.5) * m.shape[0] / mh, (c + 0.5) * m.shape[1] / mw
+        rr, cc = np.nonzero(m)
+        hits.append(bool(np.min(np.maximum(np.abs(rr - nr), np.abs(cc - nc))) <= tol))
+    return {
+        "good_mean": float(g.mean()),
+        "good_std": float(g.std(ddof=1)),
+        "defect_mean": float(d.mean()),
+        "defect_std": float(d.std(ddof=1)),
+        "good_cv": float(g.std(ddof=1) / g.mean()),
+        "sep": float((d.mean() - g.mean()) / g.std(ddof=1)),
+        "above_good_max": float((d > g.max()).mean()),
+        "peak_on_defect": float(np.mean(hits)),
+    }
+
+
+def part_thin(args: argparse.Namespace) -> list[dict]:
+    import anomalox
+
+    t0 = time.perf_counter()
+    train, test, labels, masks = make_thin_strips(
+        args.train, args.test, args.height, args.width, args.seed, args.thin_contrast
+    )
+    log(
+        f"thin: {len(train)} train, {len(test)} test strips of {args.height} x {args.width} "
+        f"({int(labels.sum())} defective, {sum(int(m.sum()) for m in masks)} defect px) "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
+    configs = [
+        ("squashed: image_size=256", {}),
+        (
+            f"tiled: image_size=None, tile_size=256, tile_stride={args.stride}",
+            {"image_size": None, "tile_size": 256, "tile_stride": args.stride},
+        ),
+    ]
+    rows = []
+    for name in args.detectors:
+        for label, params in configs:
+            if name == "PatchCore":
+                params = {**params, "coreset_ratio": args.coreset_ratio}
+            model = getattr(anomalox, name)(**params)
+            t1 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", anomalox.CalibrationWarning)
+                model.fit(train)
+            fit_s = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            ev = anomalox.evaluate(model, test, labels, masks=masks, keep_maps=True)
+            score_s = time.perf_counter() - t1
+            row = {
+                "detector": name,
+                "setting": label,
+                "image_auroc": float(ev["image_auroc"]),
+                "pixel_auroc": None if ev["pixel_auroc"] is None else float(ev["pixel_auroc"]),
+                "aupro": None if ev["aupro"] is None else float(ev["aupro"]),
+                "fit_s": round(fit_s, 1),
+                "score_s": round(score_s, 1),
+                **score_spread(ev, masks),
+            }
+            del ev
+            log(json.dumps(row))
+            rows.append(row)
+    print(
+        f"\nThin / weave-only defects: {args.train} good training / {args.test} test ({int(labels.sum())} "
+        f"defective) {args.height} x {args.width}, seed {args.seed}, contrast x{args.thin_contrast}, "
+        f"PatchCore coreset_ratio {args.coreset_ratio}\n"
+    )
+    table(rows, ["detector", "setting", "image_auroc", "pixel_auroc", "aupro", "fit_s", "score_s"])
+    print()
+    table(
+        rows,
+        [
+            "detector",
+            "setting",
+            "good_mean",
+            "good_std",
+            "defect_mean",
+            "defect_std",
+            "good_cv",
+            "sep",
+            "above_good_max",
+            "peak_on_defect",
+        ],
+    )
     return rows
 
 
@@ -407,7 +577,7 @@ def main() -> int:
         "--parts",
         nargs="+",
         default=["synthetic", "magnetic", "scaling", "stitch"],
-        choices=["synthetic", "magnetic", "scaling", "stitch"],
+        choices=["synthetic", "thin", "magnetic", "scaling", "stitch"],
     )
     ap.add_argument("--detectors", nargs="+", default=["PatchCore", "PaDiM"])
     ap.add_argument("--seed", type=int, default=0)
@@ -416,6 +586,8 @@ def main() -> int:
     ap.add_argument("--train", type=int, default=30, help="synthetic good training strips")
     ap.add_argument("--test", type=int, default=80, help="synthetic test strips, half defective")
     ap.add_argument("--stride", type=int, default=256, help="synthetic tile stride")
+    ap.add_argument("--thin-contrast", type=float, default=1.0, help="thin: scratch contrast factor")
+    ap.add_argument("--coreset-ratio", type=float, default=0.1, help="thin: PatchCore coreset_ratio (both settings)")
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--mt-train", type=int, default=100, help="Magnetic Tile training images (0 = all)")
     ap.add_argument("--mt-test", type=int, default=300, help="Magnetic Tile test images (0 = all)")
@@ -431,7 +603,13 @@ def main() -> int:
         print(json.dumps(scaling_child(name, int(width), int(n), int(height), int(seed))))
         return 0
     results: dict = {"args": vars(args)}
-    parts = {"synthetic": part_synthetic, "magnetic": part_magnetic, "scaling": part_scaling, "stitch": part_stitch}
+    parts = {
+        "synthetic": part_synthetic,
+        "thin": part_thin,
+        "magnetic": part_magnetic,
+        "scaling": part_scaling,
+        "stitch": part_stitch,
+    }
     for part in args.parts:
         t0 = time.perf_counter()
         results[part] = parts[part](args)
