@@ -453,3 +453,93 @@ def test_ops_on_tensors_share_memory():
     as_array = ops.upsample(maps.numpy(), (10, 14))
     assert isinstance(as_array, np.ndarray)
     np.testing.assert_array_equal(as_array, ops.upsample(maps, (10, 14)).numpy())
+
+
+# ------------------------------------------------------------------------- review fixes
+
+
+def test_an_earlier_tap_is_not_overwritten_by_an_in_place_layer_after_it(resnet):
+    """resnet18's relu (inplace=True) runs on bn1's output after the bn1 hook: the tap must keep
+    the batch norm's values (negative ones included), as calling the layers by hand gives."""
+    x = torch.randn(2, 3, 64, 64)
+    maps = ModuleBackbone(resnet, ["bn1", "layer1"]).features(x, preprocess=False)
+    with torch.no_grad():
+        expected = resnet.bn1(resnet.conv1(x))
+        after = resnet.layer1(resnet.maxpool(torch.relu(expected)))
+    assert float(expected.min()) < 0
+    torch.testing.assert_close(maps["bn1"], expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(maps["layer1"], after, rtol=1e-5, atol=1e-5)
+
+
+def test_save_registers_the_model_file_writer_without_a_top_level_name(tmp_path):
+    """`from anomalox.detectors import PatchCore` alone (no anomalox.<name> touched): save works."""
+    result = _python(
+        f"""
+        import numpy as np
+        from anomalox.detectors import PatchCore
+        imgs = np.random.default_rng(0).integers(0, 255, (3, 48, 48, 3), dtype=np.uint8)
+        model = PatchCore(image_size=48, validation_fraction=0).fit(imgs)
+        print(model.save({str(tmp_path / "m.ax")!r}))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m.ax").is_file()
+
+
+def test_star_import_without_torch_gives_the_core_names():
+    result = _python(
+        """
+        import importlib.abc
+        import sys
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+                return None
+        sys.meta_path.insert(0, NoTorch())
+        from anomalox import *
+        assert "ops" in dir() and "metrics" in dir() and "PatchCore" not in dir()
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_a_module_backbone_refuses_weights_and_another_device(resnet, train_images):
+    with pytest.raises(ValueError, match=r"^weights: a torch module backbone carries its own weights"):
+        _patchcore(resnet, weights="/nonexistent.pt").fit(train_images)
+    with pytest.raises(ValueError, match=r"^device: a torch module backbone runs on its own device, cpu"):
+        _patchcore(resnet, device="cuda:0").fit(train_images)
+
+
+def test_preprocessing_as_numpy_arrays_compares_by_value_and_saves(resnet, train_images, test_images, tmp_path):
+    mean, std = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.25, 0.3])
+    model = _patchcore(resnet, preprocessing=(mean, std)).fit(train_images)
+    model.set_params(preprocessing=(tuple(mean), list(std)))  # the same values in other containers
+    assert set(model.state_dict()) >= {"memory_bank_"}
+    path = model.save(tmp_path / "np.ax")
+    again = anomalox.load(path, backbone=resnet)
+    np.testing.assert_array_equal(again.decision_function(test_images), model.decision_function(test_images))
+    model.set_params(preprocessing=(mean, std * 2))
+    with pytest.raises(ValueError, match="preprocessing changed"):
+        model.state_dict()
+
+
+def test_clone_shares_the_module_backbone(resnet):
+    from sklearn.base import clone
+
+    model = _patchcore(resnet, preprocessing=([0.4, 0.5, 0.6], [0.2, 0.2, 0.2]))
+    copy_ = clone(model)
+    assert copy_.backbone is resnet
+    assert copy_.get_params()["preprocessing"] == model.get_params()["preprocessing"]
+    assert copy_.get_params()["preprocessing"] is not model.get_params()["preprocessing"]  # cloned as sklearn does
+
+
+def test_a_negative_stride_result_goes_back_to_torch_as_a_copy():
+    from anomalox import _convert
+
+    arr = np.arange(6.0, dtype=np.float32)[::-1]
+    out = _convert.same_kind(arr, True)
+    assert isinstance(out, torch.Tensor)
+    np.testing.assert_array_equal(out.numpy(), arr)

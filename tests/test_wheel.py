@@ -130,11 +130,12 @@ def wheels(tmp_path_factory):
     if shutil.which("cargo") is None:
         pytest.skip("needs a Rust toolchain to build the wheels")
     out = tmp_path_factory.mktemp("wheels")
-    build = [sys.executable, "-m", "maturin", "build", "--release", "--quiet", "--out", str(out)]
+    # This interpreter for the build and for torch-sys's build script (it runs `python` otherwise).
+    build = [sys.executable, "-m", "maturin", "build", "--release", "--quiet", "-i", sys.executable, "--out", str(out)]
     _run(build, timeout=BUILD_TIMEOUT, cwd=ROOT)
     # The tch crate's own target folder, as scripts/run.sh uses (the builds are then cached).
     tch_target = os.environ.get("ANOMALOX_TCH_TARGET", str(ROOT / "target" / "tch"))
-    env = dict(os.environ, LIBTORCH_USE_PYTORCH="1", CARGO_TARGET_DIR=tch_target)
+    env = dict(os.environ, LIBTORCH_USE_PYTORCH="1", CARGO_TARGET_DIR=tch_target, PYTHON_SYS_EXECUTABLE=sys.executable)
     _run(build, timeout=BUILD_TIMEOUT, cwd=ROOT / "tch", env=env)
     (core,) = out.glob("anomalox-*.whl")
     (tch,) = out.glob("anomalox_tch-*.whl")

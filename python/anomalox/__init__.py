@@ -11,6 +11,7 @@ the optional package ``anomalox-tch`` (``pip install anomalox[tch]``).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -107,11 +108,23 @@ __all__ = [
     "PaDiM",
     "PatchCore",
     "SPADE",
+    "detectors",
     "evaluate",
     "load",
-    "save",
     "metrics",
     "ops",
-    "detectors",
+    "save",
     "__version__",
 ]
+
+
+def _has_torch() -> bool:
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+if not _has_torch():
+    # Without torch, `from anomalox import *` gives the names that work there.
+    __all__ = [name for name in __all__ if name not in _NEEDS_TORCH]

@@ -117,6 +117,8 @@ def same_kind(arr: np.ndarray, as_torch: bool) -> Any:
     """Return `arr` as a torch tensor (sharing memory, through DLPack) when the input was one."""
     if not as_torch:
         return arr
-    if not arr.flags.writeable:  # DLPack cannot say read-only; a tensor result is the caller's to write
+    # DLPack cannot say read-only (a tensor result is the caller's to write), and torch refuses
+    # negative strides: copy those.
+    if not arr.flags.writeable or any(stride < 0 for stride in arr.strides):
         arr = arr.copy()
     return _torch().from_dlpack(arr)

@@ -54,8 +54,12 @@ def _jsonable(value: Any) -> Any:
         return int(value)
     if isinstance(value, (np.floating,)):
         return float(value)
-    if isinstance(value, tuple):
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
     return value
 
 

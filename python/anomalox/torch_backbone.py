@@ -266,7 +266,9 @@ class ModuleBackbone:
                         f"layers: expected {name!r} to output a 4-D tensor (N, C, h, w), got {got}; "
                         f"tap a submodule with a feature-map output"
                     )
-                captured[name] = output
+                # A copy unless it is the last tap: the rest of the pass may overwrite this tensor in
+                # place (ReLU(inplace=True) after a batch norm tap, for one).
+                captured[name] = output if len(captured) + 1 == wanted else output.clone()
                 if len(captured) == wanted:
                     raise _StopForward
 

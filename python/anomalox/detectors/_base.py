@@ -26,6 +26,7 @@ shared parameters' text.
 from __future__ import annotations
 
 import html
+import importlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -182,6 +183,21 @@ def _normalisation(value: Any) -> tuple[Any, Any, Any]:
         f"preprocessing: expected None, a (mean, std) pair of 3 values each (std positive), "
         f"{{'mean': ..., 'std': ...}} or a callable, got {value!r}"
     )
+
+
+def _check_module_device(device: Any, module_device: torch.device) -> None:
+    """A module backbone runs where it is: ``device`` must name that device (ValueError otherwise)."""
+    try:
+        asked = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}") from exc
+    if asked.type == "cuda" and asked.index is None and torch.cuda.is_available():
+        asked = torch.device("cuda", torch.cuda.current_device())
+    if asked != module_device:
+        raise ValueError(
+            f"device: a torch module backbone runs on its own device, {module_device}; got device={device!r}. "
+            f"Set device='{module_device}' or move the module (module.to(...)) first"
+        )
 
 
 class _Silent:
@@ -395,8 +411,15 @@ class BaseDetector(BaseEstimator):
                     "e.g. layers=['layer2', 'layer3'] for a torchvision ResNet; got None"
                 )
             layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
+            if self.weights is not None:
+                raise ValueError(
+                    f"weights: a torch module backbone carries its own weights; load them into the module, "
+                    f"got weights={self.weights!r}"
+                )
             mean, std, function = _normalisation(self.preprocessing)
-            return ModuleBackbone(self.backbone, layers, mean=mean, std=std, preprocess=function, **sizes)
+            built = ModuleBackbone(self.backbone, layers, mean=mean, std=std, preprocess=function, **sizes)
+            _check_module_device(self.device, built.device)
+            return built
         if not isinstance(self.backbone, str):
             raise ValueError(
                 f"backbone: expected a name of anomalox.backbone.BACKBONES or a torch.nn.Module, "
@@ -434,6 +457,17 @@ class BaseDetector(BaseEstimator):
         """
         self.check_is_fitted()
         return self._tiles
+
+    def __sklearn_clone__(self) -> BaseDetector:
+        """``sklearn.base.clone``: a new unfitted detector with the same parameters, each cloned as
+        sklearn does, except a ``torch.nn.Module`` backbone, which is shared (not deep-copied: it
+        may be large, or on a GPU)."""
+        from sklearn.base import clone
+
+        params = self.get_params(deep=False)
+        return type(self)(
+            **{k: v if k == "backbone" and _is_module(v) else clone(v, safe=False) for k, v in params.items()}
+        )
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "backbone_")
@@ -732,7 +766,15 @@ class BaseDetector(BaseEstimator):
     )
 
     def _structural_params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._STRUCTURAL}
+        params = {k: getattr(self, k) for k in self._STRUCTURAL}
+        # Compared by value: (mean, std) as floats, whatever container (tuple, list, array) held them.
+        preprocessing = params["preprocessing"]
+        if preprocessing is not None and not callable(preprocessing):
+            try:
+                params["preprocessing"] = _normalisation(preprocessing)[:2]
+            except ValueError:
+                pass  # fit refuses it; keep it as given
+        return params
 
     def _changed_since_fit(self) -> list[str]:
         """Backbone parameters set (set_params) after fit, which the fitted state does not reflect."""
@@ -920,6 +962,10 @@ class BaseDetector(BaseEstimator):
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write the fitted detector to one safetensors file: ``anomalox.save(self, path)``."""
         if BaseDetector._saver is None:
+            # The writer lives in anomalox.persist, which imports the detectors (never the other way
+            # round); `import anomalox` no longer imports it eagerly, so load it by name on first use.
+            importlib.import_module("anomalox.persist")
+        if BaseDetector._saver is None:  # pragma: no cover - persist registers itself on import
             raise RuntimeError(
                 "save: no model-file writer is registered; import anomalox (anomalox.persist registers it)"
             )
