@@ -4,7 +4,9 @@
 # into it (the core, anomalox._core, and the tch part, anomalox_tch in tch/), then:
 #   scripts/run.sh demo    the main job: `anomalox demo` (PatchCore on the ELPV solar cells, HTML report)
 #   scripts/run.sh test    the whole test suite: the linters (ruff, mypy, rustfmt, clippy), cargo test
-#                          (kernels; the tch networks against libtorch) and pytest
+#                          (kernels; the tch networks against libtorch) and pytest (the fresh-venv
+#                          wheel tests in the background during the linters and cargo test);
+#                          arguments go to pytest, which then runs all in the foreground
 #   scripts/run.sh lint    only the linters
 #   scripts/run.sh setup   only the set-up
 set -euo pipefail
@@ -64,12 +66,36 @@ case "$task" in
     demo) python -m anomalox demo "$@" ;;
     lint) lint ;;
     test)
+        wheel_pid=""
+        if [ $# -eq 0 ]; then
+            # The fresh-venv wheel tests (tests/test_wheel.py) mostly wait on pip installing torch
+            # builds into new venvs: they run in the background from here, alongside the linters
+            # and cargo test, and their output is shown when they end.
+            wheel_log="target/pytest-wheels.log"
+            mkdir -p target
+            echo "==> pytest tests/test_wheel.py, in the background (log: $wheel_log)"
+            python -m pytest -q -p no:cacheprovider --basetemp target/pytest-wheels tests/test_wheel.py \
+                >"$wheel_log" 2>&1 &
+            wheel_pid=$!
+            trap 'kill "$wheel_pid" 2>/dev/null || true' EXIT
+        fi
         lint
         echo "==> cargo test (kernels, no Python or libtorch; the tch networks against the venv's libtorch)"
         cargo test --quiet -p anomalox
         CARGO_TARGET_DIR="$ANOMALOX_TCH_TARGET" LIBTORCH_USE_PYTORCH=1 cargo test --quiet --release -p anomalox-tch
-        echo "==> pytest"
-        python -m pytest -q "$@"
+        if [ -z "$wheel_pid" ]; then
+            echo "==> pytest"
+            python -m pytest -q "$@"
+        else
+            # The rest of pytest runs alone (its timing tests see an idle machine).
+            echo "==> pytest tests/test_wheel.py (started after the build; waiting for it)"
+            if wait "$wheel_pid"; then status=0; else status=$?; fi
+            trap - EXIT
+            cat "$wheel_log"
+            if [ "$status" -ne 0 ]; then exit "$status"; fi
+            echo "==> pytest (all but tests/test_wheel.py)"
+            python -m pytest -q --ignore=tests/test_wheel.py
+        fi
         ;;
     *) echo "usage: scripts/run.sh [demo|test|lint|setup] [args...]" >&2; exit 2 ;;
 esac
