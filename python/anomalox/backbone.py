@@ -49,7 +49,9 @@ __all__ = [
     "BackboneSpec",
     "Family",
     "family_of",
+    "canonical_name",
     "hub_checkpoint_dir",
+    "resolve_device",
     "tch_available",
     "tch_unavailable_reason",
 ]
@@ -120,8 +122,8 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-def _canonical(name: Any) -> str:
-    """`name` with "-" read as "_", checked against ``BACKBONES``."""
+def canonical_name(name: Any) -> str:
+    """`name` with "-" read as "_", checked against ``BACKBONES`` (ValueError naming ``name`` otherwise)."""
     if not isinstance(name, str) or name.replace("-", "_") not in BACKBONES:
         raise ValueError(f"name: expected one of {sorted(BACKBONES)}, got {name!r}")
     return name.replace("-", "_")
@@ -132,7 +134,27 @@ def family_of(name: str) -> Family:
 
     `name` is one of ``BACKBONES`` ("-" is read as "_", as ``Backbone`` does).
     """
-    return BACKBONES[_canonical(name)].family
+    return BACKBONES[canonical_name(name)].family
+
+
+def resolve_device(device: Any) -> torch.device:
+    """`device` checked: ``"cpu"``, or ``"cuda[:N]"`` for a GPU torch sees (ValueError naming it otherwise)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device: {device!r} requested, but torch sees no CUDA GPU "
+                f"(torch.cuda.is_available() is False); use device='cpu'"
+            )
+        dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} requested, but torch sees {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
 
 
 def _load_tch() -> tuple[Any, str | None]:
@@ -237,13 +259,13 @@ class Backbone:
         keep_aspect_ratio: bool = False,
         resize: bool = True,
     ) -> None:
-        self.name = _canonical(name)
+        self.name = canonical_name(name)
         spec = BACKBONES[self.name]
         tch, why = _tch()
         if tch is None:
             raise ImportError(f"Backbone({self.name!r}) runs in anomalox's tch part, which does not load: {why}")
         self._tch = tch
-        self.device = self._resolve_device(device)
+        self.device = resolve_device(device)
         self.preprocessing = Preprocessing(
             image_size=None if not resize else spec.image_size if image_size is None else image_size,
             center_crop=center_crop,
@@ -264,25 +286,6 @@ class Backbone:
         self.layers: tuple[str, ...] = layers
         self.layer_channels: dict[str, int] = {n: taps[n][0] for n in layers}
         self.layer_strides: dict[str, int] = {n: taps[n][1] for n in layers}
-
-    @staticmethod
-    def _resolve_device(device: Any) -> torch.device:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}") from exc
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(
-                    f"device: {device!r} requested, but torch sees no CUDA GPU "
-                    f"(torch.cuda.is_available() is False); use device='cpu'"
-                )
-            dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
-            if dev.index >= torch.cuda.device_count():
-                raise ValueError(f"device: {device!r} requested, but torch sees {torch.cuda.device_count()} GPU(s)")
-        elif dev.type != "cpu":
-            raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}")
-        return dev
 
     def _load(self, spec: BackboneSpec, weights: Any) -> Any:
         config = dict(spec.config)

@@ -440,26 +440,6 @@ def _load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], name:
         raise ValueError(f"weights: the state_dict does not fit {name}: {'; '.join(parts)}")
 
 
-def _resolve_device(device: Any) -> torch.device:
-    """`device` as ``Backbone`` checks it: ``"cpu"``, or ``"cuda[:N]"`` for a GPU torch sees."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device: {device!r} requested, but torch sees no CUDA GPU "
-                f"(torch.cuda.is_available() is False); use device='cpu'"
-            )
-        dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device: {device!r} requested, but torch sees {torch.cuda.device_count()} GPU(s)")
-    elif dev.type != "cpu":
-        raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}")
-    return dev
-
-
 def reference_backbone(
     name: str = "efficientnet_lite0",
     layers: Any = None,
@@ -489,13 +469,11 @@ def reference_backbone(
     name, ``weights_source`` / ``weights_path`` set as ``Backbone`` sets them, and ``taps`` every
     tap of the architecture.
     """
-    from anomalox.backbone import BACKBONES
+    from anomalox.backbone import BACKBONES, canonical_name, resolve_device
 
-    if not isinstance(name, str) or name.replace("-", "_") not in BACKBONES:
-        raise ValueError(f"name: expected one of {sorted(BACKBONES)}, got {name!r}")
-    canonical = name.replace("-", "_")
+    canonical = canonical_name(name)
     spec = BACKBONES[canonical]
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     # Weights: the same sources, in the same order, as Backbone._load.
     weights_path: str | None = None
     if weights is None or (isinstance(weights, str) and any(weights == t for t, _ in spec.hub_files)):
