@@ -397,35 +397,42 @@ def test_import_does_not_import_torch():
     assert result.stdout.strip() == "ok"
 
 
+# Prepended to a child's code: as if torch were not installed, importing it raises
+# ModuleNotFoundError. (Not sys.modules["torch"] = None: scipy, via sklearn, then reads
+# torch.Tensor off None.)
+_NO_TORCH = """
+import importlib.abc
+import sys
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
 def test_import_without_torch_installed():
     result = _python(
-        """
-        import importlib.abc
-        import sys
-
-        # As if torch were not installed: importing it raises ModuleNotFoundError. (Not
-        # sys.modules["torch"] = None: scipy, via sklearn, then reads torch.Tensor off None.)
-        class NoTorch(importlib.abc.MetaPathFinder):
-
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-                return None
-
-        sys.meta_path.insert(0, NoTorch())
-        import numpy as np
-        import anomalox
-        d, i = anomalox.ops.knn(np.zeros((2, 3), np.float32), np.ones((4, 3), np.float32), 1)
-        assert d.shape == (2, 1) and isinstance(d, np.ndarray)
-        assert np.allclose(d, np.sqrt(3.0))
-        assert "torch" not in sys.modules
-        try:
-            anomalox.PatchCore
-        except ImportError as exc:
-            print("ImportError:", exc)
-        else:
-            raise SystemExit("anomalox.PatchCore did not raise")
-        """
+        _NO_TORCH
+        + textwrap.dedent(
+            """
+            import numpy as np
+            import anomalox
+            d, i = anomalox.ops.knn(np.zeros((2, 3), np.float32), np.ones((4, 3), np.float32), 1)
+            assert d.shape == (2, 1) and isinstance(d, np.ndarray)
+            assert np.allclose(d, np.sqrt(3.0))
+            assert "torch" not in sys.modules
+            try:
+                anomalox.PatchCore
+            except ImportError as exc:
+                print("ImportError:", exc)
+            else:
+                raise SystemExit("anomalox.PatchCore did not raise")
+            """
+        )
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ImportError:") and "torch" in result.stdout
@@ -488,19 +495,14 @@ def test_save_registers_the_model_file_writer_without_a_top_level_name(tmp_path)
 
 def test_star_import_without_torch_gives_the_core_names():
     result = _python(
-        """
-        import importlib.abc
-        import sys
-        class NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-                return None
-        sys.meta_path.insert(0, NoTorch())
-        from anomalox import *
-        assert "ops" in dir() and "metrics" in dir() and "PatchCore" not in dir()
-        print("ok")
-        """
+        _NO_TORCH
+        + textwrap.dedent(
+            """
+            from anomalox import *
+            assert "ops" in dir() and "metrics" in dir() and "PatchCore" not in dir()
+            print("ok")
+            """
+        )
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
