@@ -44,13 +44,14 @@ _NEEDS_TORCH = {
     "PaDiM": "anomalox.detectors",
     "SPADE": "anomalox.detectors",
     "DFM": "anomalox.detectors",
+    "STFPM": "anomalox.detectors",
     "Inspection": "anomalox.detectors",
 }
 
 if TYPE_CHECKING:
     from anomalox import detectors
     from anomalox.backbone import Backbone
-    from anomalox.detectors import DFM, SPADE, Inspection, PaDiM, PatchCore
+    from anomalox.detectors import DFM, SPADE, STFPM, Inspection, PaDiM, PatchCore
     from anomalox.evaluate import Evaluation, evaluate
     from anomalox.persist import load, save
     from anomalox.torch_backbone import ModuleBackbone
@@ -108,6 +109,7 @@ __all__ = [
     "PaDiM",
     "PatchCore",
     "SPADE",
+    "STFPM",
     "detectors",
     "evaluate",
     "load",

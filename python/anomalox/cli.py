@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-METHODS = ("patchcore", "padim", "spade", "dfm")
+METHODS = ("patchcore", "padim", "spade", "dfm", "stfpm")
 
 EXAMPLES = {
     "fit": """examples:
@@ -59,9 +59,13 @@ def _params(pairs: list[str]) -> dict[str, Any]:
 def _detector(method: str, backbone: str | None, params: dict[str, Any], verbose: bool):
     import anomalox
 
-    cls = {"patchcore": anomalox.PatchCore, "padim": anomalox.PaDiM, "spade": anomalox.SPADE, "dfm": anomalox.DFM}[
-        method
-    ]
+    cls = {
+        "patchcore": anomalox.PatchCore,
+        "padim": anomalox.PaDiM,
+        "spade": anomalox.SPADE,
+        "dfm": anomalox.DFM,
+        "stfpm": anomalox.STFPM,
+    }[method]
     if backbone is not None:
         params = {**params, "backbone": backbone}
     known = cls().get_params()

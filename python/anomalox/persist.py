@@ -1,6 +1,7 @@
 """Detector files: one safetensors file, never pickle.
 
-Layout: the learned arrays as tensors ``state.<name>``; the backbone weights as ``weights.<name>``
+Layout: the learned arrays as tensors ``state.<name>`` (a learned dict of arrays, such as a trained
+network's weights, as ``state.<name>/<key>``); the backbone weights as ``weights.<name>``
 only when the caller gave them (the bundled / torch-hub defaults are referenced by file name and
 SHA-256 instead); metadata (all strings): ``format`` = ``anomalox-detector``, ``format_version``,
 ``anomalox_version``, ``class``, ``params`` and ``state`` (JSON), ``backbone`` (JSON: name and
@@ -63,6 +64,10 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _array_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, np.ndarray) for v in value.values())
+
+
 def _user_weights(weights: Any) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().contiguous().numpy() for k, v in read_state_dict(weights).items()}
 
@@ -82,6 +87,10 @@ def save(detector: BaseDetector, path: str | os.PathLike[str]) -> str:
     for name, value in fitted.items():
         if isinstance(value, np.ndarray):
             tensors[f"state.{name}"] = np.ascontiguousarray(value)
+        elif _array_dict(value):
+            # A dict of arrays (a trained network's weights): one tensor per entry, "state.<name>/<key>".
+            for key, array in value.items():
+                tensors[f"state.{name}/{key}"] = np.ascontiguousarray(array)
         else:
             state[name] = _jsonable(value)
     backbone = detector.backbone_
@@ -219,11 +228,18 @@ def load(path: str | os.PathLike[str], backbone: torch.nn.Module | None = None) 
             f"{path!r} was fitted with backbone weights {reference['file']} (sha256 {reference['sha256'][:12]}…), "
             f"but the file found here ({found}) differs"
         )
-    state = {
+    state: dict[str, Any] = {
         name: tuple(value) if isinstance(value, list) else value
         for name, value in json.loads(metadata["state"]).items()
     }
-    state.update({name[len("state.") :]: value for name, value in tensors.items() if name.startswith("state.")})
+    for key, value in tensors.items():
+        if not key.startswith("state."):
+            continue
+        name, _, entry = key[len("state.") :].partition("/")
+        if entry:
+            state.setdefault(name, {})[entry] = value
+        else:
+            state[name] = value
     try:
         return detector.load_state_dict(state, backbone=built)
     except ValueError as exc:

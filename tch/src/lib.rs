@@ -1,4 +1,5 @@
-//! anomalox-tch: the backbones of anomalox run by libtorch inside Rust (tch), and (feature
+//! anomalox-tch: the backbones of anomalox run by libtorch inside Rust (tch), the training engine
+//! of its trained detectors (`train`), and (feature
 //! `python`) their Python extension `anomalox_tch._tch`, which `anomalox.Backbone` loads when it
 //! is installed with the torch it was built against.
 //!
@@ -6,9 +7,12 @@
 //! the bindings (`py`) go through `anomalox::py::runtime::run` like the core's.
 
 pub mod nets;
+pub mod train;
 
 #[cfg(feature = "python")]
 mod py;
+#[cfg(feature = "python")]
+mod py_train;
 
 #[cfg(feature = "python")]
 #[pyo3::pymodule]
@@ -18,5 +22,8 @@ fn _tch(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     m.add("__torch_version__", env!("ANOMALOX_TORCH_VERSION"))?;
     m.add_function(wrap_pyfunction!(py::libtorch_num_threads, m)?)?;
     m.add_class::<py::BackboneModel>()?;
+    m.add_class::<py_train::StfpmStudent>()?;
+    m.add_function(wrap_pyfunction!(py_train::stfpm_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(py_train::stfpm_map, m)?)?;
     Ok(())
 }

@@ -21,14 +21,14 @@ use crate::nets::params::{self, StateDict};
 use crate::nets::{efficientnet_lite, resnet, Backbone};
 
 /// The structure of a network, resolved in Python from `anomalox.backbone.BACKBONES`.
-enum Structure {
+pub(crate) enum Structure {
     Lite(efficientnet_lite::LiteConfig),
     ResNet(resnet::ResNetConfig),
 }
 
 impl Structure {
     /// The family's structural parameters, read from `config`.
-    fn from_config(family: &str, config: &Bound<'_, PyDict>) -> PyResult<Self> {
+    pub(crate) fn from_config(family: &str, config: &Bound<'_, PyDict>) -> PyResult<Self> {
         match family {
             "efficientnet_lite" => Ok(Structure::Lite(efficientnet_lite::LiteConfig {
                 width: config_item(config, family, "width")?,
@@ -48,7 +48,7 @@ impl Structure {
         }
     }
 
-    fn build(&self, sd: &mut StateDict) -> Box<dyn Backbone> {
+    pub(crate) fn build(&self, sd: &mut StateDict) -> Box<dyn Backbone> {
         match self {
             Structure::Lite(config) => {
                 Box::new(efficientnet_lite::EfficientNetLite::load(config, sd))
@@ -75,11 +75,11 @@ fn config_item<'py, T: FromPyObject<'py>>(
 }
 
 /// `cuda`: None for the CPU, or the index of a CUDA device that Python checked torch sees.
-fn to_device(cuda: Option<usize>) -> Device {
+pub(crate) fn to_device(cuda: Option<usize>) -> Device {
     cuda.map_or(Device::Cpu, Device::Cuda)
 }
 
-fn device_name(device: Device) -> String {
+pub(crate) fn device_name(device: Device) -> String {
     match device {
         Device::Cuda(i) => format!("cuda:{i}"),
         Device::Mps => "mps".into(),
@@ -88,7 +88,7 @@ fn device_name(device: Device) -> String {
     }
 }
 
-fn set_threads(n_threads: usize) {
+pub(crate) fn set_threads(n_threads: usize) {
     // libtorch's intra-op thread count is per calling thread (OpenMP); we run on a pool thread.
     tch::set_num_threads(n_threads.min(i32::MAX as usize) as i32);
 }

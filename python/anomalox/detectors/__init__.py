@@ -5,5 +5,6 @@ from anomalox.detectors.dfm import DFM
 from anomalox.detectors.padim import PaDiM
 from anomalox.detectors.patchcore import PatchCore
 from anomalox.detectors.spade import SPADE
+from anomalox.detectors.stfpm import STFPM
 
-__all__ = ["BaseDetector", "Inspection", "NotFittedError", "PaDiM", "PatchCore", "SPADE", "DFM"]
+__all__ = ["BaseDetector", "Inspection", "NotFittedError", "PaDiM", "PatchCore", "SPADE", "DFM", "STFPM"]

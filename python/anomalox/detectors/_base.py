@@ -212,6 +212,9 @@ class _Silent:
     def update(self, n: int = 1) -> None:
         return None
 
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
 
 class _Maps:
     """Collects maps into one (N, H, W) array while they share a size; falls back to a list of

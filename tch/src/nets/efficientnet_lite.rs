@@ -14,9 +14,9 @@ use super::{Backbone, Tap};
 use anomalox::error::KernelResult;
 use anomalox::interrupt::Interrupt;
 
-const BN_EPS: f64 = 1e-3;
-const STEM_CHANNELS: i64 = 32;
-const HEAD_CHANNELS: i64 = 1280;
+pub(crate) const BN_EPS: f64 = 1e-3;
+pub(crate) const STEM_CHANNELS: i64 = 32;
+pub(crate) const HEAD_CHANNELS: i64 = 1280;
 
 /// One EfficientNet-Lite: the multipliers that scale EfficientNet-B0's stages (Lite0: 1.0 and 1.0).
 pub struct LiteConfig {
@@ -27,7 +27,7 @@ pub struct LiteConfig {
 }
 
 /// EfficientNet-B0's stages: (repeats, kernel, stride, expansion, input filters, output filters).
-const STAGES: [(usize, i64, i64, i64, i64, i64); 7] = [
+pub(crate) const STAGES: [(usize, i64, i64, i64, i64, i64); 7] = [
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
     (2, 5, 2, 6, 24, 40),
@@ -39,7 +39,7 @@ const STAGES: [(usize, i64, i64, i64, i64, i64); 7] = [
 
 /// The reference's `round_filters`: scale by the width multiplier, round to a multiple of 8 without
 /// losing more than 10%.
-fn round_filters(filters: i64, width: f64) -> i64 {
+pub(crate) fn round_filters(filters: i64, width: f64) -> i64 {
     let scaled = filters as f64 * width;
     let mut rounded = 8.max(((scaled + 4.0) as i64) / 8 * 8);
     if (rounded as f64) < 0.9 * scaled {
@@ -49,7 +49,7 @@ fn round_filters(filters: i64, width: f64) -> i64 {
 }
 
 /// The reference's `round_repeats`.
-fn round_repeats(repeats: usize, depth: f64) -> usize {
+pub(crate) fn round_repeats(repeats: usize, depth: f64) -> usize {
     (depth * repeats as f64).ceil() as usize
 }
 

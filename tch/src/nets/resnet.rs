@@ -9,7 +9,7 @@ use anomalox::error::KernelResult;
 use anomalox::interrupt::Interrupt;
 
 /// torchvision's batch-norm epsilon.
-const BN_EPS: f64 = 1e-5;
+pub(crate) const BN_EPS: f64 = 1e-5;
 
 /// One ResNet, with torchvision's structural parameters.
 pub struct ResNetConfig {

@@ -1,0 +1,277 @@
+"""The shared base of detectors that train a network on the good images (the tch part).
+
+A trained detector keeps the three hooks of ``BaseDetector``; its feature dicts also carry the
+preprocessed input batch under ``INPUT`` (the frozen backbone's taps are the rest). Fitting gathers
+every training image and the frozen network's features once (memory: the preprocessed images,
+N · 3 · H · W float32, plus the taps), then runs the training loop in Rust, one epoch per call
+with the GIL released, mini-batches in a seeded shuffled order; Python draws the progress bar,
+keeps ``loss_history_`` and stops early between epochs. The trained weights are a learned
+attribute (a dict of arrays), so model files hold them.
+
+Determinism: the same ``random_state``, inputs and ``n_threads`` give bit-identical weights on the
+CPU (the initialisation and the shuffle are seeded by it alone, libtorch's CPU kernels are deterministic for a
+fixed thread count). Another thread count can change the order of floating-point sums inside the
+convolutions' backward passes, so weights then differ by rounding, and scores slightly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from numbers import Real
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from anomalox.backbone import BACKBONES, tch_available, tch_unavailable_reason
+from anomalox.detectors._base import BaseDetector, _is_module, seed_from
+from anomalox.params import POSITIVE_INT, Interval, Options
+
+__all__ = ["INPUT", "TRAINING_PARAMETERS_DOC", "TrainedDetector"]
+
+# The key of the preprocessed input batch in a trained detector's feature dicts.
+INPUT = "__input__"
+
+# Placed in a trained detector's Parameters section in place of the line "    <training parameters>".
+TRAINING_PARAMETERS_DOC = """\
+    max_epochs : int; max_steps : int or None
+        Passes over the training images, and an optional cap on optimisation steps in all.
+    optimizer : "sgd" or "adam"; learning_rate : float; momentum : float (SGD);
+    betas : (float, float) (Adam); weight_decay : float
+        libtorch's ``torch::optim::SGD`` / ``Adam`` (the code of ``torch.optim.SGD`` / ``Adam``;
+        weight decay is the L2 term added to the gradient, not AdamW's).
+    lr_schedule : "constant" or "cosine"
+        Cosine: the rate falls from ``learning_rate`` to 0 over the training steps.
+    grad_clip_norm : float or None
+        Clip the gradients' global L2 norm before each step.
+    early_stopping_patience : int or None
+        Stop when the held-out validation images' loss has not improved for this many epochs,
+        and keep the weights of the best epoch (needs ``calibration="holdout"`` and
+        ``validation_fraction > 0``; those images then also pick the epoch, not only calibrate).
+    batch_size : int
+        Images per training step and per scoring pass."""
+
+_TRAINING_MARKER = "    <training parameters>"
+
+
+class _Betas:
+    """Constraint: two reals in [0, 1)."""
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        try:
+            b1, b2 = value
+        except (TypeError, ValueError):
+            return False
+        return all(isinstance(b, Real) and not isinstance(b, bool) and 0 <= float(b) < 1 for b in (b1, b2))
+
+    def __str__(self) -> str:
+        return "a pair of floats in [0, 1)"
+
+
+class TrainedDetector(BaseDetector):
+    """Shared training machinery; see the module docstring. Not used directly.
+
+    Subclasses implement ``_new_model(backbone, seed)`` (the Rust model to train, freshly
+    initialised), ``_targets(features)`` (the list of tensors it is trained to match, from a
+    feature dict) and the scoring hook.
+    """
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "max_epochs": [POSITIVE_INT],
+        "max_steps": [POSITIVE_INT, None],
+        "optimizer": [Options({"sgd", "adam"})],
+        "learning_rate": [Interval(Real, 0.0, None, closed="neither")],
+        "momentum": [Interval(Real, 0.0, 1.0, closed="left")],
+        "betas": [_Betas()],
+        "weight_decay": [Interval(Real, 0.0, None, closed="left")],
+        "lr_schedule": [Options({"constant", "cosine"})],
+        "grad_clip_norm": [Interval(Real, 0.0, None, closed="neither"), None],
+        "early_stopping_patience": [POSITIVE_INT, None],
+    }
+    # The trained model of the current weights (rebuilt when the weights attribute changes).
+    _model_cache: tuple[Any, Any] | None = None
+    # Set by _learn / _split for the hooks: the frozen backbone and the held-out items.
+    _training_backbone: Any = None
+    _validation_items: list[Any] | None = None
+    # Subclasses: the learned attribute holding the trained weights.
+    _weights_attribute: ClassVar[str] = "weights_"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        if cls.__doc__ and _TRAINING_MARKER in cls.__doc__:
+            cls.__doc__ = cls.__doc__.replace(_TRAINING_MARKER, TRAINING_PARAMETERS_DOC)
+        super().__init_subclass__(**kwargs)
+
+    # ----------------------------------------------------------- subclass hooks
+    def _new_model(self, backbone: Any, seed: int) -> Any:
+        raise NotImplementedError
+
+    def _targets(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- backbone
+    def _check_params(self) -> None:
+        if self.early_stopping_patience is not None and (
+            self.calibration != "holdout" or not self.validation_fraction > 0
+        ):
+            raise ValueError(
+                f"early_stopping_patience: needs held-out images (calibration='holdout' and validation_fraction > 0), "
+                f"got calibration={self.calibration!r}, validation_fraction={self.validation_fraction!r}"
+            )
+
+    def build_backbone(self) -> Any:
+        """The frozen pretrained network (an ``anomalox.Backbone``): trained detectors run in the tch part."""
+        name = type(self).__name__
+        if _is_module(self.backbone):
+            raise ValueError(
+                f"backbone: {name} trains a network of the backbone's architecture in anomalox's tch part; pass a "
+                f"name of anomalox.backbone.BACKBONES, got a {type(self.backbone).__name__} module"
+            )
+        if not tch_available():
+            raise ImportError(f"{name} trains in anomalox's tch part, which does not load: {tch_unavailable_reason()}")
+        return super().build_backbone()
+
+    def _forward(self, backbone: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = super()._forward(backbone, x)
+        feats[INPUT] = x
+        return feats
+
+    def _learn(self, backbone: Any, batches: Iterator[Any], total: int | None, held: bool) -> dict[str, Any]:
+        self._training_backbone = backbone
+        try:
+            return super()._learn(backbone, batches, total, held)
+        finally:
+            self._training_backbone = None
+            self._validation_items = None
+
+    def _split(self, source: Any) -> tuple[Iterator[Any], list[Any]]:
+        batches, held = super()._split(source)
+        self._validation_items = held
+        return batches, held
+
+    def _gather(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Every image of `batches` and its targets, concatenated along the image axis."""
+        images: list[torch.Tensor] = []
+        targets: list[list[torch.Tensor]] = []
+        for feats in batches:
+            images.append(feats[INPUT])
+            targets.append([t.contiguous() for t in self._targets(feats)])
+        x = torch.cat(images) if len(images) > 1 else images[0]
+        y = [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*targets)]
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("X: the preprocessed training images hold NaN or infinite values")
+        return x.contiguous(), y
+
+    def _validation_set(self) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        items = self._validation_items
+        if not items or self.early_stopping_patience is None:
+            return None
+        backbone = self._training_backbone
+        groups = (
+            group.features
+            for start in range(0, len(items), self.batch_size)
+            for group in self._groups(backbone, items[start : start + self.batch_size])
+        )
+        return self._gather(groups)
+
+    # ------------------------------------------------------------------- training
+    def _train(self, model: Any, x: torch.Tensor, y: list[torch.Tensor], seed: int) -> list[float]:
+        """The training loop over `x` / `y`; returns the per-epoch mean training loss."""
+        n = int(x.shape[0])
+        threads = self._threads()
+        steps_per_epoch = math.ceil(n / self.batch_size)
+        total = self.max_epochs * steps_per_epoch
+        if self.max_steps is not None:
+            total = min(total, int(self.max_steps))
+        b1, b2 = self.betas
+        model.configure(
+            self.optimizer,
+            float(self.learning_rate),
+            float(self.weight_decay),
+            float(self.momentum),
+            0.0,
+            False,
+            (float(b1), float(b2)),
+            1e-8,
+            None if self.grad_clip_norm is None else float(self.grad_clip_norm),
+            self.lr_schedule,
+            total,
+        )
+        validation = self._validation_set()
+        rng = np.random.default_rng(seed)
+        history: list[float] = []
+        best: tuple[float, Any] = (math.inf, None)
+        waited = 0
+        with self._progress(total, "fit: train", unit="step") as bar:
+            for epoch in range(1, self.max_epochs + 1):
+                order = rng.permutation(n).tolist()
+                start = time.perf_counter()
+                losses = model.train_epoch(x, y, order, self.batch_size, self.max_steps, threads)
+                if not losses:
+                    break
+                seconds = max(time.perf_counter() - start, 1e-9)
+                history.append(float(np.mean(losses)))
+                bar.update(len(losses))
+                postfix = {"epoch": epoch, "loss": f"{history[-1]:.4g}", "img/s": f"{len(losses) and n / seconds:.1f}"}
+                if validation is not None:
+                    val_loss = model.evaluate(validation[0], validation[1], self.batch_size, threads)
+                    postfix["val"] = f"{val_loss:.4g}"
+                    if val_loss < best[0]:
+                        best, waited = (val_loss, model.state_dict()), 0
+                    else:
+                        waited += 1
+                bar.set_postfix(postfix)
+                if validation is not None and waited >= self.early_stopping_patience:
+                    break
+                if self.max_steps is not None and model.step >= self.max_steps:
+                    break
+        if best[1] is not None:
+            model.load_state_dict(best[1])
+        return history
+
+    def _threads(self) -> int:
+        from anomalox._convert import resolve_threads
+
+        return resolve_threads(self.n_threads)
+
+    def _fit_trained(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[Any, list[float]]:
+        """Gather, build a fresh model and train it: (model, loss history)."""
+        backbone = self._training_backbone
+        x, y = self._gather(batches)
+        seed = seed_from(self.random_state)
+        # The initial weights come from the model's own generator seeded with `seed` (never torch's
+        # global one): the caller's torch random state is left as it was.
+        model = self._new_model(backbone, seed)
+        history = self._train(model, x, y, seed)
+        return model, history
+
+    def _model(self) -> Any:
+        """The trained model of the current weights (built from them after load or a refit)."""
+        weights = getattr(self, self._weights_attribute)
+        cache = self._model_cache
+        if cache is not None and cache[0] is weights:
+            return cache[1]
+        model = self._new_model(self.backbone_, 0)
+        model.load_state_dict([(k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in weights.items()])
+        self._model_cache = (weights, model)
+        return model
+
+    def _remember(self, weights: dict[str, np.ndarray], model: Any) -> None:
+        self._model_cache = (weights, model)
+
+
+def tch_module() -> Any:
+    """The loaded ``anomalox_tch._tch`` extension (callers have checked ``tch_available``)."""
+    from anomalox.backbone import _tch
+
+    module, why = _tch()
+    if module is None:
+        raise ImportError(f"anomalox's tch part does not load: {why}")
+    return module._tch
+
+
+def spec_of(backbone: Any) -> tuple[str, dict[str, Any]]:
+    """(family, structural config) of a named backbone."""
+    spec = BACKBONES[backbone.name]
+    return spec.family, dict(spec.config)
