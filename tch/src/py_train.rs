@@ -333,7 +333,12 @@ impl StfpmStudent {
             .variables()
             .into_iter()
             .filter(|(k, _)| runs_up_to(k, self.last))
-            .map(|(k, t)| (k, PyTensor(t.detach().to_device(Device::Cpu).copy())))
+            .map(|(k, t)| {
+                (
+                    k,
+                    PyTensor(t.detach().to_device(Device::Cpu).contiguous().copy()),
+                )
+            })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out

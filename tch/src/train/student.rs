@@ -21,7 +21,7 @@ use crate::nets::efficientnet_lite::{
     round_filters, round_repeats, LiteConfig, BN_EPS as LITE_EPS, HEAD_CHANNELS, STAGES,
     STEM_CHANNELS,
 };
-use crate::nets::params::{tf_same_padding, Padding};
+use crate::nets::params::{channels_last, tf_same_padding, Padding};
 use crate::nets::resnet::{ResNetConfig, BN_EPS as RESNET_EPS};
 use crate::nets::Tap;
 use anomalox::error::KernelResult;
@@ -94,7 +94,13 @@ impl Conv {
             shape.iter().product::<i64>() as usize,
             (2.0 / fan_out).sqrt(),
         );
-        let weight = p.var_copy("weight", &Tensor::from_slice(&values).view(shape));
+        // Stored channels-last, as the activations are: libtorch's CPU convolutions (forward and
+        // backward) run faster when input and weight share that layout than with NCHW weights,
+        // which they would reorder at every call.
+        let weight = Tensor::from_slice(&values)
+            .view(shape)
+            .to_device(p.device());
+        let weight = p.add("weight", channels_last(&weight), true);
         Conv {
             weight,
             stride,
