@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,3 +328,24 @@ def test_stfpm_trains_and_scores_on_a_gpu(images):
     assert scores.shape == (4,) and np.all(np.isfinite(scores))
     # Different kernels: close to the CPU fit, not equal.
     np.testing.assert_allclose(gpu.loss_history_[0], cpu.loss_history_[0], rtol=0.05)
+
+
+@pytest.mark.filterwarnings("ignore::anomalox.CalibrationWarning")
+def test_stfpm_through_the_cli_evaluate_and_report(mvtec, tmp_path):
+    import json
+
+    import anomalox
+    from anomalox.cli import main
+    from anomalox.report import write_evaluation_report
+
+    path = tmp_path / "stfpm.ax"
+    params = ["image_size=64", "max_epochs=2", "batch_size=4", "learning_rate=0.05", "n_threads=1"]
+    args = [a for p in params for a in ("--param", p)]
+    assert main(["fit", str(mvtec), "--out", str(path), "--quiet", "--method", "stfpm", *args]) == 0
+    model = anomalox.load(path)
+    assert type(model).__name__ == "STFPM" and len(model.loss_history_) == 2
+    result = anomalox.evaluate(model, mvtec)
+    assert 0.0 <= result["image_auroc"] <= 1.0 and result["aupro"] is not None
+    html = write_evaluation_report(tmp_path / "r.html", result, detector=model)
+    assert "STFPM" in Path(html).read_text()
+    assert main(["evaluate", str(path), str(mvtec), "--json", "--quiet"]) == 0
