@@ -332,7 +332,6 @@ def test_stfpm_trains_and_scores_on_a_gpu(images):
 
 @pytest.mark.filterwarnings("ignore::anomalox.CalibrationWarning")
 def test_stfpm_through_the_cli_evaluate_and_report(mvtec, tmp_path):
-    import json
 
     import anomalox
     from anomalox.cli import main
@@ -347,5 +346,6 @@ def test_stfpm_through_the_cli_evaluate_and_report(mvtec, tmp_path):
     result = anomalox.evaluate(model, mvtec)
     assert 0.0 <= result["image_auroc"] <= 1.0 and result["aupro"] is not None
     html = write_evaluation_report(tmp_path / "r.html", result, detector=model)
-    assert "STFPM" in Path(html).read_text()
+    text = Path(html).read_text()
+    assert "STFPM" in text and "trained 2 epochs" in text
     assert main(["evaluate", str(path), str(mvtec), "--json", "--quiet"]) == 0

@@ -459,7 +459,8 @@ def write_report(
 
 
 def describe_setup(detector: Any) -> str:
-    """One sentence on how a fitted detector scores images: its class, resizing, crop and tiles.
+    """One sentence on how a fitted detector scores images: its class, resizing, crop and tiles
+    (and, for a trained detector, its epochs and final training loss).
 
     Reads the fitted backbone's preprocessing and ``tiling_`` (as fitted, even if ``set_params``
     changed the parameters since).
@@ -483,6 +484,9 @@ def describe_setup(detector: Any) -> str:
             f", cut into {tile} tiles every {stride} whose maps are stitched (overlaps averaged); "
             f"image score = the maximum of the stitched map"
         )
+    history = getattr(detector, "loss_history_", None)
+    if history:
+        text += f"; its network trained {len(history)} epochs (final training loss {history[-1]:.4g})"
     return text + "."
 
 

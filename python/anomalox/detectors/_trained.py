@@ -213,7 +213,8 @@ class TrainedDetector(BaseDetector):
                 seconds = max(time.perf_counter() - start, 1e-9)
                 history.append(float(np.mean(losses)))
                 bar.update(len(losses))
-                postfix = {"epoch": epoch, "loss": f"{history[-1]:.4g}", "img/s": f"{len(losses) and n / seconds:.1f}"}
+                seen = min(n, len(losses) * self.batch_size)
+                postfix = {"epoch": epoch, "loss": f"{history[-1]:.4g}", "img/s": f"{seen / seconds:.1f}"}
                 if validation is not None:
                     val_loss = model.evaluate(validation[0], validation[1], self.batch_size, threads)
                     postfix["val"] = f"{val_loss:.4g}"
