@@ -9,9 +9,11 @@ keeps ``loss_history_`` and stops early between epochs. The trained weights are 
 attribute (a dict of arrays), so model files hold them.
 
 Determinism: the same ``random_state``, inputs and ``n_threads`` give bit-identical weights on the
-CPU (the initialisation and the shuffle are seeded by it alone, libtorch's CPU kernels are deterministic for a
-fixed thread count). Another thread count can change the order of floating-point sums inside the
-convolutions' backward passes, so weights then differ by rounding, and scores slightly.
+CPU (the initialisation and the shuffle are seeded by it alone, and libtorch's CPU kernels are
+deterministic for a fixed thread count). Another thread count changes how the convolutions' backward
+passes split their sums, so the first step's gradients differ by rounding, and training amplifies
+that like any other perturbation: weights and scores of fits with different thread counts are not
+equal, and differ about as much as fits with different seeds.
 """
 
 from __future__ import annotations
