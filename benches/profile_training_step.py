@@ -37,9 +37,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
+    import anomalox_tch
     import timm
 
-    import anomalox_tch
     from anomalox.backbone import BACKBONES
 
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -96,7 +96,9 @@ def main() -> None:
             start = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - start)
-    print(f"### One STFPM training step, {args.batch} images of 256 px, {args.threads} threads (medians of {args.repeats})\n")
+    print(
+        f"### One STFPM training step, {args.batch} images of 256 px, {args.threads} threads (medians of {args.repeats})\n"
+    )
     print("| step | s | images/s |\n|---|---|---|")
     for name, t in times.items():
         m = statistics.median(t)
