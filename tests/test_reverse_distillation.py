@@ -197,3 +197,27 @@ def test_rd_product_maps_and_bad_parameters(images):
     assert model.anomaly_map(test_good).shape == (4, 64, 64)
     with pytest.raises(ValueError, match="map_combine"):
         _rd(map_combine="mean").fit(good)
+
+
+def test_rd_max_steps_early_stopping_and_torch_s_random_state(images):
+    good, _, _ = images
+    model = _rd(max_epochs=5, max_steps=4).fit(good)  # 10 training images, batch 4: 3 steps per epoch
+    assert len(model.loss_history_) == 2
+    stopped = _rd(max_epochs=4, early_stopping_patience=1).fit(good)
+    assert 1 <= len(stopped.loss_history_) <= 4
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    _rd(max_epochs=1, validation_fraction=0).fit(good[:6])
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_rd_trains_and_scores_on_a_gpu(images):
+    good, test_good, _ = images
+    cpu = _rd(max_epochs=2).fit(good)
+    gpu = _rd(max_epochs=2, device="cuda").fit(good)
+    assert gpu.loss_history_[-1] < gpu.loss_history_[0]
+    scores = gpu.decision_function(test_good)
+    assert scores.shape == (4,) and np.all(np.isfinite(scores))
+    # Different kernels: close to the CPU fit, not equal.
+    np.testing.assert_allclose(gpu.loss_history_[0], cpu.loss_history_[0], rtol=0.05)
