@@ -110,6 +110,22 @@ def test_resnet18_ocbe_and_decoder_have_anomalib_s_parameters(tch):
     }
     assert {k: tuple(v.shape) for k, v in theirs.items()} == {k: tuple(v.shape) for k, v in state.items()}
 
+    # With the same weights (batch-norm statistics moved by one training step), anomalib's modules
+    # in evaluation mode give the decoder's features.
+    g = torch.Generator().manual_seed(0)
+    taps = [torch.randn(2, c, s, s, generator=g).relu() for c, s in ((64, 16), (128, 8), (256, 4))]
+    model.configure("adam", 0.005, 0.0, 0.9, 0.0, False, (0.5, 0.999), 1e-8, None, "constant", 10)
+    model.train_epoch(torch.zeros(1), taps, [0, 1], 2, None, 1)
+    state = dict(model.state_dict())
+    bottleneck, decoder = components.get_bottleneck_layer("resnet18"), get_decoder("resnet18")
+    for prefix, module in (("bottleneck.", bottleneck), ("decoder.", decoder)):
+        module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
+        module.eval()
+    with torch.no_grad():
+        expected = decoder(bottleneck(taps))
+    for mine, ref in zip(model.features(taps, 1), expected):
+        torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-5)
+
 
 def test_rd_model_refuses_taps_that_do_not_double(tch):
     with pytest.raises(ValueError, match="layers"):
