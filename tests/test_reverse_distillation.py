@@ -123,8 +123,11 @@ def test_resnet18_ocbe_and_decoder_have_anomalib_s_parameters(tch):
         module.eval()
     with torch.no_grad():
         expected = decoder(bottleneck(taps))
+    # The tch part runs the convolutions channels-last (other kernels, other summation order):
+    # equal up to float32 rounding at the features' scale.
     for mine, ref in zip(model.features(taps, 1), expected):
-        torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-5)
+        assert mine.shape == ref.shape
+        assert float((mine - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 
 def test_rd_model_refuses_taps_that_do_not_double(tch):

@@ -53,7 +53,7 @@ use super::stfpm::Combine;
 use super::student::{ConvBn, ConvBnSpec, InitRng, BN_MOMENTUM};
 use super::Objective;
 use crate::nets::efficientnet_lite::{round_filters, round_repeats, LiteConfig, STAGES};
-use crate::nets::params::Padding;
+use crate::nets::params::{channels_last, Padding};
 use crate::nets::resnet::ResNetConfig;
 use crate::nets::Tap;
 
@@ -535,7 +535,10 @@ impl ReverseDistillation {
         intr: &Interrupt,
     ) -> KernelResult<Vec<Tensor>> {
         self.check(encoder)?;
-        let embedding = self.bottleneck.forward_t(encoder, train)?;
+        // Channels-last: libtorch's CPU convolutions are faster in that layout for these
+        // channel counts; every layer keeps it.
+        let encoder: Vec<Tensor> = encoder.iter().map(channels_last).collect();
+        let embedding = self.bottleneck.forward_t(&encoder, train)?;
         let sizes: Vec<[i64; 2]> = encoder
             .iter()
             .map(|t| {
