@@ -45,13 +45,14 @@ _NEEDS_TORCH = {
     "SPADE": "anomalox.detectors",
     "DFM": "anomalox.detectors",
     "STFPM": "anomalox.detectors",
+    "ReverseDistillation": "anomalox.detectors",
     "Inspection": "anomalox.detectors",
 }
 
 if TYPE_CHECKING:
     from anomalox import detectors
     from anomalox.backbone import Backbone
-    from anomalox.detectors import DFM, SPADE, STFPM, Inspection, PaDiM, PatchCore
+    from anomalox.detectors import DFM, SPADE, STFPM, Inspection, PaDiM, PatchCore, ReverseDistillation
     from anomalox.evaluate import Evaluation, evaluate
     from anomalox.persist import load, save
     from anomalox.torch_backbone import ModuleBackbone
@@ -108,6 +109,7 @@ __all__ = [
     "NotFittedError",
     "PaDiM",
     "PatchCore",
+    "ReverseDistillation",
     "SPADE",
     "STFPM",
     "detectors",

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-METHODS = ("patchcore", "padim", "spade", "dfm", "stfpm")
+METHODS = ("patchcore", "padim", "spade", "dfm", "stfpm", "reverse_distillation")
 
 EXAMPLES = {
     "fit": """examples:
@@ -65,6 +65,7 @@ def _detector(method: str, backbone: str | None, params: dict[str, Any], verbose
         "spade": anomalox.SPADE,
         "dfm": anomalox.DFM,
         "stfpm": anomalox.STFPM,
+        "reverse_distillation": anomalox.ReverseDistillation,
     }[method]
     if backbone is not None:
         params = {**params, "backbone": backbone}

@@ -12,6 +12,8 @@ pub mod train;
 #[cfg(feature = "python")]
 mod py;
 #[cfg(feature = "python")]
+mod py_rd;
+#[cfg(feature = "python")]
 mod py_train;
 
 #[cfg(feature = "python")]
@@ -25,5 +27,8 @@ fn _tch(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     m.add_class::<py_train::StfpmStudent>()?;
     m.add_function(wrap_pyfunction!(py_train::stfpm_loss, m)?)?;
     m.add_function(wrap_pyfunction!(py_train::stfpm_map, m)?)?;
+    m.add_class::<py_rd::RdModel>()?;
+    m.add_function(wrap_pyfunction!(py_rd::rd_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(py_rd::rd_map, m)?)?;
     Ok(())
 }

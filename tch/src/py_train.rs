@@ -24,7 +24,7 @@ use crate::train::stfpm::{self, Combine, Student};
 use crate::train::student::{InitRng, LiteNet, ResNetNet, Trainable};
 use crate::train::{OptimConfig, Optimiser, Schedule, Trainer};
 
-fn tensors(list: Vec<PyTensor>) -> Vec<Tensor> {
+pub(crate) fn tensors(list: Vec<PyTensor>) -> Vec<Tensor> {
     list.into_iter().map(|t| t.0).collect()
 }
 
@@ -44,6 +44,59 @@ fn runs_up_to(name: &str, last: usize) -> bool {
             .is_some_and(|k| k >= 1 && k - 1 <= last),
         _ => false,
     }
+}
+
+/// The optimiser settings of `configure` (shared by the trained models' classes).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn optim_config(
+    optimizer: &str,
+    learning_rate: f64,
+    weight_decay: f64,
+    momentum: f64,
+    dampening: f64,
+    nesterov: bool,
+    betas: (f64, f64),
+    eps: f64,
+    grad_clip_norm: Option<f64>,
+    schedule: &str,
+    total_steps: usize,
+) -> PyResult<OptimConfig> {
+    let optimiser = match optimizer {
+        "sgd" => Optimiser::Sgd {
+            momentum,
+            dampening,
+            nesterov,
+        },
+        "adam" => Optimiser::Adam {
+            beta1: betas.0,
+            beta2: betas.1,
+            eps,
+        },
+        _ => {
+            return Err(argument_error(
+                "optimizer",
+                format!("expected 'sgd' or 'adam', got {optimizer:?}"),
+            ))
+        }
+    };
+    let schedule = match schedule {
+        "constant" => Schedule::Constant,
+        "cosine" => Schedule::Cosine,
+        _ => {
+            return Err(argument_error(
+                "lr_schedule",
+                format!("expected 'constant' or 'cosine', got {schedule:?}"),
+            ))
+        }
+    };
+    Ok(OptimConfig {
+        optimiser,
+        learning_rate,
+        weight_decay,
+        grad_clip_norm,
+        schedule,
+        total_steps,
+    })
 }
 
 struct State {
@@ -185,42 +238,19 @@ impl StfpmStudent {
         schedule: &str,
         total_steps: usize,
     ) -> PyResult<()> {
-        let optimiser = match optimizer {
-            "sgd" => Optimiser::Sgd {
-                momentum,
-                dampening,
-                nesterov,
-            },
-            "adam" => Optimiser::Adam {
-                beta1: betas.0,
-                beta2: betas.1,
-                eps,
-            },
-            _ => {
-                return Err(argument_error(
-                    "optimizer",
-                    format!("expected 'sgd' or 'adam', got {optimizer:?}"),
-                ))
-            }
-        };
-        let schedule = match schedule {
-            "constant" => Schedule::Constant,
-            "cosine" => Schedule::Cosine,
-            _ => {
-                return Err(argument_error(
-                    "lr_schedule",
-                    format!("expected 'constant' or 'cosine', got {schedule:?}"),
-                ))
-            }
-        };
-        let config = OptimConfig {
-            optimiser,
+        let config = optim_config(
+            optimizer,
             learning_rate,
             weight_decay,
+            momentum,
+            dampening,
+            nesterov,
+            betas,
+            eps,
             grad_clip_norm,
             schedule,
             total_steps,
-        };
+        )?;
         self.lock()
             .trainer
             .configure(config)

@@ -4,7 +4,18 @@ from anomalox.detectors._base import BaseDetector, Inspection, NotFittedError
 from anomalox.detectors.dfm import DFM
 from anomalox.detectors.padim import PaDiM
 from anomalox.detectors.patchcore import PatchCore
+from anomalox.detectors.reverse_distillation import ReverseDistillation
 from anomalox.detectors.spade import SPADE
 from anomalox.detectors.stfpm import STFPM
 
-__all__ = ["BaseDetector", "Inspection", "NotFittedError", "PaDiM", "PatchCore", "SPADE", "DFM", "STFPM"]
+__all__ = [
+    "BaseDetector",
+    "Inspection",
+    "NotFittedError",
+    "PaDiM",
+    "PatchCore",
+    "SPADE",
+    "DFM",
+    "STFPM",
+    "ReverseDistillation",
+]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from anomalox.backbone import BACKBONES, tch_available, tch_unavailable_reason
-from anomalox.detectors._base import BaseDetector, _is_module, seed_from
+from anomalox.detectors._base import BaseDetector, seed_from
 from anomalox.params import POSITIVE_INT, Interval, Options
 
 __all__ = ["INPUT", "TRAINING_PARAMETERS_DOC", "TrainedDetector"]
@@ -125,7 +125,7 @@ class TrainedDetector(BaseDetector):
     def build_backbone(self) -> Any:
         """The frozen pretrained network (an ``anomalox.Backbone``): trained detectors run in the tch part."""
         name = type(self).__name__
-        if _is_module(self.backbone):
+        if isinstance(self.backbone, torch.nn.Module):
             raise ValueError(
                 f"backbone: {name} trains a network of the backbone's architecture in anomalox's tch part; pass a "
                 f"name of anomalox.backbone.BACKBONES, got a {type(self.backbone).__name__} module"
@@ -266,12 +266,11 @@ class TrainedDetector(BaseDetector):
 
 def tch_module() -> Any:
     """The loaded ``anomalox_tch._tch`` extension (callers have checked ``tch_available``)."""
-    from anomalox.backbone import _tch
+    if not tch_available():
+        raise ImportError(f"anomalox's tch part does not load: {tch_unavailable_reason()}")
+    import anomalox_tch
 
-    module, why = _tch()
-    if module is None:
-        raise ImportError(f"anomalox's tch part does not load: {why}")
-    return module._tch
+    return anomalox_tch._tch
 
 
 def spec_of(backbone: Any) -> tuple[str, dict[str, Any]]:

@@ -40,3 +40,118 @@ class BackboneModel:
     def _taps_reached(self) -> int: ...
     def features(self, x: torch.Tensor, layers: list[str], n_threads: int) -> list[torch.Tensor]: ...
     def logits(self, x: torch.Tensor, n_threads: int) -> torch.Tensor: ...
+
+class StfpmStudent:
+    def __init__(
+        self,
+        arch: str,
+        family: Literal["efficientnet_lite", "resnet", "resnet_bottleneck"],
+        config: dict[str, Any],
+        layers: list[str],
+        seed: int,
+        cuda: int | None,
+        n_threads: int,
+    ) -> None: ...
+    @property
+    def arch(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def taps(self) -> list[tuple[str, int, int]]: ...
+    @property
+    def step(self) -> int: ...
+    def configure(
+        self,
+        optimizer: Literal["sgd", "adam"],
+        learning_rate: float,
+        weight_decay: float,
+        momentum: float,
+        dampening: float,
+        nesterov: bool,
+        betas: tuple[float, float],
+        eps: float,
+        grad_clip_norm: float | None,
+        schedule: Literal["constant", "cosine"],
+        total_steps: int,
+    ) -> None: ...
+    def train_epoch(
+        self,
+        images: torch.Tensor,
+        teacher: list[torch.Tensor],
+        order: list[int],
+        batch_size: int,
+        max_steps: int | None,
+        n_threads: int,
+    ) -> list[float]: ...
+    def evaluate(self, images: torch.Tensor, teacher: list[torch.Tensor], batch_size: int, n_threads: int) -> float: ...
+    def features(self, x: torch.Tensor, n_threads: int) -> list[torch.Tensor]: ...
+    def state_dict(self) -> list[tuple[str, torch.Tensor]]: ...
+    def load_state_dict(self, entries: list[tuple[str, torch.Tensor]]) -> None: ...
+
+def stfpm_loss(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor: ...
+def stfpm_map(
+    teacher: list[torch.Tensor],
+    student: list[torch.Tensor],
+    size: tuple[int, int],
+    combine: Literal["product", "sum"],
+    n_threads: int,
+) -> torch.Tensor: ...
+
+class RdModel:
+    def __init__(
+        self,
+        arch: str,
+        family: Literal["efficientnet_lite", "resnet", "resnet_bottleneck"],
+        config: dict[str, Any],
+        layers: list[str],
+        seed: int,
+        cuda: int | None,
+        n_threads: int,
+    ) -> None: ...
+    @property
+    def arch(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def taps(self) -> list[tuple[str, int, int]]: ...
+    @property
+    def step(self) -> int: ...
+    def configure(
+        self,
+        optimizer: Literal["sgd", "adam"],
+        learning_rate: float,
+        weight_decay: float,
+        momentum: float,
+        dampening: float,
+        nesterov: bool,
+        betas: tuple[float, float],
+        eps: float,
+        grad_clip_norm: float | None,
+        schedule: Literal["constant", "cosine"],
+        total_steps: int,
+    ) -> None: ...
+    def train_epoch(
+        self,
+        images: torch.Tensor,
+        encoder: list[torch.Tensor],
+        order: list[int],
+        batch_size: int,
+        max_steps: int | None,
+        n_threads: int,
+    ) -> list[float]: ...
+    def evaluate(self, images: torch.Tensor, encoder: list[torch.Tensor], batch_size: int, n_threads: int) -> float: ...
+    def features(self, encoder: list[torch.Tensor], n_threads: int) -> list[torch.Tensor]: ...
+    def maps(
+        self, encoder: list[torch.Tensor], size: tuple[int, int], combine: Literal["sum", "product"], n_threads: int
+    ) -> torch.Tensor: ...
+    def state_dict(self) -> list[tuple[str, torch.Tensor]]: ...
+    def load_state_dict(self, entries: list[tuple[str, torch.Tensor]]) -> None: ...
+
+def rd_loss(encoder: list[torch.Tensor], decoder: list[torch.Tensor]) -> torch.Tensor: ...
+def rd_map(
+    encoder: list[torch.Tensor],
+    decoder: list[torch.Tensor],
+    size: tuple[int, int],
+    combine: Literal["sum", "product"],
+    n_threads: int,
+) -> torch.Tensor: ...

@@ -138,8 +138,7 @@ fn lite0_tap_grids_are_the_input_size_over_the_stride_rounded_up() {
     let last_at = |stride| {
         net.taps()
             .iter()
-            .filter(|t| t.stride == stride)
-            .last()
+            .rfind(|t| t.stride == stride)
             .map(|t| t.name.clone())
     };
     assert_eq!(last_at(8).as_deref(), Some("_blocks.4"));

@@ -1,4 +1,5 @@
-//! The training engine: trainable networks (`student`), the methods' losses and maps (`stfpm`),
+//! The training engine: trainable networks (`student`), the methods' losses and maps (`stfpm`,
+//! `rd`: Reverse Distillation's OCBE and decoder),
 //! and the loop that fits a `VarStore` to an objective with libtorch's own optimisers.
 //!
 //! The loop works on tensors indexed by image along dimension 0 (the inputs and the frozen parts'
@@ -6,6 +7,7 @@
 //! caller's seeded shuffle), and checks for Ctrl-C and for a non-finite loss at every step, before
 //! the step updates anything.
 
+pub mod rd;
 pub mod stfpm;
 pub mod student;
 
@@ -228,5 +230,7 @@ impl<O: Objective> Trainer<O> {
     }
 }
 
+#[cfg(test)]
+mod rd_tests;
 #[cfg(test)]
 mod tests;

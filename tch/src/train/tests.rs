@@ -64,7 +64,7 @@ fn check_against_inference(vs: &nn::VarStore, net: &dyn Trainable, inference: &d
         let err = max_abs(a, b) / scale;
         assert!(err < 1e-4, "tap {i}: relative difference {err}");
     }
-    assert!(vs.len() > 0);
+    assert!(!vs.is_empty());
 }
 
 #[test]
