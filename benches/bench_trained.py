@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Trained detectors, accuracy and cost: anomalox vs anomalib 2.7.0, side by side on the same tensors.
 
+``--method stfpm`` (default) and ``--method reverse_distillation`` (below).
+
 ``--method stfpm``: anomalox ``STFPM`` (Rust / tch training engine) vs anomalib ``STFPMModel``
 (``anomalib.models.image.stfpm.torch_model``), trained without Lightning. On an MVTec-layout
 category (default the Magnetic Tile set in shared/datasets): the first ``--train`` images of
@@ -66,14 +68,62 @@ Reported per library and seed: fit wall time, fit images/s (epochs x train image
 scoring time for the test set, peak RSS, image AUROC, AUPRO, final epoch loss; over the seeds the
 median ratio anomalib / anomalox of the fit and scoring times.
 
-``--method reverse_distillation`` is not implemented yet: its place is ``METHODS`` below (anomalib
-``ReverseDistillationModel``, a ResNet-18 encoder with seeded random weights on both sides).
+``--method reverse_distillation``: anomalox ``ReverseDistillation`` (Rust / tch training engine)
+vs anomalib ``ReverseDistillationModel``
+(``anomalib.models.image.reverse_distillation.torch_model``), trained without Lightning, as an
+implementation check: no pretrained ResNet weights exist offline, so both sides get the same
+seeded random ResNet-18 encoder. Same data, workers, timing, scoring and reporting as STFPM;
+what differs:
 
-Usage:
-  PYTHONPATH=python .venv-bench/bin/python benches/bench_trained.py --quick --epochs 1
-  PYTHONPATH=python .venv-bench/bin/python benches/bench_trained.py                  # 100 train, 10 epochs
-  PYTHONPATH=python .venv-bench/bin/python benches/bench_trained.py --seeds 0 1 2
-  PYTHONPATH=python .venv-bench/bin/python benches/bench_trained.py --quick --only anomalib
+- Encoder: ``torchvision.models.resnet18(weights=None)`` drawn in the parent right after
+  ``torch.manual_seed(1234)`` (``ENCODER_SEED``); its whole state_dict (``fc.*`` included: anomalox
+  takes it as the classifier, anomalib's features_only model has no such module) is saved to the
+  work dir with ``torch.save`` and read by both workers (``torch.load(weights_only=True)``) before
+  the clock starts. Taps ``layer1``, ``layer2``, ``layer3`` (strides 4 / 8 / 16, 64 / 128 / 256
+  channels; ``--layers`` overrides). anomalox: ``ReverseDistillation(backbone="resnet18",
+  weights=<that state_dict>, ...)``. anomalib: ``ReverseDistillationModel(backbone="resnet18",
+  input_size=(256, 256), layers=[...], anomaly_map_mode=AnomalyMapGenerationMode.ADD,
+  pre_trained=False)``; the ``TimmFeatureExtractor`` it builds (timm ``resnet18``,
+  ``features_only``, modules ``conv1``, ``bn1``, ``layer1`` .. ``layer3``: torchvision's names) gets
+  the saved tensors it has, loaded with ``load_state_dict(strict=True)`` (so every encoder tensor
+  comes from the file; ``layer4.*`` and ``fc.*`` are not in it). The encoder stays as anomalib keeps
+  it: ``ReverseDistillationModel.forward`` puts it in eval mode and runs it under ``no_grad``, and
+  its parameters are not in the optimiser. This is put in by monkeypatching the name
+  ``TimmFeatureExtractor`` in anomalib's reverse_distillation ``torch_model`` module while the model
+  is built; right after the encoder, ``torch.manual_seed(seed)``, so that the OCBE bottleneck
+  (``get_bottleneck_layer("resnet18")``) and the decoder (``get_decoder("resnet18")``,
+  ``de_resnet18``) are drawn from the seed alone. anomalox draws its OCBE / decoder from its own
+  seeded generator (see its ``ReverseDistillation`` docstring): the two starting points differ.
+- Inputs: ImageNet mean / std (``anomalox.backbone.IMAGENET_MEAN`` / ``IMAGENET_STD``), as anomalox's
+  ResNet backbones normalise: the parent's ``bd.prepare`` runs with those in place of mean = std =
+  0.5, i.e. anomalib gets ``Preprocessing(image_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)``
+  of the images; anomalox gets the [0, 1] tensors and normalises them itself (the worker checks
+  that this equals anomalib's input bitwise).
+- Optimiser as anomalib's ``ReverseDistillation.configure_optimizers``: Adam over the decoder's and
+  the bottleneck's parameters, lr 0.005, betas (0.5, 0.99) (anomalox's own default is the paper's
+  (0.5, 0.999): here both sides get anomalib's), eps 1e-8, no weight decay (``--lr``, ``--betas``,
+  ``--weight-decay`` override, on both sides). ``--epochs`` (10), ``--batch`` (8), seeded shuffling,
+  ``model.train()`` and the training loop as for STFPM; loss anomalib's ``ReverseDistillationLoss``
+  (per tap, the batch mean of 1 - cosine similarity of the flattened features, summed over the
+  taps; anomalox's loss is the same formula). Scores: ``model.eval()``, ``pred_score`` and
+  ``anomaly_map`` of the ``InferenceBatch``: per tap 1 - cosine similarity along the channels,
+  bilinear upsampling (align_corners) to 256 x 256, summed over the taps (ADD), then anomalib's
+  ``GaussianBlur2d`` with sigma 4 (kernel 33); the score is the blurred map's maximum. anomalox:
+  ``ReverseDistillation(..., map_combine="sum", validation_fraction=0, random_state=seed)``,
+  ``fit`` then ``inspect`` (the same map: sum, sigma 4, max).
+- The loss history is each side's per-epoch mean of the batch losses (anomalib's loss already
+  averages over the images of a batch; the JSON also has the image-weighted epoch mean).
+- Checks after the measurements: anomalib's encoder tensors equal the file's, the encoder is in
+  eval mode with no gradients; encoder and decoder outputs have the same shapes per tap; the
+  encoder taps of one test image, anomalox vs anomalib, agree (max |diff| / max in the table notes;
+  anomalox folds batch norm into the convolutions, so not bitwise).
+
+Usage (``tch/python`` on ``PYTHONPATH`` for anomalox's tch part):
+  PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py --quick --epochs 1
+  PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py       # 100 train, 10 epochs
+  PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py --seeds 0 1 2
+  PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py --quick --only anomalib
+  PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py --method reverse_distillation --epochs 5
 
 Markdown goes to stdout, progress to stderr, JSON to benches/results/ (or ``--json PATH``).
 """
@@ -126,6 +176,13 @@ class Method:
     build_anomalib: Callable
     # anomalox: (args, seed) -> unfitted estimator
     build_anomalox: Callable
+    # anomalib worker: imports everything the run needs (before the clock and the baseline RSS)
+    anomalib_imports: Callable
+    # anomalib worker, after the measurements: (args, cfg, model, out) -> None, fills out
+    check_anomalib: Callable
+    betas: tuple[float, float] | None = None  # Adam
+    normalisation: str = "symmetric"  # anomalib's inputs: "symmetric" (mean = std = 0.5) or "imagenet"
+    loss_sums_images: bool = True  # the loss sums over a batch's images (STFPM) or averages (RD)
 
 
 def student_lite0(extractor_cls, layers, trim: bool = True):
@@ -202,6 +259,143 @@ def build_anomalox_stfpm(args, seed: int):
     )
 
 
+def imports_stfpm() -> None:
+    import efficientnet_lite_pytorch  # noqa: F401
+    import timm  # noqa: F401
+    from anomalib.models.image.stfpm import loss, torch_model  # noqa: F401
+
+
+def check_anomalib_stfpm(args, cfg: dict, model, out: dict) -> None:
+    """Teacher and student taps line up (names, shapes), teacher frozen in eval."""
+    import torch
+
+    with torch.no_grad():
+        probe = bd.first_images(cfg["xn_test"], 0, 1)
+        t, s = model.teacher_model(probe), model.student_model(probe)
+    out["taps"] = {k: list(v.shape[1:]) for k, v in t.items()}
+    out["student_taps"] = {k: list(v.shape[1:]) for k, v in s.items()}
+    assert out["taps"] == out["student_taps"], (out["taps"], out["student_taps"])
+    out["teacher_frozen_eval"] = not any(p.requires_grad for p in model.teacher_model.parameters()) and not any(
+        m.training for m in model.teacher_model.net.modules()
+    )
+    out["student_params"] = int(sum(p.numel() for p in model.student_model.parameters()))
+    out["student"] = (
+        f"timm {model.student_model.backbone}, features {model.student_model.idx}, "
+        f"{len(model.student_model.feature_extractor.blocks)} of 7 stages"
+    )
+
+
+# ---- Reverse Distillation: a ResNet-18 encoder with the same seeded random weights on both sides
+RD_BACKBONE = "resnet18"
+ENCODER_SEED = 1234  # torch.manual_seed before torchvision.models.resnet18(weights=None), in the parent
+
+
+def save_encoder_weights(workdir: str) -> str:
+    """torchvision's resnet18 with random weights drawn after torch.manual_seed(ENCODER_SEED), saved."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(ENCODER_SEED)
+    state = torchvision.models.resnet18(weights=None).state_dict()  # fc.* included (see the docstring)
+    path = os.path.join(workdir, f"{RD_BACKBONE}_seed{ENCODER_SEED}.pth")
+    torch.save(state, path)
+    return path
+
+
+def imports_rd() -> None:
+    import timm  # noqa: F401
+    from anomalib.models.image.reverse_distillation import anomaly_map, loss, torch_model  # noqa: F401
+
+
+def build_anomalib_rd(args, seed: int):
+    import torch
+    from anomalib.models.image.reverse_distillation import torch_model as tm
+    from anomalib.models.image.reverse_distillation.anomaly_map import AnomalyMapGenerationMode
+    from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
+
+    state = args.encoder_state  # the saved torchvision state_dict, read before the clock
+    real = tm.TimmFeatureExtractor
+
+    def extractor(backbone=None, layers=None, pre_trained=True, **kwargs):
+        encoder = real(backbone=backbone, layers=layers, pre_trained=pre_trained, **kwargs)
+        # anomalib drops (with a warning) a layer timm does not expose: refuse instead.
+        assert list(encoder.layers) == list(args.layers), (encoder.layers, args.layers)
+        fe = encoder.feature_extractor  # timm FeatureListNet: torchvision's module names
+        own = fe.state_dict()
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise SystemExit(f"anomalib encoder tensors not in the saved state_dict: {missing[:5]} ...")
+        fe.load_state_dict({k: state[k] for k in own}, strict=True)
+        encoder.loaded_from_file = len(own)  # for the report
+        torch.manual_seed(seed)  # the bottleneck's and decoder's init depends on the seed alone
+        return encoder
+
+    tm.TimmFeatureExtractor = extractor
+    try:
+        model = tm.ReverseDistillationModel(
+            backbone=RD_BACKBONE,
+            input_size=(SIZE, SIZE),
+            layers=list(args.layers),
+            anomaly_map_mode=AnomalyMapGenerationMode.ADD,
+            pre_trained=False,
+        )
+    finally:
+        tm.TimmFeatureExtractor = real
+    criterion = ReverseDistillationLoss()
+
+    def loss_fn(m, x):
+        encoder_features, decoder_features = m(x)
+        return criterion(encoder_features, decoder_features)
+
+    # ReverseDistillation.configure_optimizers: decoder then bottleneck parameters
+    return model, loss_fn, list(model.decoder.parameters()) + list(model.bottleneck.parameters())
+
+
+def build_anomalox_rd(args, seed: int):
+    from anomalox import ReverseDistillation
+
+    return ReverseDistillation(
+        backbone=RD_BACKBONE,
+        weights=args.encoder_state,
+        layers=tuple(args.layers),
+        map_combine="sum",
+        image_size=SIZE,
+        max_epochs=args.epochs,
+        batch_size=args.batch,
+        optimizer=args.optimizer,
+        learning_rate=args.lr,
+        momentum=args.momentum,
+        betas=tuple(args.betas),
+        weight_decay=args.weight_decay,
+        validation_fraction=0.0,
+        random_state=seed,
+        n_threads=args.threads,
+    )
+
+
+def check_anomalib_rd(args, cfg: dict, model, out: dict) -> None:
+    """Encoder = the file's tensors, frozen in eval; encoder / decoder shapes per tap; probe taps saved."""
+    import torch
+
+    fe = model.encoder.feature_extractor
+    state = args.encoder_state
+    out["encoder_tensors_from_file"] = int(model.encoder.loaded_from_file)
+    out["encoder_equals_file"] = all(torch.equal(v, state[k]) for k, v in fe.state_dict().items())
+    out["encoder_frozen_eval"] = not any(m.training for m in fe.modules()) and all(
+        p.grad is None for p in fe.parameters()
+    )
+    with torch.no_grad():
+        probe = bd.first_images(cfg["xn_test"], cfg["probe"], cfg["probe"] + 1)
+        enc = model.encoder(probe)
+        dec = model.decoder(model.bottleneck(list(enc.values())))
+    out["taps"] = {k: list(v.shape[1:]) for k, v in enc.items()}
+    out["decoder_outputs"] = [list(v.shape[1:]) for v in dec]
+    assert list(out["taps"].values()) == out["decoder_outputs"], (out["taps"], out["decoder_outputs"])
+    out["trained_params"] = int(sum(p.numel() for p in [*model.decoder.parameters(), *model.bottleneck.parameters()]))
+    out["encoder"] = f"timm {model.encoder.backbone} features_only, out_indices {model.encoder.idx}"
+    np.save(cfg["out"] + "_taps.npy", np.concatenate([v.reshape(-1).numpy() for v in enc.values()]))
+
+
 METHODS = {
     "stfpm": Method(
         title="STFPM",
@@ -212,16 +406,26 @@ METHODS = {
         weight_decay=1e-3,
         build_anomalib=build_anomalib_stfpm,
         build_anomalox=build_anomalox_stfpm,
+        anomalib_imports=imports_stfpm,
+        check_anomalib=check_anomalib_stfpm,
     ),
-    # "reverse_distillation": Method(
-    #     title="Reverse Distillation",
-    #     layers=("layer1", "layer2", "layer3"),
-    #     optimizer="adam", lr=0.005, ... (anomalib ReverseDistillation.configure_optimizers:
-    #     Adam, betas (0.5, 0.99), on the decoder + bottleneck),
-    #     build_anomalib=...,  # ReverseDistillationModel, ResNet-18 encoder with seeded random
-    #                          # weights (the same on both sides), loss ReverseDistillationLoss
-    #     build_anomalox=...,  # anomalox's reverse-distillation detector, same encoder weights
-    # ),
+    "reverse_distillation": Method(
+        title="Reverse Distillation",
+        layers=("layer1", "layer2", "layer3"),
+        # anomalib ReverseDistillation.configure_optimizers: Adam(decoder + bottleneck, lr=0.005,
+        # betas=(0.5, 0.99)), no weight decay; momentum is unused by Adam
+        optimizer="adam",
+        lr=0.005,
+        momentum=0.0,
+        weight_decay=0.0,
+        betas=(0.5, 0.99),
+        build_anomalib=build_anomalib_rd,
+        build_anomalox=build_anomalox_rd,
+        anomalib_imports=imports_rd,
+        check_anomalib=check_anomalib_rd,
+        normalisation="imagenet",
+        loss_sums_images=False,
+    ),
 }
 
 
@@ -233,9 +437,12 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch", type=int, default=8, help="training and scoring batch size")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per library and seed, interleaved")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's, STFPM 0.4)")
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: the method's, 0.9)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: the method's, 1e-3)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's, STFPM 0.4, RD 0.005)")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: the method's, STFPM 0.9)")
+    p.add_argument("--betas", type=float, nargs=2, default=None, help="Adam betas (default: the method's, RD 0.5 0.99)")
+    p.add_argument(
+        "--weight-decay", type=float, default=None, help="weight decay (default: the method's, STFPM 1e-3, RD 0)"
+    )
     p.add_argument("--layers", default=None, help="comma-separated taps (default per method)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
@@ -269,9 +476,12 @@ def parse_args(argv=None):
     spec = METHODS[args.method]
     args.layers = args.layers.split(",") if args.layers else list(spec.layers)
     args.optimizer = spec.optimizer
-    for name in ("lr", "momentum", "weight_decay"):
+    for name in ("lr", "momentum", "weight_decay", "betas"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(spec, name))
+    if args.betas is not None:
+        args.betas = tuple(args.betas)
+    args.encoder_state = None  # RD: the encoder's state_dict, read by run_worker
     if args.quick:
         args.train = 20
     return args
@@ -329,6 +539,11 @@ def worker_anomalox(args, cfg: dict) -> dict:
         out["preprocess_identical"] = bool(np.array_equal(mine, np.asarray(xn[:k])))
     except AttributeError:
         out["preprocess_identical"] = None
+    if args.encoder_state is not None:  # the encoder taps of the probe image, for the cross-library check
+        probe = bd.first_images(cfg["x01_test"], cfg["probe"], cfg["probe"] + 1)
+        feats = model.backbone_.features(probe, n_threads=args.threads)
+        out["taps"] = {k: list(v.shape[1:]) for k, v in feats.items()}
+        np.save(cfg["out"] + "_taps.npy", np.concatenate([v.reshape(-1).numpy() for v in feats.values()]))
     return out
 
 
@@ -340,12 +555,9 @@ def worker_anomalib(args, cfg: dict) -> dict:
     import anomalib
 
     out: dict = {"module": anomalib.__file__, "version": anomalib.__version__}
-    # Every module the run needs is imported before the clock starts and the baseline RSS is read.
-    import efficientnet_lite_pytorch  # noqa: F401
-    import timm  # noqa: F401
-    from anomalib.models.image.stfpm import torch_model  # noqa: F401
-
     spec = METHODS[args.method]
+    # Every module the run needs is imported before the clock starts and the baseline RSS is read.
+    spec.anomalib_imports()
     seed = args.seed
     if args.inputs == "stream":
         xtr = NpyRows(cfg["xn_train"])
@@ -367,6 +579,8 @@ def worker_anomalib(args, cfg: dict) -> dict:
     model, loss_fn, params = spec.build_anomalib(args, seed)
     if spec.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, dampening=0.0, weight_decay=args.weight_decay)
+    elif spec.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=args.lr, betas=tuple(args.betas), eps=1e-8, weight_decay=args.weight_decay)
     else:  # pragma: no cover - a later method's optimiser goes here
         raise NotImplementedError(spec.optimizer)
     gen = torch.Generator().manual_seed(seed)
@@ -375,7 +589,7 @@ def worker_anomalib(args, cfg: dict) -> dict:
     for _ in range(args.epochs):
         te = time.perf_counter()
         order = torch.randperm(n, generator=gen)
-        batch_losses = []
+        batch_losses, batch_sizes = [], []
         for start in range(0, n, args.batch):
             xb = take(order[start : start + args.batch])
             opt.zero_grad(set_to_none=True)
@@ -383,8 +597,12 @@ def worker_anomalib(args, cfg: dict) -> dict:
             loss.backward()
             opt.step()
             batch_losses.append(float(loss.detach()))
+            batch_sizes.append(int(xb.shape[0]))
         losses.append(float(np.mean(batch_losses)))
-        per_image.append(float(np.sum(batch_losses) / n))
+        if spec.loss_sums_images:  # per image: the epoch's sum over the images / n
+            per_image.append(float(np.sum(batch_losses) / n))
+        else:  # the loss is a batch mean: weight each batch by its size
+            per_image.append(float(np.dot(batch_losses, batch_sizes) / n))
         epoch_s.append(time.perf_counter() - te)
         log(f"anomalib seed {seed}: epoch {len(losses)}/{args.epochs} loss {losses[-1]:.4f} ({epoch_s[-1]:.1f} s)")
     model.eval()
@@ -401,21 +619,8 @@ def worker_anomalib(args, cfg: dict) -> dict:
     np.save(cfg["out"] + "_scores.npy", np.concatenate(scores))
     np.save(cfg["out"] + "_maps.npy", np.concatenate(maps))
 
-    # After the measurements: teacher and student taps line up (names, shapes), teacher frozen in eval.
-    with torch.no_grad():
-        probe = bd.first_images(cfg["xn_test"], 0, 1)
-        t, s = model.teacher_model(probe), model.student_model(probe)
-    out["taps"] = {k: list(v.shape[1:]) for k, v in t.items()}
-    out["student_taps"] = {k: list(v.shape[1:]) for k, v in s.items()}
-    assert out["taps"] == out["student_taps"], (out["taps"], out["student_taps"])
-    out["teacher_frozen_eval"] = not any(p.requires_grad for p in model.teacher_model.parameters()) and not any(
-        m.training for m in model.teacher_model.net.modules()
-    )
-    out["student_params"] = int(sum(p.numel() for p in model.student_model.parameters()))
-    out["student"] = (
-        f"timm {model.student_model.backbone}, features {model.student_model.idx}, "
-        f"{len(model.student_model.feature_extractor.blocks)} of 7 stages"
-    )
+    # After the measurements: the method's own checks.
+    spec.check_anomalib(args, cfg, model, out)
     return out
 
 
@@ -423,6 +628,10 @@ def run_worker(args) -> None:
     with open(os.path.join(args.workdir, "config.json")) as f:
         cfg = json.load(f)
     cfg["out"] = os.path.join(args.workdir, f"{args.worker}_s{args.seed}")
+    if cfg.get("encoder_weights"):  # read before either worker's clock starts
+        import torch
+
+        args.encoder_state = torch.load(cfg["encoder_weights"], map_location="cpu", weights_only=True)
     out = (worker_anomalox if args.worker == "anomalox" else worker_anomalib)(args, cfg)
     out["threads"] = __import__("torch").get_num_threads()
     with open(cfg["out"] + "_result.json", "w") as f:
@@ -436,6 +645,7 @@ def worker_argv(args, lib: str, seed: int, workdir: str) -> list[str]:
     argv += ["--epochs", str(args.epochs), "--layers", ",".join(args.layers), "--inputs", args.inputs]
     argv += ["--untrimmed-student"] if args.untrimmed_student else []
     argv += ["--lr", repr(args.lr), "--momentum", repr(args.momentum), "--weight-decay", repr(args.weight_decay)]
+    argv += ["--betas", *map(repr, args.betas)] if args.betas is not None else []
     return argv
 
 
@@ -464,7 +674,22 @@ def main() -> None:
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-trained-")
     os.makedirs(workdir, exist_ok=True)
     t_prep = time.perf_counter()
-    cfg, labels, masks, empty_mask = bd.prepare(args, workdir)
+    if spec.normalisation == "imagenet":  # anomalib's inputs normalised as anomalox's ResNets do
+        from anomalox.backbone import IMAGENET_MEAN, IMAGENET_STD
+
+        mean_std = (IMAGENET_MEAN, IMAGENET_STD)
+    else:
+        mean_std = (bd.MEAN, bd.STD)
+    saved = (bd.MEAN, bd.STD)
+    bd.MEAN, bd.STD = mean_std  # bd.prepare reads these module globals when it runs
+    try:
+        cfg, labels, masks, empty_mask = bd.prepare(args, workdir)
+    finally:
+        bd.MEAN, bd.STD = saved
+    cfg["mean"], cfg["std"] = list(mean_std[0]), list(mean_std[1])
+    if args.method == "reverse_distillation":
+        cfg["encoder_weights"] = save_encoder_weights(workdir)
+        log(f"encoder: torchvision {RD_BACKBONE} after torch.manual_seed({ENCODER_SEED}) -> {cfg['encoder_weights']}")
     log(f"prepared inputs in {time.perf_counter() - t_prep:.1f} s into {workdir}")
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(cfg, f)
@@ -529,6 +754,13 @@ def main() -> None:
                 "maps_pearson": float(np.corrcoef(ma, mb)[0, 1]),
             }
             del ma, mb
+            taps = [os.path.join(workdir, f"{lib}_s{seed}_taps.npy") for lib in LIBS]
+            if all(os.path.exists(t) for t in taps):  # the same frozen encoder on one test image
+                ta, tb = (np.load(t) for t in taps)
+                agree[seed]["probe_image"] = cfg["test"][cfg["probe"]]
+                agree[seed]["encoder_taps_max_abs_diff_over_max"] = (
+                    float(np.abs(ta - tb).max() / np.abs(tb).max()) if ta.shape == tb.shape else None
+                )
     load_end = os.getloadavg()
 
     # ---- output
@@ -550,12 +782,19 @@ def main() -> None:
         (r["version"] for r in results.get("anomalib", {}).values() if "version" in r),
         "2.7.0",
     )
+    if args.method == "reverse_distillation":
+        net = f"ResNet-18 encoder (random, seed {ENCODER_SEED}, same weights both sides) {'+'.join(args.layers)}"
+    else:
+        net = f"Lite0 teacher {'+'.join(args.layers)}"
+    if spec.optimizer == "adam":
+        opt_desc = f"Adam lr {args.lr:g} betas ({args.betas[0]:g}, {args.betas[1]:g})"
+    else:
+        opt_desc = f"{spec.optimizer.upper()} lr {args.lr:g} momentum {args.momentum:g}"
     lines = [
         f"### {spec.title}: anomalox vs anomalib {version} "
         f"({os.path.basename(os.path.normpath(args.data))}, {n_train} train / {n_test} test images, "
-        f"{n_def} defective; Lite0 teacher {'+'.join(args.layers)}, {SIZE} px; {args.epochs} epochs, "
-        f"batch {args.batch}, {spec.optimizer.upper()} lr {args.lr:g} momentum {args.momentum:g} "
-        f"weight decay {args.weight_decay:g}; {args.threads} threads)",
+        f"{n_def} defective; {net}, {SIZE} px; {args.epochs} epochs, "
+        f"batch {args.batch}, {opt_desc} weight decay {args.weight_decay:g}; {args.threads} threads)",
         "",
         "| library | seed | " + " | ".join(c[0] for c in cols) + " |",
         "|---" * (len(cols) + 2) + "|",
@@ -595,10 +834,20 @@ def main() -> None:
         f"library and seed, {args.threads} threads, inputs {args.inputs}"
         + ("" if args.malloc_mmap_threshold is None else f", MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}")
         + ".  ",
-        "Students: anomalib timm tf_efficientnet_lite0 (random init, seeded), taps keyed like the teacher, "
-        + ("all 7 stages run" if args.untrimmed_student else "stages after the last tap dropped")
-        + "; anomalox its own.  ",
     ]
+    if args.method == "reverse_distillation":
+        lines.append(
+            f"Encoder: torchvision {RD_BACKBONE} drawn after torch.manual_seed({ENCODER_SEED}), one state_dict file "
+            "for both (anomalib: loaded strictly into its timm features_only encoder, frozen, eval); inputs "
+            "ImageNet mean/std; OCBE + decoder: anomalib drawn after torch.manual_seed(seed), anomalox its own "
+            "seeded init; maps summed over the taps, Gaussian sigma 4, score = map max.  "
+        )
+    else:
+        lines.append(
+            "Students: anomalib timm tf_efficientnet_lite0 (random init, seeded), taps keyed like the teacher, "
+            + ("all 7 stages run" if args.untrimmed_student else "stages after the last tap dropped")
+            + "; anomalox its own.  "
+        )
     for lib in libs:
         for seed in args.seeds:
             r = results[lib].get(seed, {})
@@ -623,10 +872,21 @@ def main() -> None:
                     + ".  "
                 )
     for seed, a in agree.items():
+        taps_diff = a.get("encoder_taps_max_abs_diff_over_max")
         lines.append(
             f"Agreement seed {seed}: image scores Pearson {a['image_scores_pearson']:.4f} / Spearman "
-            f"{a['image_scores_spearman']:.4f}; maps Pearson {a['maps_pearson']:.4f}.  "
+            f"{a['image_scores_spearman']:.4f}; maps Pearson {a['maps_pearson']:.4f}"
+            + ("" if taps_diff is None else f"; encoder taps on one test image max|diff|/max {taps_diff:.2e}")
+            + ".  "
         )
+    checks = []
+    for lib in libs:
+        for seed, r in results[lib].items():
+            for key in ("preprocess_identical", "encoder_equals_file", "encoder_frozen_eval", "teacher_frozen_eval"):
+                if key in r and r[key] is not None:
+                    checks.append(f"{lib} seed {seed} {key} {r[key]}")
+    if checks:
+        lines.append("Checks: " + "; ".join(checks) + ".  ")
     print("\n".join(lines), flush=True)
 
     doc = {
@@ -642,7 +902,17 @@ def main() -> None:
         "image_size": SIZE,
         "epochs": args.epochs,
         "batch": args.batch,
-        "optimizer": {"name": args.optimizer, "lr": args.lr, "momentum": args.momentum, "wd": args.weight_decay},
+        "optimizer": {
+            "name": args.optimizer,
+            "lr": args.lr,
+            "momentum": args.momentum,
+            "betas": args.betas,
+            "wd": args.weight_decay,
+        },
+        "normalisation": {"mean": cfg["mean"], "std": cfg["std"]},
+        "encoder_weights": (
+            {"torchvision": RD_BACKBONE, "seed": ENCODER_SEED} if args.method == "reverse_distillation" else None
+        ),
         "seeds": args.seeds,
         "threads": args.threads,
         "untrimmed_student": args.untrimmed_student,
