@@ -149,6 +149,28 @@ def test_rd_model_features_have_the_taps_shapes(tch):
         model.maps(encoder[:2], (65, 57), "sum", 1)
 
 
+def test_rd_model_state_round_trips_and_bad_weights_are_named(tch):
+    layers = ["layer1", "layer2", "layer3"]
+    a, b = _rd_model(tch, "resnet18", layers, seed=0), _rd_model(tch, "resnet18", layers, seed=1)
+    state = a.state_dict()
+    assert [k for k, _ in state] == sorted(k for k, _ in state)
+    assert all(t.is_contiguous() and t.device.type == "cpu" for _, t in state)
+    encoder = [torch.randn(1, 64, 16, 16), torch.randn(1, 128, 8, 8), torch.randn(1, 256, 4, 4)]
+    assert not torch.equal(a.maps(encoder, (32, 32), "sum", 1), b.maps(encoder, (32, 32), "sum", 1))
+    b.load_state_dict(state)
+    torch.testing.assert_close(a.maps(encoder, (32, 32), "sum", 1), b.maps(encoder, (32, 32), "sum", 1), rtol=0, atol=0)
+    before = b.state_dict()
+    for bad, match in (
+        (state[1:], r"state.*1 missing"),
+        ([*state, ("extra.weight", torch.zeros(1))], r"state.*1 unexpected"),
+        ([(k, t[..., :1] if t.dim() == 4 else t) for k, t in state], r"state.*expected shape"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            b.load_state_dict(bad)
+    # nothing was copied by a refused load
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(before, b.state_dict()))
+
+
 # ------------------------------------------------------------------ the detector
 def _rd(**kw):
     from anomalox import ReverseDistillation

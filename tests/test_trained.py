@@ -108,6 +108,23 @@ def _taps(net, x, n_layers):
     return out
 
 
+def test_student_state_holds_the_layers_up_to_the_deepest_tap_and_bad_weights_are_named(tch):
+    from anomalox.backbone import BACKBONES
+
+    config = dict(BACKBONES["resnet18"].config)
+    a = tch.StfpmStudent("resnet18", "resnet", config, ["layer1", "layer2"], 3, None, 1)
+    b = tch.StfpmStudent("resnet18", "resnet", config, ["layer1", "layer2"], 4, None, 1)
+    state = a.state_dict()
+    assert {k.split(".")[0] for k, _ in state} == {"conv1", "bn1", "layer1", "layer2"}
+    b.load_state_dict(state)
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(state, b.state_dict()))
+    deeper = tch.StfpmStudent("resnet18", "resnet", config, ["layer1", "layer2", "layer3"], 3, None, 1)
+    with pytest.raises(ValueError, match=r"state.*resnet18 student.*unexpected"):
+        b.load_state_dict(deeper.state_dict())
+    with pytest.raises(ValueError, match=r"state.*missing"):
+        deeper.load_state_dict(state)
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_one_training_step_equals_torch_optim(tch, optimizer):
     from anomalox.backbone import BACKBONES

@@ -5,7 +5,6 @@
 //! Python runs the frozen encoder once over the training images and hands its taps here; the
 //! model is trained to give them back (they are its inputs and its targets), one epoch per call.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use pyo3::prelude::*;
@@ -15,22 +14,10 @@ use tch::{nn, Device, Tensor};
 use anomalox::py::runtime::{argument_error, run, to_py_err};
 
 use crate::py::{device_name, set_threads, to_device, Structure};
-use crate::py_train::{optim_config, tensors};
+use crate::py_train::{combine_of, export_variables, import_variables, optim_config, tensors};
 use crate::train::rd::{self, lite_taps, resnet_taps, RdSpec, ReverseDistillation};
-use crate::train::stfpm::Combine;
 use crate::train::student::InitRng;
 use crate::train::Trainer;
-
-fn combine_of(combine: &str) -> PyResult<Combine> {
-    match combine {
-        "product" => Ok(Combine::Product),
-        "sum" => Ok(Combine::Sum),
-        _ => Err(argument_error(
-            "map_combine",
-            format!("expected 'sum' or 'product', got {combine:?}"),
-        )),
-    }
-}
 
 /// The OCBE and decoder of a Reverse Distillation detector for the encoder `arch`'s taps
 /// `layers`, freshly initialised (seeded).
@@ -257,57 +244,16 @@ impl RdModel {
 
     /// All parameters and batch-norm statistics, as CPU copies sorted by name.
     fn state_dict(&self) -> Vec<(String, PyTensor)> {
-        let trainer = self.lock();
-        let mut out: Vec<(String, PyTensor)> = trainer
-            .vs
-            .variables()
-            .into_iter()
-            .map(|(k, t)| (k, PyTensor(t.detach().to_device(Device::Cpu).copy())))
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        export_variables(&self.lock().vs, |_| true)
     }
 
     /// Replace the parameters with those of a `state_dict()` (names and shapes must match).
     fn load_state_dict(&self, entries: Vec<(String, PyTensor)>) -> PyResult<()> {
-        let trainer = self.lock();
-        let vars = trainer.vs.variables();
-        let given: HashMap<String, Tensor> = entries.into_iter().map(|(k, t)| (k, t.0)).collect();
-        let missing: Vec<&String> = vars.keys().filter(|k| !given.contains_key(*k)).collect();
-        let unexpected: Vec<&String> = given.keys().filter(|k| !vars.contains_key(*k)).collect();
-        if !missing.is_empty() || !unexpected.is_empty() {
-            return Err(argument_error(
-                "state",
-                format!(
-                    "the weights do not fit the Reverse Distillation model of {} at these taps: {} missing (e.g. {:?}), {} unexpected (e.g. {:?})",
-                    self.arch,
-                    missing.len(),
-                    missing.first(),
-                    unexpected.len(),
-                    unexpected.first()
-                ),
-            ));
-        }
-        for (name, var) in &vars {
-            let t = &given[name];
-            if t.size() != var.size() {
-                return Err(argument_error(
-                    "state",
-                    format!(
-                        "{name:?}: expected shape {:?}, got {:?}",
-                        var.size(),
-                        t.size()
-                    ),
-                ));
-            }
-        }
-        tch::no_grad(|| {
-            for (name, var) in &vars {
-                let mut var = var.shallow_clone();
-                var.copy_(&given[name]);
-            }
-        });
-        Ok(())
+        let what = format!(
+            "the Reverse Distillation model of {} at these taps",
+            self.arch
+        );
+        import_variables(&self.lock().vs, entries, |_| true, &what)
     }
 }
 

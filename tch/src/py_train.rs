@@ -28,6 +28,97 @@ pub(crate) fn tensors(list: Vec<PyTensor>) -> Vec<Tensor> {
     list.into_iter().map(|t| t.0).collect()
 }
 
+/// The `map_combine` argument: "product" or "sum".
+pub(crate) fn combine_of(combine: &str) -> PyResult<Combine> {
+    match combine {
+        "product" => Ok(Combine::Product),
+        "sum" => Ok(Combine::Sum),
+        _ => Err(argument_error(
+            "map_combine",
+            format!("expected 'product' or 'sum', got {combine:?}"),
+        )),
+    }
+}
+
+/// The variables of `vs` whose names pass `keep`, as contiguous CPU copies sorted by name.
+pub(crate) fn export_variables(
+    vs: &nn::VarStore,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<(String, PyTensor)> {
+    let mut out: Vec<(String, PyTensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(k, _)| keep(k))
+        .map(|(k, t)| {
+            (
+                k,
+                PyTensor(t.detach().to_device(Device::Cpu).contiguous().copy()),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Copy `entries` (an `export_variables` list) into the variables of `vs` whose names pass
+/// `keep`: every such variable must be given, nothing else, each with its shape; otherwise an
+/// error naming `state` and `what` (the network the weights were meant for), with nothing copied.
+pub(crate) fn import_variables(
+    vs: &nn::VarStore,
+    entries: Vec<(String, PyTensor)>,
+    keep: impl Fn(&str) -> bool,
+    what: &str,
+) -> PyResult<()> {
+    let vars: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(k, _)| keep(k))
+        .collect();
+    let given: std::collections::HashMap<String, Tensor> =
+        entries.into_iter().map(|(k, t)| (k, t.0)).collect();
+    let missing: Vec<&String> = vars
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| !given.contains_key(*k))
+        .collect();
+    let unexpected: Vec<&String> = given
+        .keys()
+        .filter(|k| !vars.iter().any(|(v, _)| v == *k))
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        return Err(argument_error(
+            "state",
+            format!(
+                "the weights do not fit {what}: {} missing (e.g. {:?}), {} unexpected (e.g. {:?})",
+                missing.len(),
+                missing.first(),
+                unexpected.len(),
+                unexpected.first()
+            ),
+        ));
+    }
+    for (name, var) in &vars {
+        let t = &given[name];
+        if t.size() != var.size() {
+            return Err(argument_error(
+                "state",
+                format!(
+                    "{name:?}: expected shape {:?}, got {:?}",
+                    var.size(),
+                    t.size()
+                ),
+            ));
+        }
+    }
+    tch::no_grad(|| {
+        for (name, var) in &vars {
+            let mut var = var.shallow_clone();
+            var.copy_(&given[name]);
+        }
+    });
+    Ok(())
+}
+
 /// Whether parameter `name` belongs to the part of the network a forward pass to tap `last` runs
 /// (the stem and the blocks / layers up to that tap).
 fn runs_up_to(name: &str, last: usize) -> bool {
@@ -356,74 +447,19 @@ impl StfpmStudent {
     /// The trained parameters and batch-norm statistics (those of the layers up to the deepest
     /// matched tap), as CPU copies sorted by name.
     fn state_dict(&self) -> Vec<(String, PyTensor)> {
-        let state = self.lock();
-        let mut out: Vec<(String, PyTensor)> = state
-            .trainer
-            .vs
-            .variables()
-            .into_iter()
-            .filter(|(k, _)| runs_up_to(k, self.last))
-            .map(|(k, t)| {
-                (
-                    k,
-                    PyTensor(t.detach().to_device(Device::Cpu).contiguous().copy()),
-                )
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        export_variables(&self.lock().trainer.vs, |k| runs_up_to(k, self.last))
     }
 
     /// Replace the trained parameters with those of a `state_dict()` (names and shapes must match).
     fn load_state_dict(&self, entries: Vec<(String, PyTensor)>) -> PyResult<()> {
         let mut state = self.lock();
-        let vars = state.trainer.vs.variables();
-        let expected: Vec<&String> = vars.keys().filter(|k| runs_up_to(k, self.last)).collect();
-        let given: std::collections::HashMap<String, Tensor> =
-            entries.into_iter().map(|(k, t)| (k, t.0)).collect();
-        let missing: Vec<&&String> = expected
-            .iter()
-            .filter(|k| !given.contains_key(**k))
-            .collect();
-        let unexpected: Vec<&String> = given
-            .keys()
-            .filter(|k| !vars.contains_key(*k) || !runs_up_to(k, self.last))
-            .collect();
-        if !missing.is_empty() || !unexpected.is_empty() {
-            return Err(argument_error(
-                "state",
-                format!(
-                    "the student weights do not fit {} at these taps: {} missing (e.g. {:?}), {} unexpected (e.g. {:?})",
-                    self.arch,
-                    missing.len(),
-                    missing.first(),
-                    unexpected.len(),
-                    unexpected.first()
-                ),
-            ));
-        }
-        for (name, var) in &vars {
-            if let Some(t) = given.get(name) {
-                if t.size() != var.size() {
-                    return Err(argument_error(
-                        "state",
-                        format!(
-                            "{name:?}: expected shape {:?}, got {:?}",
-                            var.size(),
-                            t.size()
-                        ),
-                    ));
-                }
-            }
-        }
-        tch::no_grad(|| {
-            for (name, var) in &vars {
-                if let Some(t) = given.get(name) {
-                    let mut var = var.shallow_clone();
-                    var.copy_(t);
-                }
-            }
-        });
+        let what = format!("the {} student at these taps", self.arch);
+        import_variables(
+            &state.trainer.vs,
+            entries,
+            |k| runs_up_to(k, self.last),
+            &what,
+        )?;
         state.inference = None;
         Ok(())
     }
@@ -449,16 +485,7 @@ pub fn stfpm_map(
     combine: &str,
     n_threads: usize,
 ) -> PyResult<PyTensor> {
-    let combine = match combine {
-        "product" => Combine::Product,
-        "sum" => Combine::Sum,
-        _ => {
-            return Err(argument_error(
-                "map_combine",
-                format!("expected 'product' or 'sum', got {combine:?}"),
-            ))
-        }
-    };
+    let combine = combine_of(combine)?;
     let (teacher, student) = (tensors(teacher), tensors(student));
     let map = run(py, n_threads, move |_| {
         set_threads(n_threads);
