@@ -74,7 +74,7 @@ case "$task" in
             wheel_log="target/pytest-wheels.log"
             mkdir -p target
             echo "==> pytest tests/test_wheel.py, in the background (log: $wheel_log)"
-            python -m pytest -q -p no:cacheprovider --basetemp target/pytest-wheels tests/test_wheel.py \
+            python -m pytest -q -rs -p no:cacheprovider --basetemp target/pytest-wheels tests/test_wheel.py \
                 >"$wheel_log" 2>&1 &
             wheel_pid=$!
             trap 'kill "$wheel_pid" 2>/dev/null || true' EXIT

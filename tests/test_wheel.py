@@ -7,8 +7,11 @@
 - both wheels next to torch==2.13.0 (the one the tch part is built against): the smoke run on the
   tch path.
 
-Each venv installs from PyPI through pip's shared cache (~/.cache/pip) and is deleted afterwards
-(a CUDA torch takes several GB). The install times are printed.
+A CUDA torch takes about 6 GB installed and 3.5 GB of downloads: each venv is deleted when its
+test ends, also when its install fails; torch==2.13.0 comes from pip's cache (~/.cache/pip, where
+the project venv's install put it), the other torches bypass the cache so that they do not stay on
+disk. A torch venv that cannot fit in the free disk is skipped with the figures (a machine without
+that space cannot run it; CI prints the reason). The install times are printed.
 """
 
 import os
@@ -33,6 +36,9 @@ TCH_TORCH = "2.13.0"
 BUILD_TIMEOUT = 1800
 INSTALL_TIMEOUT = 1200
 SCRIPT_TIMEOUT = 900
+# Free disk a torch venv needs while it installs: the downloaded wheels (about 3.5 GiB, CUDA
+# libraries included) and the installed files (about 6 GiB) exist at once.
+TORCH_VENV_GIB = 10.0
 
 pytestmark = pytest.mark.slow
 
@@ -63,12 +69,29 @@ def _report(capsys, message: str) -> None:
         print(f"\n[test_wheel] {message}", flush=True)
 
 
-def _venv(path: Path, requirements: list[str], capsys) -> Path:
-    """A fresh venv at `path` with `requirements` pip-installed (quietly, shared cache); its python."""
+def _need_disk(path: Path, gib: float) -> None:
+    """Skip, naming the figures, when the file system holding `path` has less than `gib` GiB free."""
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free / 2**30
+    if free < gib:
+        pytest.skip(f"a torch venv needs about {gib:.0f} GiB of free disk at {path}; {free:.1f} GiB free")
+
+
+def _venv(path: Path, requirements: list[str], capsys, cache: bool = True) -> Path:
+    """A fresh venv at `path` with `requirements` pip-installed (quietly); its python.
+
+    `cache=False` bypasses pip's cache (nothing downloaded stays on disk). A failed install removes
+    the venv before raising.
+    """
     start = time.perf_counter()
-    _run([sys.executable, "-m", "venv", str(path)], timeout=300, env=_clean_env())
-    py = path / "bin" / "python"
-    _run([str(py), "-m", "pip", "install", "--quiet", *requirements], timeout=INSTALL_TIMEOUT, env=_clean_env(path))
+    try:
+        _run([sys.executable, "-m", "venv", str(path)], timeout=300, env=_clean_env())
+        py = path / "bin" / "python"
+        pip = [str(py), "-m", "pip", "install", "--quiet", *([] if cache else ["--no-cache-dir"])]
+        _run([*pip, *requirements], timeout=INSTALL_TIMEOUT, env=_clean_env(path))
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
     _report(
         capsys,
         f"{path.name}: venv + pip install {' '.join(Path(r).name for r in requirements)}: "
@@ -325,7 +348,9 @@ def test_core_wheel_with_any_supported_torch(wheels, tch_scores, torch_version, 
     core, _ = wheels
     images, scores = tch_scores
     venv = tmp_path / f"venv-torch-{torch_version}"
-    py = _venv(venv, [f"torch=={torch_version}", f"torchvision=={TORCHES[torch_version]}", f"{core}[torch]"], capsys)
+    _need_disk(tmp_path, TORCH_VENV_GIB)
+    requirements = [f"torch=={torch_version}", f"torchvision=={TORCHES[torch_version]}", f"{core}[torch]"]
+    py = _venv(venv, requirements, capsys, cache=False)
     try:
         assert not _installed(py, "anomalox-tch")
         assert _installed(py, "efficientnet-lite-pytorch")
@@ -347,6 +372,7 @@ def test_both_wheels_install_next_to_their_torch_and_pass_the_smoke_run(wheels, 
     core, tch = wheels
     venv = tmp_path / f"venv-tch-{TCH_TORCH}"
     # The [tch] extra names anomalox-tch, which is not on PyPI: the wheel file given here satisfies it.
+    _need_disk(tmp_path, TORCH_VENV_GIB)
     py = _venv(venv, [f"torch=={TCH_TORCH}", f"{core}[tch]", str(tch)], capsys)
     try:
         out = _run(
