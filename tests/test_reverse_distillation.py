@@ -90,7 +90,9 @@ def test_rd_functions_name_bad_arguments(tch):
 
 
 def _rd_model(tch, name, layers, seed=0):
-    return tch.RdModel(name, BACKBONES[name].family, dict(BACKBONES[name].config), layers, seed, None, 1)
+    return tch.HeadModel.reverse_distillation(
+        name, BACKBONES[name].family, dict(BACKBONES[name].config), layers, seed, None, 1
+    )
 
 
 def test_resnet18_ocbe_and_decoder_have_anomalib_s_parameters(tch):
@@ -142,7 +144,8 @@ def test_rd_model_features_have_the_taps_shapes(tch):
     encoder = [torch.randn(2, 24, 17, 15), torch.randn(2, 40, 9, 8), torch.randn(2, 112, 5, 4)]
     decoded = model.features(encoder, 1)
     assert [tuple(d.shape) for d in decoded] == [tuple(e.shape) for e in encoder]
-    maps = model.maps(encoder, (65, 57), "sum", 1)
+    maps, scores = model.maps(encoder, (65, 57), "sum", 1)
+    assert scores is None
     assert maps.shape == (2, 65, 57)
     torch.testing.assert_close(maps, tch.rd_map(encoder, decoded, (65, 57), "sum", 1))
     with pytest.raises(ValueError, match="encoder"):
@@ -156,9 +159,11 @@ def test_rd_model_state_round_trips_and_bad_weights_are_named(tch):
     assert [k for k, _ in state] == sorted(k for k, _ in state)
     assert all(t.is_contiguous() and t.device.type == "cpu" for _, t in state)
     encoder = [torch.randn(1, 64, 16, 16), torch.randn(1, 128, 8, 8), torch.randn(1, 256, 4, 4)]
-    assert not torch.equal(a.maps(encoder, (32, 32), "sum", 1), b.maps(encoder, (32, 32), "sum", 1))
+    assert not torch.equal(a.maps(encoder, (32, 32), "sum", 1)[0], b.maps(encoder, (32, 32), "sum", 1)[0])
     b.load_state_dict(state)
-    torch.testing.assert_close(a.maps(encoder, (32, 32), "sum", 1), b.maps(encoder, (32, 32), "sum", 1), rtol=0, atol=0)
+    torch.testing.assert_close(
+        a.maps(encoder, (32, 32), "sum", 1)[0], b.maps(encoder, (32, 32), "sum", 1)[0], rtol=0, atol=0
+    )
     before = b.state_dict()
     for bad, match in (
         (state[1:], r"state.*1 missing"),

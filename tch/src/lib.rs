@@ -12,7 +12,7 @@ pub mod train;
 #[cfg(feature = "python")]
 mod py;
 #[cfg(feature = "python")]
-mod py_rd;
+mod py_head;
 #[cfg(feature = "python")]
 mod py_train;
 
@@ -27,8 +27,10 @@ fn _tch(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     m.add_class::<py_train::StfpmStudent>()?;
     m.add_function(wrap_pyfunction!(py_train::stfpm_loss, m)?)?;
     m.add_function(wrap_pyfunction!(py_train::stfpm_map, m)?)?;
-    m.add_class::<py_rd::RdModel>()?;
-    m.add_function(wrap_pyfunction!(py_rd::rd_loss, m)?)?;
-    m.add_function(wrap_pyfunction!(py_rd::rd_map, m)?)?;
+    m.add_class::<py_head::HeadModel>()?;
+    m.add_function(wrap_pyfunction!(py_head::rd_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(py_head::rd_map, m)?)?;
+    m.add_function(wrap_pyfunction!(py_head::fre_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(py_head::fre_map, m)?)?;
     Ok(())
 }

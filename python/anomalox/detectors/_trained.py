@@ -75,7 +75,7 @@ class _Betas:
 class TrainedDetector(BaseDetector):
     """Shared training machinery; see the module docstring. Not used directly.
 
-    Subclasses implement ``_new_model(backbone, seed)`` (the Rust model to train, freshly
+    Subclasses implement ``_new_model(backbone, seed, shapes)`` (the Rust model to train, freshly
     initialised), ``_targets(features)`` (the list of tensors it is trained to match, from a
     feature dict) and the scoring hook.
     """
@@ -106,8 +106,14 @@ class TrainedDetector(BaseDetector):
         super().__init_subclass__(**kwargs)
 
     # ----------------------------------------------------------- subclass hooks
-    def _new_model(self, backbone: Any, seed: int) -> Any:
+    def _new_model(self, backbone: Any, seed: int, shapes: list[tuple[int, ...]] | None) -> Any:
+        """The Rust model, freshly initialised from `seed`; `shapes`: the targets' per-image shapes
+        (at fit; after a load, ``_fitted_shapes()``)."""
         raise NotImplementedError
+
+    def _fitted_shapes(self) -> list[tuple[int, ...]] | None:
+        """The targets' per-image shapes the fitted model was built for, where it needs them."""
+        return None
 
     def _targets(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -238,16 +244,19 @@ class TrainedDetector(BaseDetector):
 
         return resolve_threads(self.n_threads)
 
-    def _fit_trained(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[Any, list[float]]:
-        """Gather, build a fresh model and train it: (model, loss history)."""
+    def _fit_trained(
+        self, batches: Iterator[dict[str, torch.Tensor]]
+    ) -> tuple[Any, list[float], list[tuple[int, ...]]]:
+        """Gather, build a fresh model and train it: (model, loss history, the targets' per-image shapes)."""
         backbone = self._training_backbone
         x, y = self._gather(batches)
         seed = seed_from(self.random_state)
         # The initial weights come from the model's own generator seeded with `seed` (never torch's
         # global one): the caller's torch random state is left as it was.
-        model = self._new_model(backbone, seed)
+        shapes = [tuple(int(v) for v in t.shape[1:]) for t in y]
+        model = self._new_model(backbone, seed, shapes)
         history = self._train(model, x, y, seed)
-        return model, history
+        return model, history, shapes
 
     def _model(self) -> Any:
         """The trained model of the current weights (built from them after load or a refit)."""
@@ -255,7 +264,7 @@ class TrainedDetector(BaseDetector):
         cache = self._model_cache
         if cache is not None and cache[0] is weights:
             return cache[1]
-        model = self._new_model(self.backbone_, 0)
+        model = self._new_model(self.backbone_, 0, self._fitted_shapes())
         model.load_state_dict([(k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in weights.items()])
         self._model_cache = (weights, model)
         return model

@@ -156,16 +156,18 @@ class ReverseDistillation(TrainedDetector):
         self.n_threads = n_threads
         self.verbose = verbose
 
-    def _new_model(self, backbone: Any, seed: int) -> Any:
+    def _new_model(self, backbone: Any, seed: int, shapes: list[tuple[int, ...]] | None) -> Any:
         family, config = spec_of(backbone)
         cuda = backbone.device.index if backbone.device.type == "cuda" else None
-        return tch_module().RdModel(backbone.name, family, config, list(backbone.layers), seed, cuda, self._threads())
+        return tch_module().HeadModel.reverse_distillation(
+            backbone.name, family, config, list(backbone.layers), seed, cuda, self._threads()
+        )
 
     def _targets(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [features[name] for name in features if name != INPUT]
 
     def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        model, history = self._fit_trained(batches)
+        model, history, _ = self._fit_trained(batches)
         weights = {name: t.numpy() for name, t in model.state_dict()}
         self._remember(weights, model)
         return {"weights_": weights, "loss_history_": tuple(history)}
@@ -173,7 +175,7 @@ class ReverseDistillation(TrainedDetector):
     def _score_features(self, features: dict[str, torch.Tensor]) -> tuple[None, torch.Tensor]:
         x = features[INPUT]
         encoder = [t.contiguous() for t in self._targets(features)]
-        maps = self._model().maps(encoder, (int(x.shape[-2]), int(x.shape[-1])), self.map_combine, self._threads())
+        maps, _ = self._model().maps(encoder, (int(x.shape[-2]), int(x.shape[-1])), self.map_combine, self._threads())
         return None, maps
 
     def _summary(self) -> str:

@@ -139,7 +139,7 @@ class STFPM(TrainedDetector):
         self.n_threads = n_threads
         self.verbose = verbose
 
-    def _new_model(self, backbone: Any, seed: int) -> Any:
+    def _new_model(self, backbone: Any, seed: int, shapes: list[tuple[int, ...]] | None) -> Any:
         family, config = spec_of(backbone)
         cuda = backbone.device.index if backbone.device.type == "cuda" else None
         return tch_module().StfpmStudent(
@@ -155,7 +155,7 @@ class STFPM(TrainedDetector):
         return [name for name in features if name != INPUT]
 
     def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        model, history = self._fit_trained(batches)
+        model, history, _ = self._fit_trained(batches)
         weights = {name: t.numpy() for name, t in model.state_dict()}
         self._remember(weights, model)
         return {"student_weights_": weights, "loss_history_": tuple(history)}

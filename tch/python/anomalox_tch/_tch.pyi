@@ -97,9 +97,9 @@ def stfpm_map(
     n_threads: int,
 ) -> torch.Tensor: ...
 
-class RdModel:
-    def __init__(
-        self,
+class HeadModel:
+    @staticmethod
+    def reverse_distillation(
         arch: str,
         family: Literal["efficientnet_lite", "resnet", "resnet_bottleneck"],
         config: dict[str, Any],
@@ -107,7 +107,19 @@ class RdModel:
         seed: int,
         cuda: int | None,
         n_threads: int,
-    ) -> None: ...
+    ) -> HeadModel: ...
+    @staticmethod
+    def fre(
+        arch: str,
+        layer: str,
+        channels: int,
+        grid: tuple[int, int],
+        pool: int,
+        latent: int,
+        seed: int,
+        cuda: int | None,
+        n_threads: int,
+    ) -> HeadModel: ...
     @property
     def arch(self) -> str: ...
     @property
@@ -143,7 +155,7 @@ class RdModel:
     def features(self, encoder: list[torch.Tensor], n_threads: int) -> list[torch.Tensor]: ...
     def maps(
         self, encoder: list[torch.Tensor], size: tuple[int, int], combine: Literal["sum", "product"], n_threads: int
-    ) -> torch.Tensor: ...
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
     def state_dict(self) -> list[tuple[str, torch.Tensor]]: ...
     def load_state_dict(self, entries: list[tuple[str, torch.Tensor]]) -> None: ...
 
@@ -155,3 +167,5 @@ def rd_map(
     combine: Literal["sum", "product"],
     n_threads: int,
 ) -> torch.Tensor: ...
+def fre_loss(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor: ...
+def fre_map(v: torch.Tensor, r: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]: ...

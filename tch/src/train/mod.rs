@@ -7,6 +7,7 @@
 //! caller's seeded shuffle), and checks for Ctrl-C and for a non-finite loss at every step, before
 //! the step updates anything.
 
+pub mod fre;
 pub mod rd;
 pub mod stfpm;
 pub mod student;

@@ -217,7 +217,12 @@ impl ConvTranspose {
             shape.iter().product::<i64>() as usize,
             (2.0 / fan_out).sqrt(),
         );
-        let weight = p.var_copy("weight", &Tensor::from_slice(&values).view(shape));
+        // Channels-last as the activations (see `Conv`): mixed layouts make libtorch reorder the
+        // weight at every forward and backward call.
+        let weight = Tensor::from_slice(&values)
+            .view(shape)
+            .to_device(p.device());
+        let weight = p.add("weight", channels_last(&weight), true);
         ConvTranspose { weight, stride }
     }
 

@@ -53,6 +53,13 @@ impl InitRng {
         ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
+    /// `n` draws of U(−bound, bound) as float32.
+    pub fn uniform_symmetric(&mut self, n: usize, bound: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| ((2.0 * self.uniform() - 1.0) * bound) as f32)
+            .collect()
+    }
+
     /// `n` draws of N(0, std²) as float32.
     pub fn normal(&mut self, n: usize, std: f64) -> Vec<f32> {
         let mut out = Vec::with_capacity(n + 1);

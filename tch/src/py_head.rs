@@ -1,9 +1,10 @@
-//! Reverse Distillation behind `anomalox.detectors.ReverseDistillation` (the tch part): `RdModel`,
-//! the OCBE and decoder trained inside Rust with the GIL released, and the loss and map as
-//! functions (for tests against plain PyTorch).
+//! Trained heads over frozen features behind `anomalox.detectors` (the tch part): `HeadModel`,
+//! one class for every detector whose trained network sees only the frozen backbone's taps
+//! (Reverse Distillation's OCBE and decoder, FRE's autoencoder), trained inside Rust with the GIL
+//! released; and each head's loss and map as functions (for tests against plain PyTorch).
 //!
-//! Python runs the frozen encoder once over the training images and hands its taps here; the
-//! model is trained to give them back (they are its inputs and its targets), one epoch per call.
+//! Python runs the frozen backbone once over the training images and hands its taps here; one
+//! call trains one epoch (so Python can draw progress, keep the loss history and stop early).
 
 use std::sync::Mutex;
 
@@ -11,26 +12,94 @@ use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 use tch::{nn, Device, Tensor};
 
+use anomalox::error::{KernelError, KernelResult};
+use anomalox::interrupt::Interrupt;
 use anomalox::py::runtime::{argument_error, run, to_py_err};
 
 use crate::py::{device_name, set_threads, to_device, Structure};
 use crate::py_train::{combine_of, export_variables, import_variables, optim_config, tensors};
+use crate::train::fre::{self, Fre, FreSpec};
 use crate::train::rd::{self, lite_taps, resnet_taps, RdSpec, ReverseDistillation};
+use crate::train::stfpm::Combine;
 use crate::train::student::InitRng;
-use crate::train::Trainer;
+use crate::train::{Objective, Trainer};
 
-/// The OCBE and decoder of a Reverse Distillation detector for the encoder `arch`'s taps
-/// `layers`, freshly initialised (seeded).
+/// The trained heads.
+pub enum Head {
+    Rd(Box<ReverseDistillation>),
+    Fre(Fre),
+}
+
+impl Objective for Head {
+    fn loss(
+        &self,
+        inputs: &[Tensor],
+        targets: &[Tensor],
+        train: bool,
+        intr: &Interrupt,
+    ) -> KernelResult<Tensor> {
+        match self {
+            Head::Rd(m) => m.loss(inputs, targets, train, intr),
+            Head::Fre(m) => m.loss(inputs, targets, train, intr),
+        }
+    }
+}
+
+impl Head {
+    /// The head's outputs for the taps `feats` in evaluation mode: Reverse Distillation's
+    /// reconstructions of the taps; FRE's pooled features and their reconstruction.
+    fn outputs(&self, feats: &[Tensor], intr: &Interrupt) -> KernelResult<Vec<Tensor>> {
+        match self {
+            Head::Rd(m) => m.forward(feats, false, intr),
+            Head::Fre(m) => {
+                let [features] = feats else {
+                    return Err(KernelError::invalid(
+                        "features",
+                        format!("expected the features of one tap, got {}", feats.len()),
+                    ));
+                };
+                let (v, r) = m.forward(features)?;
+                Ok(vec![v, r])
+            }
+        }
+    }
+
+    /// (maps (B, H, W) at `size`, image scores or None for "the maximum of the map").
+    fn maps(
+        &self,
+        feats: &[Tensor],
+        size: [i64; 2],
+        combine: Combine,
+        intr: &Interrupt,
+    ) -> KernelResult<(Tensor, Option<Tensor>)> {
+        let out = self.outputs(feats, intr)?;
+        match self {
+            Head::Rd(_) => Ok((rd::anomaly_map(feats, &out, size, combine)?, None)),
+            Head::Fre(m) => {
+                let [h, w] = m.spec.pooled();
+                let (map, scores) = fre::anomaly_map(&out[0], &out[1], [m.spec.channels, h, w])?;
+                // anomalib's FREModel: bilinear, align_corners false.
+                let map = map
+                    .unsqueeze(1)
+                    .upsample_bilinear2d(size, false, None, None)
+                    .squeeze_dim(1);
+                Ok((map, Some(scores)))
+            }
+        }
+    }
+}
+
+/// A trained head (built by one of the static constructors), freshly initialised (seeded).
 #[pyclass(module = "anomalox_tch._tch", frozen)]
-pub struct RdModel {
-    trainer: Mutex<Trainer<ReverseDistillation>>,
+pub struct HeadModel {
+    trainer: Mutex<Trainer<Head>>,
     arch: String,
     device: Device,
     taps: Vec<(String, i64, i64)>,
 }
 
-impl RdModel {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Trainer<ReverseDistillation>> {
+impl HeadModel {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Trainer<Head>> {
         self.trainer
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -38,14 +107,14 @@ impl RdModel {
 }
 
 #[pymethods]
-impl RdModel {
-    /// A new model for encoder `arch` of `family` / `config` (as `BackboneModel`) at its taps
-    /// `layers` (three, at strides s, 2s, 4s), its parameters drawn from `InitRng::new(seed)`, on
-    /// the CPU (`cuda` None) or CUDA device `cuda`.
-    #[new]
+impl HeadModel {
+    /// Reverse Distillation's OCBE and decoder for encoder `arch` of `family` / `config` (as
+    /// `BackboneModel`) at its taps `layers` (three, at strides s, 2s, 4s), its parameters drawn
+    /// from `InitRng::new(seed)`, on the CPU (`cuda` None) or CUDA device `cuda`.
+    #[staticmethod]
     #[pyo3(signature = (arch, family, config, layers, seed, cuda, n_threads))]
     #[allow(clippy::too_many_arguments)]
-    fn new(
+    fn reverse_distillation(
         py: Python<'_>,
         arch: &str,
         family: &str,
@@ -85,13 +154,47 @@ impl RdModel {
             set_threads(n_threads);
             let vs = nn::VarStore::new(device);
             let model = ReverseDistillation::new(&vs.root(), &spec, &mut InitRng::new(seed));
-            Ok(Trainer::new(vs, model))
+            Ok(Trainer::new(vs, Head::Rd(Box::new(model))))
         })?;
-        Ok(RdModel {
+        Ok(HeadModel {
             trainer: Mutex::new(trainer),
             arch: arch.to_string(),
             device,
             taps,
+        })
+    }
+
+    /// FRE's tied autoencoder for the taps of `channels` channels on a `grid` = (h, w) grid,
+    /// average-pooled by `pool`, to `latent` dimensions (the backbone `arch` is recorded only),
+    /// W drawn from `InitRng::new(seed)`, on the CPU (`cuda` None) or CUDA device `cuda`.
+    #[staticmethod]
+    #[pyo3(signature = (arch, layer, channels, grid, pool, latent, seed, cuda, n_threads))]
+    #[allow(clippy::too_many_arguments)]
+    fn fre(
+        py: Python<'_>,
+        arch: &str,
+        layer: String,
+        channels: i64,
+        grid: (i64, i64),
+        pool: i64,
+        latent: i64,
+        seed: u64,
+        cuda: Option<usize>,
+        n_threads: usize,
+    ) -> PyResult<Self> {
+        let spec = FreSpec::new(channels, [grid.0, grid.1], pool, latent).map_err(to_py_err)?;
+        let device = to_device(cuda);
+        let trainer = run(py, n_threads, move |_| {
+            set_threads(n_threads);
+            let vs = nn::VarStore::new(device);
+            let model = Fre::new(&vs.root(), &spec, &mut InitRng::new(seed));
+            Ok(Trainer::new(vs, Head::Fre(model)))
+        })?;
+        Ok(HeadModel {
+            trainer: Mutex::new(trainer),
+            arch: arch.to_string(),
+            device,
+            taps: vec![(layer, channels, 0)],
         })
     }
 
@@ -105,7 +208,8 @@ impl RdModel {
         device_name(self.device)
     }
 
-    /// (name, channels, stride) of the encoder taps, in the order given.
+    /// (name, channels, stride) of the taps the head reads, in the order given (stride 0:
+    /// not recorded).
     #[getter]
     fn taps(&self) -> Vec<(String, i64, i64)> {
         self.taps.clone()
@@ -150,9 +254,9 @@ impl RdModel {
         self.lock().configure(config).map_err(to_py_err)
     }
 
-    /// One epoch over the encoder taps `encoder` (one (N, C, h, w) tensor per tap) in
-    /// mini-batches of `batch_size` in `order`, stopping at `max_steps` steps in all; `images` is
-    /// not used (the model sees only the taps). Returns each step's loss.
+    /// One epoch over the taps `encoder` (one (N, C, h, w) tensor per tap) in mini-batches of
+    /// `batch_size` in `order`, stopping at `max_steps` steps in all; `images` is not used (the
+    /// head sees only the taps). Returns each step's loss.
     #[pyo3(signature = (images, encoder, order, batch_size, max_steps, n_threads))]
     #[allow(clippy::too_many_arguments)]
     fn train_epoch(
@@ -175,7 +279,7 @@ impl RdModel {
         })
     }
 
-    /// The mean loss per image of the encoder taps `encoder`, in evaluation mode.
+    /// The mean loss per image of the taps `encoder`, in evaluation mode.
     #[pyo3(signature = (images, encoder, batch_size, n_threads))]
     fn evaluate(
         &self,
@@ -195,8 +299,9 @@ impl RdModel {
         })
     }
 
-    /// The decoder's reconstructions of the encoder taps `encoder`, in evaluation mode (on the
-    /// model's device).
+    /// The head's outputs for the taps `encoder`, in evaluation mode (on the model's device):
+    /// Reverse Distillation's reconstructions of the taps; FRE's pooled, flattened features and
+    /// their reconstruction.
     #[pyo3(signature = (encoder, n_threads))]
     fn features(
         &self,
@@ -210,13 +315,15 @@ impl RdModel {
             set_threads(n_threads);
             let trainer = trainer.lock().unwrap_or_else(|p| p.into_inner());
             let encoder: Vec<Tensor> = encoder.iter().map(|t| t.to_device(device)).collect();
-            tch::no_grad(|| trainer.objective.forward(&encoder, false, intr))
+            tch::no_grad(|| trainer.objective.outputs(&encoder, intr))
         })?;
         Ok(out.into_iter().map(PyTensor).collect())
     }
 
-    /// Anomaly maps (B, H, W) on the CPU at `size` = (H, W) from the encoder taps `encoder`
-    /// (before smoothing), in evaluation mode; `combine` "sum" or "product".
+    /// (anomaly maps (B, H, W), image scores (B) or None) on the CPU at `size` = (H, W) from the
+    /// taps `encoder` (before smoothing), in evaluation mode; `combine` "sum" or "product" (Reverse
+    /// Distillation's taps; FRE has one). None scores: the maximum of the smoothed map (Reverse
+    /// Distillation); FRE's are the sum of its map on the pooled grid.
     #[pyo3(signature = (encoder, size, combine, n_threads))]
     fn maps(
         &self,
@@ -225,21 +332,27 @@ impl RdModel {
         size: (i64, i64),
         combine: &str,
         n_threads: usize,
-    ) -> PyResult<PyTensor> {
+    ) -> PyResult<(PyTensor, Option<PyTensor>)> {
         let combine = combine_of(combine)?;
         let encoder = tensors(encoder);
         let (trainer, device) = (&self.trainer, self.device);
-        let map = run(py, n_threads, move |intr| {
+        let (map, scores) = run(py, n_threads, move |intr| {
             set_threads(n_threads);
             let trainer = trainer.lock().unwrap_or_else(|p| p.into_inner());
             let encoder: Vec<Tensor> = encoder.iter().map(|t| t.to_device(device)).collect();
             tch::no_grad(|| {
-                let decoded = trainer.objective.forward(&encoder, false, intr)?;
-                rd::anomaly_map(&encoder, &decoded, [size.0, size.1], combine)
+                trainer
+                    .objective
+                    .maps(&encoder, [size.0, size.1], combine, intr)
             })
-            .map(|m| m.to_device(Device::Cpu))
+            .map(|(m, s)| {
+                (
+                    m.to_device(Device::Cpu),
+                    s.map(|s| s.to_device(Device::Cpu)),
+                )
+            })
         })?;
-        Ok(PyTensor(map))
+        Ok((PyTensor(map), scores.map(PyTensor)))
     }
 
     /// All parameters and batch-norm statistics, as CPU copies sorted by name.
@@ -249,10 +362,13 @@ impl RdModel {
 
     /// Replace the parameters with those of a `state_dict()` (names and shapes must match).
     fn load_state_dict(&self, entries: Vec<(String, PyTensor)>) -> PyResult<()> {
-        let what = format!(
-            "the Reverse Distillation model of {} at these taps",
-            self.arch
-        );
+        let what = match &self.lock().objective {
+            Head::Rd(_) => format!(
+                "the Reverse Distillation model of {} at these taps",
+                self.arch
+            ),
+            Head::Fre(m) => format!("the FRE autoencoder of {:?}", m.spec),
+        };
         import_variables(&self.lock().vs, entries, |_| true, &what)
     }
 }
@@ -285,4 +401,20 @@ pub fn rd_map(
         tch::no_grad(|| rd::anomaly_map(&encoder, &decoder, [size.0, size.1], combine))
     })?;
     Ok(PyTensor(map))
+}
+
+/// FRE's training loss of the reconstruction `r` of the pooled, flattened features `v` (both
+/// (B, D)): a scalar tensor, differentiable (see `train::fre`).
+#[pyfunction]
+pub fn fre_loss(v: PyTensor, r: PyTensor) -> PyResult<PyTensor> {
+    fre::loss(&v.0, &r.0).map(PyTensor).map_err(to_py_err)
+}
+
+/// FRE's (maps (B, h', w'), image scores (B)) of `v` and `r` on the pooled grid
+/// `grid` = (C, h', w').
+#[pyfunction]
+pub fn fre_map(v: PyTensor, r: PyTensor, grid: (i64, i64, i64)) -> PyResult<(PyTensor, PyTensor)> {
+    let (map, scores) =
+        fre::anomaly_map(&v.0, &r.0, [grid.0, grid.1, grid.2]).map_err(to_py_err)?;
+    Ok((PyTensor(map), PyTensor(scores)))
 }
