@@ -118,12 +118,26 @@ what differs:
   encoder taps of one test image, anomalox vs anomalib, agree (max |diff| / max in the table notes;
   anomalox folds batch norm into the convolutions, so not bitwise).
 
+``--method fre``: anomalox ``FRE`` vs anomalib ``FREModel`` (``anomalib.models.image.fre.torch_model``),
+trained without Lightning. Features: the reference Lite0's ``_blocks.10`` (112 channels, stride 16)
+on both sides, as for STFPM's teacher: anomalib's ``TimmFeatureExtractor`` is patched to return
+``bd.lite_taps_module``; average pooling 2 (anomalib's ``Fre`` default), so D = 112 x 8 x 8 = 7168
+at 256 px, computed from a probe and passed as ``input_dim``; latent 220 (both defaults).
+anomalib's ``TiedAE`` draws its ``xavier_uniform_`` weight right after ``torch.manual_seed(seed)``;
+anomalox's from its own seeded generator (the same law, other numbers). Optimiser as anomalib's
+``Fre.configure_optimizers``: Adam lr 1e-3, torch's default betas, no weight decay; loss
+``torch.nn.MSELoss()`` of the pooled features and their reconstruction (the batch mean). anomalib
+runs the frozen extractor at every step; anomalox once per image. Scores: ``pred_score`` (the sum
+of the squared error) and ``anomaly_map`` (its channel sum per pooled cell, bilinear to 256 px, no
+smoothing) of the ``InferenceBatch``; anomalox ``inspect`` (the same rules).
+
 Usage (``tch/python`` on ``PYTHONPATH`` for anomalox's tch part):
   PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py --quick --epochs 1
   PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py       # 100 train, 10 epochs
   PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py --seeds 0 1 2
   PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py --quick --only anomalib
   PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py --method reverse_distillation --epochs 5
+  PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py --method fre --epochs 50
 
 Markdown goes to stdout, progress to stderr, JSON to benches/results/ (or ``--json PATH``).
 """
@@ -396,6 +410,89 @@ def check_anomalib_rd(args, cfg: dict, model, out: dict) -> None:
     np.save(cfg["out"] + "_taps.npy", np.concatenate([v.reshape(-1).numpy() for v in enc.values()]))
 
 
+# ---- FRE: Lite0 tap on both sides, anomalib's FREModel with its TimmFeatureExtractor patched
+FRE_LATENT = 220  # anomalib's default latent_dim
+FRE_POOL = 2  # anomalib's Fre default pooling_kernel_size
+
+
+def build_anomalib_fre(args, seed: int):
+    import torch
+    from anomalib.models.image.fre import torch_model as tm
+
+    (layer,) = args.layers
+    real = tm.TimmFeatureExtractor
+
+    def extractor(backbone=None, layers=None, pre_trained=True, **_):
+        return bd.lite_taps_module([layer])
+
+    tm.TimmFeatureExtractor = extractor
+    try:
+        taps = bd.lite_taps_module([layer])
+        with torch.no_grad():
+            c, h, w = taps(torch.zeros(1, 3, SIZE, SIZE))[layer].shape[1:]
+        input_dim = c * (h // FRE_POOL) * (w // FRE_POOL)
+        torch.manual_seed(seed)  # TiedAE's xavier_uniform_ draws from the seed alone
+        model = tm.FREModel(
+            backbone="tf_efficientnet_lite0",
+            layer=layer,
+            input_dim=input_dim,
+            latent_dim=FRE_LATENT,
+            pre_trained=False,
+            pooling_kernel_size=FRE_POOL,
+        )
+    finally:
+        tm.TimmFeatureExtractor = real
+    criterion = torch.nn.MSELoss()  # anomalib's Fre.loss_fn
+
+    def loss_fn(m, x):
+        features_in, features_out, _ = m.get_features(x)
+        return criterion(features_in, features_out)
+
+    # Fre.configure_optimizers: Adam(fre_model.parameters(), lr=1e-3)
+    return model, loss_fn, list(model.fre_model.parameters())
+
+
+def build_anomalox_fre(args, seed: int):
+    from anomalox import FRE
+
+    return FRE(
+        backbone="efficientnet_lite0",
+        layers=tuple(args.layers),
+        pooling_kernel_size=FRE_POOL,
+        latent_dim=FRE_LATENT,
+        image_size=SIZE,
+        max_epochs=args.epochs,
+        batch_size=args.batch,
+        optimizer=args.optimizer,
+        learning_rate=args.lr,
+        betas=tuple(args.betas),
+        weight_decay=args.weight_decay,
+        validation_fraction=0.0,
+        random_state=seed,
+        n_threads=args.threads,
+    )
+
+
+def imports_fre() -> None:
+    import efficientnet_lite_pytorch  # noqa: F401
+    from anomalib.models.image.fre import torch_model  # noqa: F401
+
+
+def check_anomalib_fre(args, cfg: dict, model, out: dict) -> None:
+    """The tap's shape, the autoencoder's size, the extractor frozen in eval."""
+    import torch
+
+    with torch.no_grad():
+        probe = bd.first_images(cfg["xn_test"], 0, 1)
+        features_in, _, shape = model.get_features(probe)
+    out["taps"] = {model.layer: list(shape[1:])}
+    out["input_dim"] = int(features_in.shape[1])
+    out["trained_params"] = int(sum(p.numel() for p in model.fre_model.parameters()))
+    out["extractor_frozen_eval"] = not any(p.requires_grad for p in model.feature_extractor.parameters()) and not any(
+        m.training for m in model.feature_extractor.net.modules()
+    )
+
+
 METHODS = {
     "stfpm": Method(
         title="STFPM",
@@ -424,6 +521,22 @@ METHODS = {
         anomalib_imports=imports_rd,
         check_anomalib=check_anomalib_rd,
         normalisation="imagenet",
+        loss_sums_images=False,
+    ),
+    "fre": Method(
+        title="FRE",
+        layers=("_blocks.10",),
+        # anomalib Fre.configure_optimizers: Adam(fre_model.parameters(), lr=1e-3), torch's default
+        # betas, no weight decay
+        optimizer="adam",
+        lr=1e-3,
+        momentum=0.0,
+        weight_decay=0.0,
+        betas=(0.9, 0.999),
+        build_anomalib=build_anomalib_fre,
+        build_anomalox=build_anomalox_fre,
+        anomalib_imports=imports_fre,
+        check_anomalib=check_anomalib_fre,
         loss_sums_images=False,
     ),
 }
@@ -784,6 +897,8 @@ def main() -> None:
     )
     if args.method == "reverse_distillation":
         net = f"ResNet-18 encoder (random, seed {ENCODER_SEED}, same weights both sides) {'+'.join(args.layers)}"
+    elif args.method == "fre":
+        net = f"Lite0 tap {'+'.join(args.layers)}, pooled {FRE_POOL}, latent {FRE_LATENT}"
     else:
         net = f"Lite0 teacher {'+'.join(args.layers)}"
     if spec.optimizer == "adam":
@@ -841,6 +956,13 @@ def main() -> None:
             "for both (anomalib: loaded strictly into its timm features_only encoder, frozen, eval); inputs "
             "ImageNet mean/std; OCBE + decoder: anomalib drawn after torch.manual_seed(seed), anomalox its own "
             "seeded init; maps summed over the taps, Gaussian sigma 4, score = map max.  "
+        )
+    elif args.method == "fre":
+        lines.append(
+            "Features: the reference Lite0 on both sides (anomalib's TimmFeatureExtractor patched), inputs in "
+            "[-1, 1]; TiedAE: anomalib xavier_uniform_ after torch.manual_seed(seed), anomalox its own seeded "
+            "init of the same law; map: channel sum of the squared error on the pooled grid, bilinear to 256 px, no "
+            "smoothing; score: its sum on the pooled grid (both).  "
         )
     else:
         lines.append(

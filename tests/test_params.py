@@ -16,7 +16,17 @@ import pytest
 import anomalox
 from anomalox import detectors
 from anomalox.backbone import BACKBONES
-from anomalox.detectors import DFM, SPADE, STFPM, BaseDetector, NotFittedError, PaDiM, PatchCore, ReverseDistillation
+from anomalox.detectors import (
+    DFM,
+    FRE,
+    SPADE,
+    STFPM,
+    BaseDetector,
+    NotFittedError,
+    PaDiM,
+    PatchCore,
+    ReverseDistillation,
+)
 from anomalox.detectors._base import SHARED_PARAMETERS_DOC
 from anomalox.detectors.families import FAMILIES, rules_for
 from anomalox.params import NON_NEGATIVE_INT, POSITIVE_INT, Hidden, Interval, Options, Unchecked, check, validate_params
@@ -136,6 +146,7 @@ DEFAULT_TAPS = {
         DFM: ("_blocks.10",),
         STFPM: ("_blocks.2", "_blocks.4", "_blocks.10"),
         ReverseDistillation: ("_blocks.2", "_blocks.4", "_blocks.10"),
+        FRE: ("_blocks.10",),
     },
     "resnet": {
         PatchCore: ("layer2", "layer3"),
@@ -144,6 +155,7 @@ DEFAULT_TAPS = {
         DFM: ("layer3",),
         STFPM: ("layer1", "layer2", "layer3"),
         ReverseDistillation: ("layer1", "layer2", "layer3"),
+        FRE: ("layer3",),
     },
 }
 PADIM_N_FEATURES = {"resnet50": 550, "wide_resnet50_2": 550}

@@ -37,6 +37,7 @@ _NEEDS_TORCH = {
     "ModuleBackbone": "anomalox.torch_backbone",
     "Evaluation": "anomalox.evaluate",
     "evaluate": "anomalox.evaluate",
+    "compare": "anomalox.comparison",
     "load": "anomalox.persist",
     "save": "anomalox.persist",
     "detectors": "anomalox.detectors",
@@ -46,13 +47,15 @@ _NEEDS_TORCH = {
     "DFM": "anomalox.detectors",
     "STFPM": "anomalox.detectors",
     "ReverseDistillation": "anomalox.detectors",
+    "FRE": "anomalox.detectors",
     "Inspection": "anomalox.detectors",
 }
 
 if TYPE_CHECKING:
     from anomalox import detectors
     from anomalox.backbone import Backbone
-    from anomalox.detectors import DFM, SPADE, STFPM, Inspection, PaDiM, PatchCore, ReverseDistillation
+    from anomalox.comparison import compare
+    from anomalox.detectors import DFM, FRE, SPADE, STFPM, Inspection, PaDiM, PatchCore, ReverseDistillation
     from anomalox.evaluate import Evaluation, evaluate
     from anomalox.persist import load, save
     from anomalox.torch_backbone import ModuleBackbone
@@ -110,8 +113,10 @@ __all__ = [
     "PaDiM",
     "PatchCore",
     "ReverseDistillation",
+    "FRE",
     "SPADE",
     "STFPM",
+    "compare",
     "detectors",
     "evaluate",
     "load",

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-METHODS = ("patchcore", "padim", "spade", "dfm", "stfpm", "reverse_distillation")
+METHODS = ("patchcore", "padim", "spade", "dfm", "stfpm", "reverse_distillation", "fre")
 
 EXAMPLES = {
     "fit": """examples:
@@ -28,6 +28,10 @@ EXAMPLES = {
   anomalox evaluate tile.ax magnetic_tile --json""",
     "report": """examples:
   anomalox report tile.ax magnetic_tile --out report.html""",
+    "compare": """examples:
+  anomalox compare magnetic_tile --method patchcore --method padim --method fre
+  anomalox compare magnetic_tile --method stfpm --method fre --param max_epochs=5 --param fre:latent_dim=100
+  anomalox compare magnetic_tile --method patchcore --method dfm --json --report compare.html""",
     "demo": """examples:
   anomalox demo                 # PatchCore on the ELPV solar cells, writes anomalox-demo-report.html
   anomalox demo --quiet --n-train 200""",
@@ -66,6 +70,7 @@ def _detector(method: str, backbone: str | None, params: dict[str, Any], verbose
         "dfm": anomalox.DFM,
         "stfpm": anomalox.STFPM,
         "reverse_distillation": anomalox.ReverseDistillation,
+        "fre": anomalox.FRE,
     }[method]
     if backbone is not None:
         params = {**params, "backbone": backbone}
@@ -143,6 +148,54 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _method_params(methods: list[str], pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """--param for compare: METHOD:KEY=VALUE sets one method's parameter, KEY=VALUE every method's."""
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for pair in pairs:
+        head, sep, rest = pair.partition(":")
+        if sep and head in METHODS and "=" in rest:
+            if head not in out:
+                raise CliError(f"--param: {pair!r} names {head}, which is not among the --method given")
+            out[head].update(_params([rest]))
+        else:
+            for m in methods:
+                out[m].update(_params([pair]))
+    return out
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    import anomalox
+    from anomalox.report import write_comparison_report
+
+    methods = list(dict.fromkeys(args.method or ["patchcore"]))
+    params = _method_params(methods, args.param)
+    detectors = {m: _detector(m, args.backbone, params[m], not args.quiet) for m in methods}
+    table = anomalox.compare(
+        detectors, args.category, args.category, timeout=args.timeout, as_frame=False, verbose=not args.quiet
+    )
+    if args.json:
+        print(json.dumps(table, indent=2))
+    else:
+        cols = ["detector", "image_auroc", "aupro", "false_alarm_rate", "fit_s", "score_s", "peak_rss_mib", "error"]
+        cells = [[_cell(r[c]) for c in cols] for r in table]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+        print("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
+        for row in cells:
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    if args.report:
+        print(f"wrote {write_comparison_report(args.report, table, title=f'anomalox compare: {args.category}')}")
+    if all(r["error"] for r in table):
+        raise CliError("every detector failed (see the error column)")
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from anomalox.demo import run_demo
 
@@ -201,6 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("test_dir", metavar="TEST_DIR")
     p.add_argument("--out", default="report.html")
+
+    p = command(
+        "compare",
+        "Fit several detectors on an MVTec category's train/good, evaluate each on its test/, one table "
+        "(each detector in its own process).",
+        cmd_compare,
+    )
+    p.add_argument("category", metavar="CATEGORY", help="an MVTec-layout category folder")
+    p.add_argument("--method", choices=METHODS, action="append", help="a detector to compare (repeatable)")
+    p.add_argument("--backbone", default=None, help="the backbone of every detector (default: each one's default)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="[METHOD:]KEY=VALUE",
+        help="a parameter of every detector, or of one with METHOD: (repeatable; values parsed as JSON)",
+    )
+    p.add_argument("--timeout", type=float, default=None, help="seconds per detector")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument("--report", metavar="HTML", help="also write the table as an HTML page")
 
     p = command("demo", "PatchCore on the ELPV solar-cell images (offline), with an HTML report.", cmd_demo)
     p.add_argument("--n-train", type=int, default=None, help="normal cells to train on (default: the demo's size)")

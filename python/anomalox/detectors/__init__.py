@@ -2,6 +2,7 @@
 
 from anomalox.detectors._base import BaseDetector, Inspection, NotFittedError
 from anomalox.detectors.dfm import DFM
+from anomalox.detectors.fre import FRE
 from anomalox.detectors.padim import PaDiM
 from anomalox.detectors.patchcore import PatchCore
 from anomalox.detectors.reverse_distillation import ReverseDistillation
@@ -18,4 +19,5 @@ __all__ = [
     "DFM",
     "STFPM",
     "ReverseDistillation",
+    "FRE",
 ]
