@@ -28,7 +28,15 @@ from anomalox.metrics import image_auroc, pro_curve, roc_curve
 if TYPE_CHECKING:
     from anomalox.evaluate import Evaluation
 
-__all__ = ["describe_setup", "example_indices", "overlay", "write_evaluation_report", "write_heatmaps", "write_report"]
+__all__ = [
+    "describe_setup",
+    "example_indices",
+    "overlay",
+    "write_comparison_report",
+    "write_evaluation_report",
+    "write_heatmaps",
+    "write_report",
+]
 
 _T = np.linspace(0.0, 1.0, 256)[:, None]
 #: Jet colour map, 256 x RGB uint8: dark blue (low) through green and yellow to dark red (high).
@@ -615,3 +623,78 @@ def write_heatmaps(
         Image.fromarray(overlay(image, amap, lo, hi, alpha)).save(file)
         written.append(file)
     return written
+
+
+# Columns of a comparison where a higher value is better, and where a lower one is.
+_HIGHER_BETTER = ("image_auroc", "image_aupr", "f1_max", "pixel_auroc", "aupro")
+_LOWER_BETTER = ("fit_s", "score_s", "peak_rss_mib")
+
+
+def write_comparison_report(out_path: str | os.PathLike, table: Any, title: str = "anomalox comparison") -> str:
+    """Write the table of :func:`anomalox.compare` as a self-contained HTML page: one row per
+    detector side by side, the best value of each metric and cost column in bold, errors shown in
+    their row.
+
+    Parameters
+    ----------
+    out_path : path
+        The HTML file to write (its folder is created).
+    table : pandas.DataFrame or list of dict
+        What ``compare`` returned.
+    title : str
+
+    Returns
+    -------
+    str
+        The path written.
+    """
+    rows = table.to_dict("records") if hasattr(table, "to_dict") else [dict(r) for r in table]
+    if not rows:
+        raise ValueError("table: expected at least one row, got none")
+    from anomalox.comparison import COLUMNS
+
+    def number(v: Any) -> float | None:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            return None
+        return f if np.isfinite(f) else None
+
+    best: dict[str, float] = {}
+    for col in (*_HIGHER_BETTER, *_LOWER_BETTER):
+        values = [x for x in (number(r.get(col)) for r in rows) if x is not None]
+        if values:
+            best[col] = max(values) if col in _HIGHER_BETTER else min(values)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = []
+    for r in rows:
+        cells = []
+        for col in COLUMNS:
+            v = r.get(col)
+            x = number(v)
+            if col in ("detector", "error") or x is None:
+                text = "" if v is None or (isinstance(v, float) and not np.isfinite(v)) else html.escape(str(v))
+            else:
+                text = f"{x:.4f}" if col not in ("fit_s", "score_s", "peak_rss_mib") else f"{x:.1f}"
+            if x is not None and best.get(col) == x:
+                text = f"<b>{text}</b>"
+            cells.append(f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    doc = "\n".join(
+        [
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head><body>",
+            f"<h1>{html.escape(title)}</h1>",
+            "<p>Each detector fitted on the same images and evaluated on the same test set, each in its own "
+            "process (fit_s / score_s: wall seconds of fit and of the evaluation; peak_rss_mib: that process's "
+            "peak memory; false_alarm_rate: good test images scored above the detector's threshold). Bold: the "
+            "best value of a column.</p>",
+            f'<table id="comparison"><tr>{head}</tr>{"".join(body)}</table>',
+            "</body></html>\n",
+        ]
+    )
+    out = os.fspath(out_path)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(doc)
+    return out
