@@ -2,7 +2,8 @@
 """Detector accuracy and cost: anomalox vs anomalib 2.7.0, side by side on the same tensors.
 
 ``--method patchcore``: anomalox ``PatchCore`` vs anomalib ``PatchcoreModel``;
-``--method padim``: anomalox ``PaDiM`` vs anomalib ``PadimModel``. Both on an MVTec-layout
+``--method padim``: anomalox ``PaDiM`` vs anomalib ``PadimModel``;
+``--method dfm``: anomalox ``DFM`` vs anomalib ``DFMModel`` (score "fre"). All on an MVTec-layout
 category (default the Magnetic Tile set in shared/datasets): the first ``--train`` images of
 ``train/good`` in sorted order, every test image.
 
@@ -23,11 +24,16 @@ Setup, identical for both libraries:
   ``Preprocessing(image_size=256, mean=(0.5,)*3, std=(0.5,)*3)``. The anomalox worker checks that
   its ``backbone_.preprocessing`` output equals anomalib's input bit for bit.
 - PatchCore: coreset 10 %, ``num_neighbors=9``; PaDiM: the same ``n_features`` channels on
-  both sides (anomalox's seeded choice, reproduced for anomalib's ``idx`` buffer).
+  both sides (anomalox's seeded choice, reproduced for anomalib's ``idx`` buffer); DFM: tap
+  ``_blocks.10``, average pooling ``--pooling`` (4, both defaults), PCA keeping 97 % of the variance
+  (``--pca-variance``; anomalib's rule keeps one component fewer than scikit-learn's, which anomalox
+  follows), score "fre" (the squared reconstruction error, summed: the image score on both sides).
+  Maps: anomalib's ``DFMModel`` upsamples the per-cell error without smoothing, anomalox's ``DFM``
+  smooths it (sigma 4): AUPRO compares each library's own map.
 - anomalox: ``validation_fraction=0`` (every training image goes into the model),
   ``random_state=0``; anomalib: ``torch.manual_seed(0)`` and ``np.random.seed(0)``, driven without Lightning: train-mode
   forward passes collect embeddings, then ``subsample_embedding(0.1)`` (PatchCore) or ``fit()``
-  (PaDiM), then eval-mode forward passes give ``pred_score`` and ``anomaly_map``.
+  (PaDiM, DFM), then eval-mode forward passes give ``pred_score`` and ``anomaly_map``.
 - Batches of ``--batch`` images on both sides; ``--threads`` torch / kernel threads.
 
 Each library runs in its own subprocess (peak RSS = that process's VmHWM), with a ``--timeout``
@@ -57,6 +63,7 @@ Usage:
   PYTHONPATH=python .venv-bench/bin/python benches/bench_detectors.py --quick
   PYTHONPATH=python .venv-bench/bin/python benches/bench_detectors.py              # PatchCore, 100 train
   PYTHONPATH=python .venv-bench/bin/python benches/bench_detectors.py --method padim
+  PYTHONPATH=python .venv-bench/bin/python benches/bench_detectors.py --method dfm
 
 Markdown goes to stdout, progress to stderr, JSON to benches/results/ (or ``--json PATH``).
 """
@@ -80,7 +87,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "datasets", "magnetic_tile")
 LIBS = ("anomalox", "anomalib")
-LAYERS = {"patchcore": ["_blocks.4", "_blocks.10"], "padim": ["_blocks.2", "_blocks.4", "_blocks.10"]}
+LAYERS = {
+    "patchcore": ["_blocks.4", "_blocks.10"],
+    "padim": ["_blocks.2", "_blocks.4", "_blocks.10"],
+    "dfm": ["_blocks.10"],
+}
 SIZE = 256
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
@@ -92,7 +103,7 @@ def log(*a) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", choices=("patchcore", "padim"), default="patchcore")
+    p.add_argument("--method", choices=("patchcore", "padim", "dfm"), default="patchcore")
     p.add_argument("--train", type=int, default=100, help="first N train/good images in sorted order")
     p.add_argument("--quick", action="store_true", help="smoke check: 20 train images, 60 test images")
     p.add_argument(
@@ -104,6 +115,8 @@ def parse_args(argv=None):
     p.add_argument("--coreset", type=float, default=0.1, help="PatchCore coreset ratio")
     p.add_argument("--neighbors", type=int, default=9, help="PatchCore num_neighbors")
     p.add_argument("--n-features", type=int, default=None, help="PaDiM channels kept (default: anomalox's, 100)")
+    p.add_argument("--pooling", type=int, default=4, help="DFM pooling_kernel_size (both libraries' default 4)")
+    p.add_argument("--pca-variance", type=float, default=0.97, help="DFM variance kept (anomalib n_comps)")
     p.add_argument("--layers", default=None, help="comma-separated taps (default per method)")
     p.add_argument("--libs", default=",".join(LIBS), help="which libraries to run, comma-separated")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per library subprocess")
@@ -239,6 +252,10 @@ def worker_anomalox(args, cfg: dict) -> dict:
     )
     if args.method == "patchcore":
         model = PatchCore(coreset_ratio=args.coreset, num_neighbors=args.neighbors, **common)
+    elif args.method == "dfm":
+        from anomalox.detectors.dfm import DFM
+
+        model = DFM(pooling_kernel_size=args.pooling, pca_variance=args.pca_variance, score="fre", **common)
     else:
         from anomalox.detectors.padim import PaDiM
 
@@ -262,13 +279,20 @@ def worker_anomalox(args, cfg: dict) -> dict:
     out["preprocess_identical"] = bool(np.array_equal(mine, np.asarray(xn[:k])))
     probe = first_images(cfg["x01_test"], cfg["probe"], cfg["probe"] + 1)
     feats = model.backbone_.features(probe, n_threads=args.threads)
-    emb = model._embed(feats) if args.method == "patchcore" else model._embed(feats, model.channels_)
+    if args.method == "dfm":  # the pooled, flattened features (anomalib's DFMModel.get_features)
+        (tap,) = feats.values()
+        emb = torch.nn.functional.avg_pool2d(tap, args.pooling) if args.pooling > 1 else tap
+        emb = emb.reshape(emb.shape[0], -1)
+    else:
+        emb = model._embed(feats) if args.method == "patchcore" else model._embed(feats, model.channels_)
     np.save(cfg["out"] + "_emb.npy", emb.numpy())
     np.save(cfg["out"] + "_taps.npy", np.concatenate([f.reshape(-1).numpy() for f in feats.values()]))
     if args.method == "padim":
         out["channels"] = model.channels_.tolist()
     if args.method == "patchcore":
         out["memory_bank"] = list(model.memory_bank_.shape)
+    if args.method == "dfm":
+        out["n_components"] = int(model.components_.shape[0])
     return out
 
 
@@ -324,6 +348,7 @@ def worker_anomalib(args, cfg: dict) -> dict:
     # Every module the run needs is imported before the clock starts and before the baseline RSS
     # is read, as for anomalox (its detectors are imported with the package).
     import efficientnet_lite_pytorch  # noqa: F401
+    from anomalib.models.image.dfm import torch_model as dfm_tm
     from anomalib.models.image.padim import torch_model as padim_tm
     from anomalib.models.image.patchcore import torch_model as patchcore_tm
 
@@ -342,6 +367,17 @@ def worker_anomalib(args, cfg: dict) -> dict:
         tm.TimmFeatureExtractor = fake_extractor
         model = tm.PatchcoreModel(
             layers=list(args.layers), backbone="efficientnet_lite0", pre_trained=False, num_neighbors=args.neighbors
+        )
+    elif args.method == "dfm":
+        tm = dfm_tm
+        tm.TimmFeatureExtractor = fake_extractor
+        model = tm.DFMModel(
+            backbone="efficientnet_lite0",
+            layer=args.layers[0],
+            pre_trained=False,
+            pooling_kernel_size=args.pooling,
+            n_comps=args.pca_variance,
+            score_type="fre",
         )
     else:
         tm = padim_tm
@@ -372,10 +408,15 @@ def worker_anomalib(args, cfg: dict) -> dict:
     np.save(cfg["out"] + "_maps.npy", np.concatenate(maps))
     if args.method == "patchcore":
         out["memory_bank"] = list(model.memory_bank.shape)
+    if args.method == "dfm":
+        out["n_components"] = int(model.pca_model.singular_vectors.shape[1])
 
     with torch.no_grad():
-        feats = model.feature_extractor(first_images(cfg["xn_test"], cfg["probe"], cfg["probe"] + 1))
-        if args.method == "patchcore":
+        probe = first_images(cfg["xn_test"], cfg["probe"], cfg["probe"] + 1)
+        feats = model.feature_extractor(probe)
+        if args.method == "dfm":
+            emb = model.get_features(probe)[0]
+        elif args.method == "patchcore":
             emb = model.generate_embedding({k: model.feature_pooler(v) for k, v in feats.items()})
         else:
             emb = model.generate_embedding(feats)
@@ -648,7 +689,7 @@ def main() -> None:
         ("RSS before fit MiB", "rss_after_load_mib", ".0f"),
         ("peak − before MiB", "rss_increase_mib", ".0f"),
     ]
-    method = {"patchcore": "PatchCore", "padim": "PaDiM"}[args.method]
+    method = {"patchcore": "PatchCore", "padim": "PaDiM", "dfm": "DFM"}[args.method]
     n_test, n_def = len(labels), int(labels.sum())
     lines = [
         f"### {method}: anomalox vs anomalib {results.get('anomalib', {}).get('version', '2.7.0')} "
@@ -657,6 +698,8 @@ def main() -> None:
         + (
             f"coreset {args.coreset:g}, {args.neighbors} neighbours"
             if args.method == "patchcore"
+            else f"pooling {args.pooling}, PCA variance {args.pca_variance:g}, score fre"
+            if args.method == "dfm"
             else f"{len(cfg['channels'])} channels"
         )
         + f"; {args.threads} threads, batch {args.batch})",
