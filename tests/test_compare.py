@@ -4,6 +4,7 @@ detector fills its own row's error; the CLI and the HTML page show the same tabl
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,13 @@ import pytest
 import anomalox
 from anomalox import DFM, PaDiM, PatchCore
 from anomalox.comparison import COLUMNS
+
+
+class _Dies(DFM):
+    """A detector whose process ends abruptly in fit (as a crash or the OOM killer would end it)."""
+
+    def fit(self, X, y=None):
+        os._exit(3)
 
 
 def _small(cls, **kw):
@@ -54,6 +62,12 @@ def test_a_failing_detector_fills_its_row_and_the_others_still_run(table):
     failed = table[3]
     assert failed["error"].startswith("ValueError: coreset_ratio")
     assert failed["image_auroc"] is None and failed["fit_s"] is None
+
+
+def test_a_process_that_dies_is_reported_and_the_next_detector_runs(mvtec):
+    rows = anomalox.compare([_small(_Dies), _small(DFM)], mvtec, mvtec, as_frame=False)
+    assert "exit code 3" in rows[0]["error"] and rows[0]["image_auroc"] is None
+    assert rows[1]["error"] is None and rows[1]["image_auroc"] is not None
 
 
 def test_the_detectors_given_stay_unfitted(mvtec):
@@ -107,3 +121,13 @@ def test_cli_compare_prints_the_table_and_writes_the_page(mvtec, tmp_path, capsy
     # a parameter for a method that is not compared is a usage error with its name
     assert main(["compare", str(mvtec), "--method", "dfm", "--param", "padim:n_features=2", "--quiet"]) == 1
     assert "padim" in capsys.readouterr().err
+
+
+def test_images_with_labels_as_the_test_set(images):
+    good, test_good, test_bad = images
+    x = np.concatenate([test_good, test_bad])
+    y = np.array([0] * len(test_good) + [1] * len(test_bad))
+    (row,) = anomalox.compare([_small(DFM)], list(good), list(x), labels=y, as_frame=False)
+    assert row["error"] is None and row["aupro"] is None  # no masks: pixel metrics skipped
+    model = _small(DFM).fit(list(good))
+    assert row["image_auroc"] == pytest.approx(anomalox.evaluate(model, list(x), labels=y)["image_auroc"], abs=1e-9)

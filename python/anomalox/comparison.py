@@ -44,14 +44,14 @@ def _peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def _measure(detector: Any, train: Any, test: Any, fpr_limit: float) -> dict[str, Any]:
+def _measure(detector: Any, train: Any, test: Any, labels: Any, masks: Any, fpr_limit: float) -> dict[str, Any]:
     """Fit `detector` on `train`, evaluate it on `test`: one row of the table (without its name)."""
     from anomalox.evaluate import evaluate
 
     start = time.perf_counter()
     detector.fit(train)
     fitted = time.perf_counter()
-    ev = evaluate(detector, test, fpr_limit=fpr_limit)
+    ev = evaluate(detector, test, labels=labels, masks=masks, fpr_limit=fpr_limit)
     scored = time.perf_counter()
     good = ev.scores[ev.labels == 0]
     threshold = ev.threshold
@@ -71,10 +71,10 @@ def _measure(detector: Any, train: Any, test: Any, fpr_limit: float) -> dict[str
     }
 
 
-def _child(conn: Any, detector: Any, train: Any, test: Any, fpr_limit: float) -> None:
+def _child(conn: Any, detector: Any, train: Any, test: Any, labels: Any, masks: Any, fpr_limit: float) -> None:
     """The worker process: one row, or the error that stopped it, sent back through `conn`."""
     try:
-        row = _measure(detector, train, test, fpr_limit)
+        row = _measure(detector, train, test, labels, masks, fpr_limit)
     except BaseException as e:  # noqa: BLE001 - every failure becomes the row's error
         row = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "peak_rss_mib": None}
         try:
@@ -113,6 +113,8 @@ def compare(
     detectors: Any,
     train: Any,
     test: Any,
+    labels: Any = None,
+    masks: Any = None,
     *,
     fpr_limit: float = 0.3,
     timeout: float | None = None,
@@ -136,9 +138,12 @@ def compare(
         What every detector's ``fit`` gets: an MVTec category's ``train/good``, or anything
         ``fit`` accepts (arrays and tensors are pickled to each process). An MVTec category folder
         itself means its ``train/good``.
-    test : folder or LabeledSet
-        What :func:`anomalox.evaluate` gets: an MVTec category (or its ``test`` folder), or a
-        :class:`~anomalox.data.LabeledSet`.
+    test : folder, LabeledSet, or images
+        What :func:`anomalox.evaluate` gets: an MVTec category (or its ``test`` folder), a
+        :class:`~anomalox.data.LabeledSet`, or with `labels` anything ``inspect`` accepts.
+    labels, masks : optional
+        The test images' 0/1 labels (1 = defective) and masks, as :func:`anomalox.evaluate`
+        takes them.
     fpr_limit : float
         The FPR limit of AUPRO.
     timeout : float, optional
@@ -194,32 +199,31 @@ def compare(
         row: dict[str, Any] = dict.fromkeys(COLUMNS)
         row["detector"] = name
         receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(send, detector, train, test, fpr_limit), daemon=True)
+        proc = ctx.Process(target=_child, args=(send, detector, train, test, labels, masks, fpr_limit), daemon=True)
         start = time.perf_counter()
         try:
             proc.start()
             send.close()
             got = receive.poll(timeout)
+            result = None
             if got:
                 try:
                     result = receive.recv()
-                except EOFError:
+                except EOFError:  # the process ended without reporting
                     result = None
-            else:
-                result = None
-            if result is None:
-                if proc.is_alive():
-                    proc.terminate()
-                    proc.join(10)
-                    row["error"] = (
-                        f"TimeoutError: stopped after {time.perf_counter() - start:.0f} s (timeout={timeout})"
-                    )
-                else:
-                    proc.join()
-                    row["error"] = f"the detector's process exited with code {proc.exitcode} before it reported"
-            else:
+            if result is not None:
                 result.pop("traceback", None)
                 row.update(result)
+            elif not got:
+                proc.terminate()
+                proc.join(10)
+                row["error"] = f"TimeoutError: stopped after {time.perf_counter() - start:.0f} s (timeout={timeout} s)"
+            else:
+                proc.join(30)
+                row["error"] = (
+                    f"the detector's process ended (exit code {proc.exitcode}) before it reported; its output "
+                    "above says why"
+                )
         except KeyboardInterrupt:
             proc.terminate()
             raise
