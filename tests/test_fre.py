@@ -202,6 +202,25 @@ def test_fre_tiles_and_bad_parameters(images):
         _fre(learning_rate=1e12, max_epochs=3).fit(good)
 
 
+def test_fre_takes_one_tap_as_a_string(images):
+    good, test_good, _ = images
+    model = _fre(layers="_blocks.4", max_epochs=2, validation_fraction=0).fit(good[:6])
+    assert model.feature_shape_ == (40, 8, 8)  # Lite0 _blocks.4 at 64 px: stride 8
+    assert model.decision_function(test_good).shape == (4,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_fre_trains_and_scores_on_a_gpu(images):
+    good, test_good, _ = images
+    cpu = _fre(max_epochs=3).fit(good)
+    gpu = _fre(max_epochs=3, device="cuda").fit(good)
+    assert gpu.loss_history_[-1] < gpu.loss_history_[0]
+    scores = gpu.decision_function(test_good)
+    assert scores.shape == (4,) and np.all(np.isfinite(scores))
+    # Different kernels: close to the CPU fit, not equal.
+    np.testing.assert_allclose(gpu.loss_history_[0], cpu.loss_history_[0], rtol=0.05)
+
+
 def test_fre_through_the_cli_and_evaluate(mvtec, tmp_path):
     import anomalox
     from anomalox.cli import main

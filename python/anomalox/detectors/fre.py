@@ -146,8 +146,10 @@ class FRE(TrainedDetector):
 
     def _check_params(self) -> None:
         super()._check_params()
-        if self.layers is not None and len(tuple(self.layers)) != 1:
-            raise ValueError(f"layers: FRE reads one tap, got {tuple(self.layers)!r}")
+        if self.layers is not None and not isinstance(self.layers, str) and len(tuple(self.layers)) != 1:
+            raise ValueError(
+                f"layers: FRE reads one tap, expected one name such as ('layer3',), got {tuple(self.layers)!r}"
+            )
 
     def _new_model(self, backbone: Any, seed: int, shapes: list[tuple[int, ...]] | None) -> Any:
         if shapes is None or len(shapes) != 1 or len(shapes[0]) != 3:
