@@ -446,16 +446,27 @@ def write_report(
     for heading, idx in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>" + ("" if len(idx) else "<p>none</p>"))
         parts += [_example_row(i, s, thr, y, paths, images, mlist, gt_masks, vmin, vmax) for i in idx[:max_examples]]
-    doc = "\n".join(
+    return _write_page(
+        out_path,
+        title,
         [
-            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_CSS}</style></head><body>",
             f"<h1>{html.escape(title)}</h1><p>{summary}</p>",
             f'<table id="metrics"><tr><th>metric</th><th>value</th></tr>'
             f"{rows or '<tr><td colspan=2>no metrics given</td></tr>'}</table>",
             f'<div class="plots">{"".join(plots)}</div>',
             *(f"<p><em>{html.escape(t)}</em></p>" for t in notes),
             *parts,
+        ],
+    )
+
+
+def _write_page(out_path: str | os.PathLike, title: str, body: list[str]) -> str:
+    """Write a self-contained HTML page (the report's style) of the `body` parts; its path."""
+    doc = "\n".join(
+        [
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head><body>",
+            *body,
             "</body></html>\n",
         ]
     )
@@ -680,21 +691,15 @@ def write_comparison_report(out_path: str | os.PathLike, table: Any, title: str 
                 text = f"<b>{text}</b>"
             cells.append(f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    doc = "\n".join(
+    return _write_page(
+        out_path,
+        title,
         [
-            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_CSS}</style></head><body>",
             f"<h1>{html.escape(title)}</h1>",
             "<p>Each detector fitted on the same images and evaluated on the same test set, each in its own "
             "process (fit_s / score_s: wall seconds of fit and of the evaluation; peak_rss_mib: that process's "
             "peak memory; false_alarm_rate: good test images scored above the detector's threshold). Bold: the "
             "best value of a column.</p>",
             f'<table id="comparison"><tr>{head}</tr>{"".join(body)}</table>',
-            "</body></html>\n",
-        ]
+        ],
     )
-    out = os.fspath(out_path)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(doc)
-    return out

@@ -76,8 +76,8 @@ class TrainedDetector(BaseDetector):
     """Shared training machinery; see the module docstring. Not used directly.
 
     Subclasses implement ``_new_model(backbone, seed, shapes)`` (the Rust model to train, freshly
-    initialised), ``_targets(features)`` (the list of tensors it is trained to match, from a
-    feature dict) and the scoring hook.
+    initialised) and the scoring hook; ``_targets(features)`` (the list of tensors it is trained to
+    match, from a feature dict) defaults to the backbone's taps.
     """
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
@@ -116,7 +116,27 @@ class TrainedDetector(BaseDetector):
         return None
 
     def _targets(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """The frozen backbone's taps of a feature dict, in order (every entry but the input)."""
+        return [features[name] for name in features if name != INPUT]
+
+    # ------------------------------------------------------------ for subclasses
+    @staticmethod
+    def _cuda(backbone: Any) -> int | None:
+        """The CUDA device index of `backbone`, None on the CPU (the Rust models' `cuda` argument)."""
+        return backbone.device.index if backbone.device.type == "cuda" else None
+
+    def _trained_state(self, model: Any, history: list[float]) -> dict[str, Any]:
+        """The learned attributes of a fit: the trained weights (the model is kept as their cache)
+        and ``loss_history_``."""
+        weights = {name: t.numpy() for name, t in model.state_dict()}
+        self._model_cache = (weights, model)
+        return {self._weights_attribute: weights, "loss_history_": tuple(history)}
+
+    def _epochs_summary(self) -> str:
+        """ "N epochs, final loss L" for the repr."""
+        epochs = len(self.loss_history_)
+        last = f", final loss {self.loss_history_[-1]:.4g}" if epochs else ""
+        return f"{epochs} epochs{last}"
 
     # ----------------------------------------------------------------- backbone
     def _check_params(self) -> None:
@@ -268,9 +288,6 @@ class TrainedDetector(BaseDetector):
         model.load_state_dict([(k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in weights.items()])
         self._model_cache = (weights, model)
         return model
-
-    def _remember(self, weights: dict[str, np.ndarray], model: Any) -> None:
-        self._model_cache = (weights, model)
 
 
 def tch_module() -> Any:

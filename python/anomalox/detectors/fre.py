@@ -155,7 +155,6 @@ class FRE(TrainedDetector):
         if shapes is None or len(shapes) != 1 or len(shapes[0]) != 3:
             raise ValueError(f"layers: FRE reads one tap of (C, h, w) features, got shapes {shapes!r}")
         c, h, w = (int(v) for v in shapes[0])
-        cuda = backbone.device.index if backbone.device.type == "cuda" else None
         (layer,) = backbone.layers
         return tch_module().HeadModel.fre(
             backbone.name,
@@ -165,21 +164,16 @@ class FRE(TrainedDetector):
             int(self.pooling_kernel_size),
             int(self.latent_dim),
             seed,
-            cuda,
+            self._cuda(backbone),
             self._threads(),
         )
 
     def _fitted_shapes(self) -> list[tuple[int, ...]] | None:
         return [tuple(int(v) for v in self.feature_shape_)]
 
-    def _targets(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [features[name] for name in features if name != INPUT]
-
     def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
         model, history, (shape,) = self._fit_trained(batches)
-        weights = {name: t.numpy() for name, t in model.state_dict()}
-        self._remember(weights, model)
-        return {"weights_": weights, "feature_shape_": shape, "loss_history_": tuple(history)}
+        return {**self._trained_state(model, history), "feature_shape_": shape}
 
     def _score_features(self, features: dict[str, torch.Tensor]) -> tuple[np.ndarray, torch.Tensor]:
         x = features[INPUT]
@@ -189,6 +183,4 @@ class FRE(TrainedDetector):
 
     def _summary(self) -> str:
         latent, dim = self.weights_["weight"].shape
-        epochs = len(self.loss_history_)
-        last = f", final loss {self.loss_history_[-1]:.4g}" if epochs else ""
-        return f"autoencoder {dim:,} -> {latent} values, {epochs} epochs{last}"
+        return f"autoencoder {dim:,} -> {latent} values, {self._epochs_summary()}"

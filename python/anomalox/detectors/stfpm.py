@@ -141,24 +141,13 @@ class STFPM(TrainedDetector):
 
     def _new_model(self, backbone: Any, seed: int, shapes: list[tuple[int, ...]] | None) -> Any:
         family, config = spec_of(backbone)
-        cuda = backbone.device.index if backbone.device.type == "cuda" else None
         return tch_module().StfpmStudent(
-            backbone.name, family, config, list(backbone.layers), seed, cuda, self._threads()
+            backbone.name, family, config, list(backbone.layers), seed, self._cuda(backbone), self._threads()
         )
-
-    def _targets(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [features[name] for name in self.backbone_layers(features)]
-
-    @staticmethod
-    def backbone_layers(features: dict[str, torch.Tensor]) -> list[str]:
-        """The tap names of a feature dict, in order (without the input)."""
-        return [name for name in features if name != INPUT]
 
     def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
         model, history, _ = self._fit_trained(batches)
-        weights = {name: t.numpy() for name, t in model.state_dict()}
-        self._remember(weights, model)
-        return {"student_weights_": weights, "loss_history_": tuple(history)}
+        return self._trained_state(model, history)
 
     def _score_features(self, features: dict[str, torch.Tensor]) -> tuple[None, torch.Tensor]:
         x = features[INPUT]
@@ -176,6 +165,4 @@ class STFPM(TrainedDetector):
 
     def _summary(self) -> str:
         n = sum(int(np.prod(v.shape)) for v in self.student_weights_.values())
-        epochs = len(self.loss_history_)
-        last = f", final loss {self.loss_history_[-1]:.4g}" if epochs else ""
-        return f"student {n:,} values, {epochs} epochs{last}"
+        return f"student {n:,} values, {self._epochs_summary()}"
