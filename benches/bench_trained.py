@@ -254,23 +254,28 @@ def build_anomalib_stfpm(args, seed: int):
     return model, loss_fn, list(model.student_model.parameters())
 
 
-def build_anomalox_stfpm(args, seed: int):
-    from anomalox import STFPM
-
-    return STFPM(
-        backbone="efficientnet_lite0",
+def anomalox_training(args, seed: int) -> dict:
+    """The parameters every anomalox trained detector gets here: the taps, 256 px, the run's epochs,
+    batch, optimiser, learning rate and weight decay, every training image learned from (no
+    validation), the seed and threads."""
+    return dict(
         layers=tuple(args.layers),
         image_size=SIZE,
         max_epochs=args.epochs,
         batch_size=args.batch,
         optimizer=args.optimizer,
         learning_rate=args.lr,
-        momentum=args.momentum,
         weight_decay=args.weight_decay,
         validation_fraction=0.0,
         random_state=seed,
         n_threads=args.threads,
     )
+
+
+def build_anomalox_stfpm(args, seed: int):
+    from anomalox import STFPM
+
+    return STFPM(backbone="efficientnet_lite0", momentum=args.momentum, **anomalox_training(args, seed))
 
 
 def imports_stfpm() -> None:
@@ -371,19 +376,10 @@ def build_anomalox_rd(args, seed: int):
     return ReverseDistillation(
         backbone=RD_BACKBONE,
         weights=args.encoder_state,
-        layers=tuple(args.layers),
         map_combine="sum",
-        image_size=SIZE,
-        max_epochs=args.epochs,
-        batch_size=args.batch,
-        optimizer=args.optimizer,
-        learning_rate=args.lr,
         momentum=args.momentum,
         betas=tuple(args.betas),
-        weight_decay=args.weight_decay,
-        validation_fraction=0.0,
-        random_state=seed,
-        n_threads=args.threads,
+        **anomalox_training(args, seed),
     )
 
 
@@ -457,19 +453,10 @@ def build_anomalox_fre(args, seed: int):
 
     return FRE(
         backbone="efficientnet_lite0",
-        layers=tuple(args.layers),
         pooling_kernel_size=FRE_POOL,
         latent_dim=FRE_LATENT,
-        image_size=SIZE,
-        max_epochs=args.epochs,
-        batch_size=args.batch,
-        optimizer=args.optimizer,
-        learning_rate=args.lr,
         betas=tuple(args.betas),
-        weight_decay=args.weight_decay,
-        validation_fraction=0.0,
-        random_state=seed,
-        n_threads=args.threads,
+        **anomalox_training(args, seed),
     )
 
 

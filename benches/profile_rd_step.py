@@ -23,8 +23,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 
@@ -47,6 +47,9 @@ def main() -> None:
     from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
 
     from anomalox.backbone import BACKBONES
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import step_profiling
 
     torch.manual_seed(0)
     encoder = torchvision.models.resnet18(weights=None).eval()
@@ -114,22 +117,13 @@ def main() -> None:
     }
     if args.only:
         steps = {k: f for k, f in steps.items() if args.only in k}
-    for f in steps.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.repeats):
-        for name, f in steps.items():
-            start = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - start)
-    print(
-        f"### One Reverse Distillation training step (ResNet-18 encoder), {args.batch} images of {args.size} px, "
-        f"{args.threads} threads (medians of {args.repeats})\n"
+    times = step_profiling.time_steps(steps, args.repeats)
+    step_profiling.print_step_table(
+        f"One Reverse Distillation training step (ResNet-18 encoder), {args.batch} images of {args.size} px, "
+        f"{args.threads} threads (medians of {args.repeats})",
+        times,
+        args.batch,
     )
-    print("| step | s | images/s |\n|---|---|---|")
-    for name, t in times.items():
-        m = statistics.median(t)
-        print(f"| {name} | {m:.3f} | {args.batch / m:.1f} | min {min(t):.3f} |")
     if args.no_profile:
         return
 
@@ -138,35 +132,22 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(2):
             step_heads(cl, targets_cl)
-    groups: dict[str, float] = {}
-    total = 0.0
-    for evt in prof.key_averages():
-        name = evt.key
-        if not name.startswith("aten::") or evt.self_cpu_time_total == 0:
-            continue
-        total += evt.self_cpu_time_total
-        if "convolution_backward" in name:
-            group = "convolution backward (transposed ones included)"
-        elif "conv" in name:
-            group = "convolution forward (transposed ones included)"
-        elif "batch_norm" in name and "backward" in name:
-            group = "batch norm backward"
-        elif "batch_norm" in name:
-            group = "batch norm forward"
-        elif "relu" in name or "threshold" in name:
-            group = "ReLU forward / backward"
-        else:
-            group = "other (loss, optimiser, copies)"
-        groups[group] = groups.get(group, 0.0) + evt.self_cpu_time_total
-    print("\nSelf CPU time by operator group (torch.profiler, eager OCBE + decoder, channels-last, 2 steps):\n")
-    print("| group | share |\n|---|---|")
-    for group, us in sorted(groups.items(), key=lambda kv: -kv[1]):
-        print(f"| {group} | {100 * us / total:.1f} % |")
-    print("\nThe ten operators with the most self CPU time:\n")
-    print("| operator | share |\n|---|---|")
-    ops = [e for e in prof.key_averages() if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
-    for evt in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:10]:
-        print(f"| `{evt.key}` | {100 * evt.self_cpu_time_total / total:.1f} % |")
+    step_profiling.print_operator_shares(prof, group_of, "torch.profiler, eager OCBE + decoder, channels-last, 2 steps")
+
+
+def group_of(name: str) -> str:
+    """The operator group of an aten operator of the Reverse Distillation step."""
+    if "convolution_backward" in name:
+        return "convolution backward (transposed ones included)"
+    if "conv" in name:
+        return "convolution forward (transposed ones included)"
+    if "batch_norm" in name and "backward" in name:
+        return "batch norm backward"
+    if "batch_norm" in name:
+        return "batch norm forward"
+    if "relu" in name or "threshold" in name:
+        return "ReLU forward / backward"
+    return "other (loss, optimiser, copies)"
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
@@ -44,6 +42,7 @@ def main() -> None:
 
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     import bench_detectors as bd
+    import step_profiling
 
     layers = ["_blocks.2", "_blocks.4", "_blocks.10"]
     g = torch.Generator().manual_seed(0)
@@ -88,59 +87,36 @@ def main() -> None:
         cl_opt.step()
 
     steps = {"anomalox": step_ours, "eager, as anomalib": step_anomalib, "eager student only, channels-last": step_cl}
-    for f in steps.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.repeats):
-        for name, f in steps.items():
-            start = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - start)
-    print(
-        f"### One STFPM training step, {args.batch} images of 256 px, {args.threads} threads (medians of {args.repeats})\n"
+    times = step_profiling.time_steps(steps, args.repeats)
+    step_profiling.print_step_table(
+        f"One STFPM training step, {args.batch} images of 256 px, {args.threads} threads (medians of {args.repeats})",
+        times,
+        args.batch,
     )
-    print("| step | s | images/s |\n|---|---|---|")
-    for name, t in times.items():
-        m = statistics.median(t)
-        print(f"| {name} | {m:.3f} | {args.batch / m:.1f} |")
 
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(2):
             step_cl()
-    groups: dict[str, float] = {}
-    total = 0.0
-    for evt in prof.key_averages():
-        name = evt.key
-        if not name.startswith("aten::") or evt.cpu_time_total == 0:
-            continue
-        self_us = evt.self_cpu_time_total
-        total += self_us
-        if "convolution_backward" in name or "mkldnn_convolution_backward" in name:
-            group = "convolution backward"
-        elif "conv" in name:
-            group = "convolution forward"
-        elif "batch_norm" in name and "backward" in name:
-            group = "batch norm backward"
-        elif "batch_norm" in name:
-            group = "batch norm forward"
-        elif "hardtanh" in name or "relu" in name:
-            group = "ReLU6 forward / backward"
-        elif "pad" in name:
-            group = "TF SAME padding"
-        else:
-            group = "other (loss, optimiser, copies)"
-        groups[group] = groups.get(group, 0.0) + self_us
-    print("\nSelf CPU time by operator group (torch.profiler, eager student only, channels-last, 2 steps):\n")
-    print("| group | share |\n|---|---|")
-    for group, us in sorted(groups.items(), key=lambda kv: -kv[1]):
-        print(f"| {group} | {100 * us / total:.1f} % |")
-    print("\nThe ten operators with the most self CPU time:\n")
-    print("| operator | share |\n|---|---|")
-    ops = [e for e in prof.key_averages() if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
-    for evt in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:10]:
-        print(f"| `{evt.key}` | {100 * evt.self_cpu_time_total / total:.1f} % |")
+    step_profiling.print_operator_shares(prof, group_of, "torch.profiler, eager student only, channels-last, 2 steps")
+
+
+def group_of(name: str) -> str:
+    """The operator group of an aten operator of the STFPM step."""
+    if "convolution_backward" in name:
+        return "convolution backward"
+    if "conv" in name:
+        return "convolution forward"
+    if "batch_norm" in name and "backward" in name:
+        return "batch norm backward"
+    if "batch_norm" in name:
+        return "batch norm forward"
+    if "hardtanh" in name or "relu" in name:
+        return "ReLU6 forward / backward"
+    if "pad" in name:
+        return "TF SAME padding"
+    return "other (loss, optimiser, copies)"
 
 
 if __name__ == "__main__":
