@@ -22,6 +22,7 @@ from anomalox.detectors import (
     SPADE,
     STFPM,
     BaseDetector,
+    FastFlow,
     NotFittedError,
     PaDiM,
     PatchCore,
@@ -147,6 +148,7 @@ DEFAULT_TAPS = {
         STFPM: ("_blocks.2", "_blocks.4", "_blocks.10"),
         ReverseDistillation: ("_blocks.2", "_blocks.4", "_blocks.10"),
         FRE: ("_blocks.10",),
+        FastFlow: ("_blocks.2", "_blocks.4", "_blocks.10"),
     },
     "resnet": {
         PatchCore: ("layer2", "layer3"),
@@ -156,6 +158,7 @@ DEFAULT_TAPS = {
         STFPM: ("layer1", "layer2", "layer3"),
         ReverseDistillation: ("layer1", "layer2", "layer3"),
         FRE: ("layer3",),
+        FastFlow: ("layer1", "layer2", "layer3"),
     },
 }
 PADIM_N_FEATURES = {"resnet50": 550, "wide_resnet50_2": 550}

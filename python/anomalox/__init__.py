@@ -48,6 +48,7 @@ _NEEDS_TORCH = {
     "STFPM": "anomalox.detectors",
     "ReverseDistillation": "anomalox.detectors",
     "FRE": "anomalox.detectors",
+    "FastFlow": "anomalox.detectors",
     "Inspection": "anomalox.detectors",
 }
 
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
     from anomalox import detectors
     from anomalox.backbone import Backbone
     from anomalox.comparison import compare
-    from anomalox.detectors import DFM, FRE, SPADE, STFPM, Inspection, PaDiM, PatchCore, ReverseDistillation
+    from anomalox.detectors import DFM, FRE, SPADE, STFPM, FastFlow, Inspection, PaDiM, PatchCore, ReverseDistillation
     from anomalox.evaluate import Evaluation, evaluate
     from anomalox.persist import load, save
     from anomalox.torch_backbone import ModuleBackbone
@@ -114,6 +115,7 @@ __all__ = [
     "PatchCore",
     "ReverseDistillation",
     "FRE",
+    "FastFlow",
     "SPADE",
     "STFPM",
     "compare",

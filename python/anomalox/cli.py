@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-METHODS = ("patchcore", "padim", "spade", "dfm", "stfpm", "reverse_distillation", "fre")
+METHODS = ("patchcore", "padim", "spade", "dfm", "stfpm", "reverse_distillation", "fre", "fastflow")
 
 EXAMPLES = {
     "fit": """examples:
@@ -71,6 +71,7 @@ def _detector(method: str, backbone: str | None, params: dict[str, Any], verbose
         "stfpm": anomalox.STFPM,
         "reverse_distillation": anomalox.ReverseDistillation,
         "fre": anomalox.FRE,
+        "fastflow": anomalox.FastFlow,
     }[method]
     if backbone is not None:
         params = {**params, "backbone": backbone}

@@ -1,6 +1,7 @@
 //! Trained heads over frozen features behind `anomalox.detectors` (the tch part): `HeadModel`,
 //! one class for every detector whose trained network sees only the frozen backbone's taps
-//! (Reverse Distillation's OCBE and decoder, FRE's autoencoder), trained inside Rust with the GIL
+//! (Reverse Distillation's OCBE and decoder, FRE's autoencoder, FastFlow's flows), trained inside
+//! Rust with the GIL
 //! released; and each head's loss and map as functions (for tests against plain PyTorch).
 //!
 //! Python runs the frozen backbone once over the training images and hands its taps here; one
@@ -18,6 +19,7 @@ use anomalox::py::runtime::{argument_error, run, to_py_err};
 
 use crate::py::{device_name, set_threads, to_device, Structure};
 use crate::py_train::{combine_of, export_variables, import_variables, optim_config, tensors};
+use crate::train::fastflow::{self, Coupling, FastFlow, FlowMap, FlowSpec, TapShape};
 use crate::train::fre::{self, Fre, FreSpec};
 use crate::train::rd::{self, lite_taps, resnet_taps, RdSpec, ReverseDistillation};
 use crate::train::stfpm::Combine;
@@ -28,6 +30,7 @@ use crate::train::{Objective, Trainer};
 pub enum Head {
     Rd(Box<ReverseDistillation>),
     Fre(Fre),
+    FastFlow(FastFlow),
 }
 
 impl Objective for Head {
@@ -41,13 +44,15 @@ impl Objective for Head {
         match self {
             Head::Rd(m) => m.loss(inputs, targets, train, intr),
             Head::Fre(m) => m.loss(inputs, targets, train, intr),
+            Head::FastFlow(m) => m.loss(inputs, targets, train, intr),
         }
     }
 }
 
 impl Head {
     /// The head's outputs for the taps `feats` in evaluation mode: Reverse Distillation's
-    /// reconstructions of the taps; FRE's pooled features and their reconstruction.
+    /// reconstructions of the taps; FRE's pooled features and their reconstruction; FastFlow's
+    /// z (B, C, h, w) and log-determinant map ℓ (B, h, w) of each tap in turn.
     fn outputs(&self, feats: &[Tensor], intr: &Interrupt) -> KernelResult<Vec<Tensor>> {
         match self {
             Head::Rd(m) => m.forward(feats, false, intr),
@@ -61,20 +66,35 @@ impl Head {
                 let (v, r) = m.forward(features)?;
                 Ok(vec![v, r])
             }
+            Head::FastFlow(m) => Ok(m
+                .forward(feats, intr)?
+                .into_iter()
+                .flat_map(|(z, l)| [z, l])
+                .collect()),
         }
     }
 
-    /// (maps (B, H, W) at `size`, image scores or None for "the maximum of the map").
+    /// (maps (B, H, W) at `size`, image scores or None for "the maximum of the map"); `mode`:
+    /// Reverse Distillation's tap combination ("sum" or "product"), FastFlow's map ("probability"
+    /// or "nll"), unused by FRE.
     fn maps(
         &self,
         feats: &[Tensor],
         size: [i64; 2],
-        combine: Combine,
+        mode: &str,
         intr: &Interrupt,
     ) -> KernelResult<(Tensor, Option<Tensor>)> {
         let out = self.outputs(feats, intr)?;
         match self {
-            Head::Rd(_) => Ok((rd::anomaly_map(feats, &out, size, combine)?, None)),
+            Head::Rd(_) => {
+                let combine = Combine::parse(mode)?;
+                Ok((rd::anomaly_map(feats, &out, size, combine)?, None))
+            }
+            Head::FastFlow(_) => {
+                let mode = FlowMap::parse(mode)?;
+                let (zs, lds) = pairs(out);
+                Ok((fastflow::anomaly_map(&zs, &lds, size, mode)?, None))
+            }
             Head::Fre(m) => {
                 let [h, w] = m.spec.pooled();
                 let (map, scores) = fre::anomaly_map(&out[0], &out[1], [m.spec.channels, h, w])?;
@@ -87,6 +107,17 @@ impl Head {
             }
         }
     }
+}
+
+/// Per tap (z, ℓ) from `outputs`' flat z, ℓ, z, ℓ, … list.
+fn pairs(out: Vec<Tensor>) -> (Vec<Tensor>, Vec<Tensor>) {
+    let mut it = out.into_iter();
+    let (mut zs, mut lds) = (vec![], vec![]);
+    while let (Some(z), Some(l)) = (it.next(), it.next()) {
+        zs.push(z);
+        lds.push(l);
+    }
+    (zs, lds)
 }
 
 /// A trained head (built by one of the static constructors), freshly initialised (seeded).
@@ -198,6 +229,69 @@ impl HeadModel {
         })
     }
 
+    /// FastFlow's LayerNorms and flows for the taps `layers` of `channels` channels on `grids`
+    /// (h, w) (the backbone `arch` is recorded only): `steps` coupling blocks per tap, subnets of
+    /// `hidden_ratio` × their input channels, 3×3 and 1×1 alternating unless `conv3x3_only`,
+    /// affine clamping `clamp`; drawn from `InitRng::new(seed)`, on the CPU (`cuda` None) or CUDA
+    /// device `cuda`.
+    #[staticmethod]
+    #[pyo3(signature = (arch, layers, channels, grids, steps, hidden_ratio, conv3x3_only, clamp, seed, cuda, n_threads))]
+    #[allow(clippy::too_many_arguments)]
+    fn fastflow(
+        py: Python<'_>,
+        arch: &str,
+        layers: Vec<String>,
+        channels: Vec<i64>,
+        grids: Vec<(i64, i64)>,
+        steps: usize,
+        hidden_ratio: f64,
+        conv3x3_only: bool,
+        clamp: f64,
+        seed: u64,
+        cuda: Option<usize>,
+        n_threads: usize,
+    ) -> PyResult<Self> {
+        if layers.len() != channels.len() || layers.len() != grids.len() {
+            return Err(argument_error(
+                "layers",
+                format!(
+                    "expected one channel count and one grid per tap ({}), got {} and {}",
+                    layers.len(),
+                    channels.len(),
+                    grids.len()
+                ),
+            ));
+        }
+        let shapes = channels
+            .iter()
+            .zip(&grids)
+            .map(|(&c, &(h, w))| TapShape {
+                channels: c,
+                grid: [h, w],
+            })
+            .collect();
+        let spec =
+            FlowSpec::new(shapes, steps, hidden_ratio, conv3x3_only, clamp).map_err(to_py_err)?;
+        let device = to_device(cuda);
+        let trainer = run(py, n_threads, move |_| {
+            set_threads(n_threads);
+            let vs = nn::VarStore::new(device);
+            let model = FastFlow::new(&vs.root(), &spec, &mut InitRng::new(seed));
+            Ok(Trainer::new(vs, Head::FastFlow(model)))
+        })?;
+        let taps = layers
+            .into_iter()
+            .zip(channels)
+            .map(|(name, c)| (name, c, 0))
+            .collect();
+        Ok(HeadModel {
+            trainer: Mutex::new(trainer),
+            arch: arch.to_string(),
+            device,
+            taps,
+        })
+    }
+
     #[getter]
     fn arch(&self) -> &str {
         &self.arch
@@ -301,7 +395,7 @@ impl HeadModel {
 
     /// The head's outputs for the taps `encoder`, in evaluation mode (on the model's device):
     /// Reverse Distillation's reconstructions of the taps; FRE's pooled, flattened features and
-    /// their reconstruction.
+    /// their reconstruction; FastFlow's z and log-determinant map of each tap in turn.
     #[pyo3(signature = (encoder, n_threads))]
     fn features(
         &self,
@@ -321,19 +415,19 @@ impl HeadModel {
     }
 
     /// (anomaly maps (B, H, W), image scores (B) or None) on the CPU at `size` = (H, W) from the
-    /// taps `encoder` (before smoothing), in evaluation mode; `combine` "sum" or "product" (Reverse
-    /// Distillation's taps; FRE has one). None scores: the maximum of the smoothed map (Reverse
-    /// Distillation); FRE's are the sum of its map on the pooled grid.
-    #[pyo3(signature = (encoder, size, combine, n_threads))]
+    /// taps `encoder` (before smoothing), in evaluation mode; `mode`: Reverse Distillation's tap
+    /// combination "sum" or "product", FastFlow's map "probability" or "nll", unused by FRE.
+    /// None scores: the maximum of the smoothed map (Reverse Distillation, FastFlow); FRE's are
+    /// the sum of its map on the pooled grid.
+    #[pyo3(signature = (encoder, size, mode, n_threads))]
     fn maps(
         &self,
         py: Python<'_>,
         encoder: Vec<PyTensor>,
         size: (i64, i64),
-        combine: &str,
+        mode: String,
         n_threads: usize,
     ) -> PyResult<(PyTensor, Option<PyTensor>)> {
-        let combine = combine_of(combine)?;
         let encoder = tensors(encoder);
         let (trainer, device) = (&self.trainer, self.device);
         let (map, scores) = run(py, n_threads, move |intr| {
@@ -343,7 +437,7 @@ impl HeadModel {
             tch::no_grad(|| {
                 trainer
                     .objective
-                    .maps(&encoder, [size.0, size.1], combine, intr)
+                    .maps(&encoder, [size.0, size.1], &mode, intr)
             })
             .map(|(m, s)| {
                 (
@@ -368,6 +462,7 @@ impl HeadModel {
                 self.arch
             ),
             Head::Fre(m) => format!("the FRE autoencoder of {:?}", m.spec),
+            Head::FastFlow(m) => format!("the FastFlow flows of {:?}", m.spec),
         };
         import_variables(&self.lock().vs, entries, |_| true, &what)
     }
@@ -417,4 +512,52 @@ pub fn fre_map(v: PyTensor, r: PyTensor, grid: (i64, i64, i64)) -> PyResult<(PyT
     let (map, scores) =
         fre::anomaly_map(&v.0, &r.0, [grid.0, grid.1, grid.2]).map_err(to_py_err)?;
     Ok((PyTensor(map), PyTensor(scores)))
+}
+
+/// FastFlow's coupling blocks `blocks` (each `[conv1_weight, conv1_bias, conv2_weight,
+/// conv2_bias, global_scale, global_offset, permutation]`, used as given: gradients reach them)
+/// applied in order to `x` (B, C, h, w) with affine clamping `clamp`: (z, ℓ (B, h, w)); with
+/// `inverse`, the x whose flow is the given z, and ℓ None (see `train::fastflow`).
+#[pyfunction]
+#[pyo3(signature = (x, blocks, clamp, inverse))]
+pub fn fastflow_flow(
+    x: PyTensor,
+    blocks: Vec<Vec<PyTensor>>,
+    clamp: f64,
+    inverse: bool,
+) -> PyResult<(PyTensor, Option<PyTensor>)> {
+    let blocks = blocks
+        .into_iter()
+        .map(|b| Coupling::from_tensors(&tensors(b), clamp))
+        .collect::<KernelResult<Vec<_>>>()
+        .map_err(to_py_err)?;
+    if inverse {
+        return Ok((PyTensor(fastflow::flow_inverse(&blocks, &x.0)), None));
+    }
+    let (z, l) = fastflow::flow(&blocks, &x.0);
+    Ok((PyTensor(z), Some(PyTensor(l))))
+}
+
+/// FastFlow's training loss of the outputs `zs` (B, C, h, w) and log-determinant maps
+/// `log_dets` (B, h, w), one per tap: a scalar tensor, differentiable.
+#[pyfunction]
+pub fn fastflow_loss(zs: Vec<PyTensor>, log_dets: Vec<PyTensor>) -> PyResult<PyTensor> {
+    fastflow::loss(&tensors(zs), &tensors(log_dets))
+        .map(PyTensor)
+        .map_err(to_py_err)
+}
+
+/// FastFlow's anomaly maps (B, H, W) at `size` = (H, W); `mode` "probability" or "nll".
+#[pyfunction]
+#[pyo3(signature = (zs, log_dets, size, mode))]
+pub fn fastflow_map(
+    zs: Vec<PyTensor>,
+    log_dets: Vec<PyTensor>,
+    size: (i64, i64),
+    mode: &str,
+) -> PyResult<PyTensor> {
+    let mode = FlowMap::parse(mode).map_err(to_py_err)?;
+    fastflow::anomaly_map(&tensors(zs), &tensors(log_dets), [size.0, size.1], mode)
+        .map(PyTensor)
+        .map_err(to_py_err)
 }

@@ -15,7 +15,7 @@ use pyo3_tch::PyTensor;
 use tch::{nn, Device, Kind, Tensor};
 
 use anomalox::error::KernelError;
-use anomalox::py::runtime::{argument_error, run};
+use anomalox::py::runtime::{argument_error, run, to_py_err};
 
 use crate::nets::params::{self, StateDict};
 use crate::nets::Backbone;
@@ -30,14 +30,7 @@ pub(crate) fn tensors(list: Vec<PyTensor>) -> Vec<Tensor> {
 
 /// The `map_combine` argument: "product" or "sum".
 pub(crate) fn combine_of(combine: &str) -> PyResult<Combine> {
-    match combine {
-        "product" => Ok(Combine::Product),
-        "sum" => Ok(Combine::Sum),
-        _ => Err(argument_error(
-            "map_combine",
-            format!("expected 'product' or 'sum', got {combine:?}"),
-        )),
-    }
+    Combine::parse(combine).map_err(to_py_err)
 }
 
 /// The variables of `vs` whose names pass `keep`, as contiguous CPU copies sorted by name.

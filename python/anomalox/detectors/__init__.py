@@ -2,6 +2,7 @@
 
 from anomalox.detectors._base import BaseDetector, Inspection, NotFittedError
 from anomalox.detectors.dfm import DFM
+from anomalox.detectors.fastflow import FastFlow
 from anomalox.detectors.fre import FRE
 from anomalox.detectors.padim import PaDiM
 from anomalox.detectors.patchcore import PatchCore
@@ -20,4 +21,5 @@ __all__ = [
     "STFPM",
     "ReverseDistillation",
     "FRE",
+    "FastFlow",
 ]

@@ -1,5 +1,6 @@
 //! The training engine: trainable networks (`student`), the methods' losses and maps (`stfpm`,
-//! `rd`: Reverse Distillation's OCBE and decoder),
+//! `rd`: Reverse Distillation's OCBE and decoder, `fre`: FRE's autoencoder, `fastflow`: FastFlow's
+//! normalizing flows),
 //! and the loop that fits a `VarStore` to an objective with libtorch's own optimisers.
 //!
 //! The loop works on tensors indexed by image along dimension 0 (the inputs and the frozen parts'
@@ -7,6 +8,7 @@
 //! caller's seeded shuffle), and checks for Ctrl-C and for a non-finite loss at every step, before
 //! the step updates anything.
 
+pub mod fastflow;
 pub mod fre;
 pub mod rd;
 pub mod stfpm;

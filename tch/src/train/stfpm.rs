@@ -24,6 +24,19 @@ pub enum Combine {
     Sum,
 }
 
+impl Combine {
+    pub fn parse(name: &str) -> KernelResult<Self> {
+        match name {
+            "product" => Ok(Combine::Product),
+            "sum" => Ok(Combine::Sum),
+            other => Err(KernelError::invalid(
+                "map_combine",
+                format!("expected 'product' or 'sum', got {other:?}"),
+            )),
+        }
+    }
+}
+
 /// `x` (B, C, h, w) divided by its L2 norm over channels, clamped at 1e-12 (`F.normalize`).
 pub fn normalize(x: &Tensor) -> Tensor {
     x / x

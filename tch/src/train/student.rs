@@ -60,6 +60,16 @@ impl InitRng {
             .collect()
     }
 
+    /// A uniformly random permutation of 0..n (Fisher–Yates, Durstenfeld's in-place form).
+    pub fn permutation(&mut self, n: usize) -> Vec<i64> {
+        let mut out: Vec<i64> = (0..n as i64).collect();
+        for i in (1..n).rev() {
+            let j = ((self.uniform() * (i + 1) as f64) as usize).min(i);
+            out.swap(i, j);
+        }
+        out
+    }
+
     /// `n` draws of N(0, std²) as float32.
     pub fn normal(&mut self, n: usize, std: f64) -> Vec<f32> {
         let mut out = Vec::with_capacity(n + 1);
