@@ -64,6 +64,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples they were saved from, at every depth (learned attributes hold
+    tuples, never lists)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _array_dict(value: Any) -> bool:
     return isinstance(value, Mapping) and bool(value) and all(isinstance(v, np.ndarray) for v in value.values())
 
@@ -228,10 +234,7 @@ def load(path: str | os.PathLike[str], backbone: torch.nn.Module | None = None) 
             f"{path!r} was fitted with backbone weights {reference['file']} (sha256 {reference['sha256'][:12]}…), "
             f"but the file found here ({found}) differs"
         )
-    state: dict[str, Any] = {
-        name: tuple(value) if isinstance(value, list) else value
-        for name, value in json.loads(metadata["state"]).items()
-    }
+    state: dict[str, Any] = {name: _tuples(value) for name, value in json.loads(metadata["state"]).items()}
     for key, value in tensors.items():
         if not key.startswith("state."):
             continue
