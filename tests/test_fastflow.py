@@ -369,3 +369,12 @@ def test_fastflow_through_the_cli_and_evaluate(mvtec, tmp_path):
     assert type(model).__name__ == "FastFlow" and len(model.loss_history_) == 2
     result = anomalox.evaluate(model, mvtec)
     assert 0.0 <= result["image_auroc"] <= 1.0 and result["aupro"] is not None
+
+
+def test_fastflow_without_the_feature_cache_trains_the_same(fitted, images):
+    # cache_features=False: the backbone runs on each shuffled mini-batch instead of once per image.
+    good, test_good, _ = images
+    streamed = _fastflow(cache_features=False).fit(good)
+    np.testing.assert_allclose(streamed.loss_history_, fitted.loss_history_, rtol=1e-4)
+    np.testing.assert_allclose(streamed.decision_function(test_good), fitted.decision_function(test_good), rtol=1e-3)
+    assert streamed.feature_shapes_ == fitted.feature_shapes_

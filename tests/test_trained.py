@@ -366,3 +366,14 @@ def test_stfpm_through_the_cli_evaluate_and_report(mvtec, tmp_path):
     text = Path(html).read_text()
     assert "STFPM" in text and "trained 2 epochs" in text
     assert main(["evaluate", str(path), str(mvtec), "--json", "--quiet"]) == 0
+
+
+def test_stfpm_without_the_feature_cache_trains_the_same(images):
+    # cache_features=False: the teacher runs on each shuffled mini-batch instead of once per image;
+    # max_steps stops the streamed loop as it stops the cached one.
+    good, test_good, _ = images
+    cached = _stfpm(max_steps=5, validation_fraction=0).fit(good)
+    streamed = _stfpm(max_steps=5, validation_fraction=0, cache_features=False).fit(good)
+    assert len(streamed.loss_history_) == len(cached.loss_history_) == 2  # 4 + 1 steps of 4 images
+    np.testing.assert_allclose(streamed.loss_history_, cached.loss_history_, rtol=1e-4)
+    np.testing.assert_allclose(streamed.decision_function(test_good), cached.decision_function(test_good), rtol=1e-3)

@@ -3,7 +3,8 @@
 A trained detector keeps the three hooks of ``BaseDetector``; its feature dicts also carry the
 preprocessed input batch under ``INPUT`` (the frozen backbone's taps are the rest). Fitting gathers
 every training image and the frozen network's features once (memory: the preprocessed images,
-N · 3 · H · W float32, plus the taps), then runs the training loop in Rust, one epoch per call
+N · 3 · H · W float32, plus the taps; with ``cache_features=False`` the images only, and the
+backbone runs again on each mini-batch), then runs the training loop in Rust, one epoch per call
 with the GIL released, mini-batches in a seeded shuffled order; Python draws the progress bar,
 keeps ``loss_history_`` and stops early between epochs. The trained weights are a learned
 attribute (a dict of arrays), so model files hold them.
@@ -29,7 +30,7 @@ import torch
 
 from anomalox.backbone import BACKBONES, tch_available, tch_unavailable_reason
 from anomalox.detectors._base import BaseDetector, seed_from
-from anomalox.params import POSITIVE_INT, Interval, Options
+from anomalox.params import POSITIVE_INT, Interval, Options, Unchecked
 
 __all__ = ["INPUT", "TRAINING_PARAMETERS_DOC", "TrainedDetector"]
 
@@ -52,6 +53,14 @@ TRAINING_PARAMETERS_DOC = """\
         Stop when the held-out validation images' loss has not improved for this many epochs,
         and keep the weights of the best epoch (needs ``calibration="holdout"`` and
         ``validation_fraction > 0``; those images then also pick the epoch, not only calibrate).
+    cache_features : bool
+        True (default): the frozen backbone runs once per training image and its taps stay in
+        memory for every epoch: N · Σ_taps C·h·w float32 (100 images at 256 px: 67 MB with the
+        three Lite0 taps ``_blocks.2/4/10``, 734 MB with Wide-ResNet-50-2's ``layer1-3``). False,
+        where they do not fit: only the preprocessed images stay (N · 3 · H · W float32, 79 MB
+        for 100 images at 256 px) and the backbone runs again on every mini-batch (each epoch then
+        costs a backbone pass over the images, as in anomalib); the training is the same, its
+        results equal up to float rounding (the backbone sees other batches).
     batch_size : int
         Images per training step and per scoring pass."""
 
@@ -91,6 +100,7 @@ class TrainedDetector(BaseDetector):
         "lr_schedule": [Options({"constant", "cosine"})],
         "grad_clip_norm": [Interval(Real, 0.0, None, closed="neither"), None],
         "early_stopping_patience": [POSITIVE_INT, None],
+        "cache_features": [Unchecked("its truth value")],
     }
     # The trained model of the current weights (rebuilt when the weights attribute changes).
     _model_cache: tuple[Any, Any] | None = None
@@ -178,18 +188,25 @@ class TrainedDetector(BaseDetector):
         self._validation_items = held
         return batches, held
 
-    def _gather(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Every image of `batches` and its targets, concatenated along the image axis."""
+    def _gather(
+        self, batches: Iterator[dict[str, torch.Tensor]], keep_targets: bool = True
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, list[tuple[int, ...]]]:
+        """Every image of `batches` and (with `keep_targets`) its targets, concatenated along the
+        image axis; and the targets' per-image shapes."""
         images: list[torch.Tensor] = []
         targets: list[list[torch.Tensor]] = []
+        shapes: list[tuple[int, ...]] = []
         for feats in batches:
             images.append(feats[INPUT])
-            targets.append([t.contiguous() for t in self._targets(feats)])
+            batch = self._targets(feats)
+            shapes = [tuple(int(v) for v in t.shape[1:]) for t in batch]
+            if keep_targets:
+                targets.append([t.contiguous() for t in batch])
         x = torch.cat(images) if len(images) > 1 else images[0]
-        y = [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*targets)]
+        y = [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*targets)] if keep_targets else None
         if not bool(torch.isfinite(x).all()):
             raise ValueError("X: the preprocessed training images hold NaN or infinite values")
-        return x.contiguous(), y
+        return x.contiguous(), y, shapes
 
     def _validation_set(self) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
         items = self._validation_items
@@ -201,11 +218,30 @@ class TrainedDetector(BaseDetector):
             for start in range(0, len(items), self.batch_size)
             for group in self._groups(backbone, items[start : start + self.batch_size])
         )
-        return self._gather(groups)
+        x, y, _ = self._gather(groups)
+        assert y is not None
+        return x, y
 
     # ------------------------------------------------------------------- training
-    def _train(self, model: Any, x: torch.Tensor, y: list[torch.Tensor], seed: int) -> list[float]:
-        """The training loop over `x` / `y`; returns the per-epoch mean training loss."""
+    def _epoch(
+        self, model: Any, x: torch.Tensor, y: list[torch.Tensor] | None, order: list[int], threads: int
+    ) -> list[float]:
+        """One epoch's step losses: over the cached targets `y`, or (None) with the backbone run on
+        each mini-batch of `x` in `order`."""
+        if y is not None:
+            return list(model.train_epoch(x, y, order, self.batch_size, self.max_steps, threads))
+        losses: list[float] = []
+        for start in range(0, len(order), self.batch_size):
+            if self.max_steps is not None and model.step >= self.max_steps:
+                break
+            xb = x[torch.tensor(order[start : start + self.batch_size], device=x.device)]
+            yb = [t.contiguous() for t in self._targets(self._forward(self._training_backbone, xb))]
+            losses += model.train_epoch(xb, yb, list(range(len(xb))), len(xb), self.max_steps, threads)
+        return losses
+
+    def _train(self, model: Any, x: torch.Tensor, y: list[torch.Tensor] | None, seed: int) -> list[float]:
+        """The training loop over `x` / `y` (None: targets computed per mini-batch); returns the
+        per-epoch mean training loss."""
         n = int(x.shape[0])
         threads = self._threads()
         steps_per_epoch = math.ceil(n / self.batch_size)
@@ -235,7 +271,7 @@ class TrainedDetector(BaseDetector):
             for epoch in range(1, self.max_epochs + 1):
                 order = rng.permutation(n).tolist()
                 start = time.perf_counter()
-                losses = model.train_epoch(x, y, order, self.batch_size, self.max_steps, threads)
+                losses = self._epoch(model, x, y, order, threads)
                 if not losses:
                     break
                 seconds = max(time.perf_counter() - start, 1e-9)
@@ -269,11 +305,10 @@ class TrainedDetector(BaseDetector):
     ) -> tuple[Any, list[float], list[tuple[int, ...]]]:
         """Gather, build a fresh model and train it: (model, loss history, the targets' per-image shapes)."""
         backbone = self._training_backbone
-        x, y = self._gather(batches)
+        x, y, shapes = self._gather(batches, keep_targets=bool(self.cache_features))
         seed = seed_from(self.random_state)
         # The initial weights come from the model's own generator seeded with `seed` (never torch's
         # global one): the caller's torch random state is left as it was.
-        shapes = [tuple(int(v) for v in t.shape[1:]) for t in y]
         model = self._new_model(backbone, seed, shapes)
         history = self._train(model, x, y, seed)
         return model, history, shapes

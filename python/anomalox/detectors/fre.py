@@ -96,6 +96,7 @@ class FRE(TrainedDetector):
         lr_schedule: str = "constant",
         grad_clip_norm: float | None = None,
         early_stopping_patience: int | None = None,
+        cache_features: bool = True,
         image_size: Any = 256,
         crop_size: Any = None,
         keep_aspect_ratio: bool = False,
@@ -127,6 +128,7 @@ class FRE(TrainedDetector):
         self.lr_schedule = lr_schedule
         self.grad_clip_norm = grad_clip_norm
         self.early_stopping_patience = early_stopping_patience
+        self.cache_features = cache_features
         self.image_size = image_size
         self.crop_size = crop_size
         self.keep_aspect_ratio = keep_aspect_ratio
