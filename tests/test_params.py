@@ -27,6 +27,7 @@ from anomalox.detectors import (
     PaDiM,
     PatchCore,
     ReverseDistillation,
+    SuperSimpleNet,
 )
 from anomalox.detectors._base import SHARED_PARAMETERS_DOC
 from anomalox.detectors.families import FAMILIES, rules_for
@@ -149,6 +150,7 @@ DEFAULT_TAPS = {
         ReverseDistillation: ("_blocks.2", "_blocks.4", "_blocks.10"),
         FRE: ("_blocks.10",),
         FastFlow: ("_blocks.2", "_blocks.4", "_blocks.10"),
+        SuperSimpleNet: ("_blocks.4", "_blocks.10"),
     },
     "resnet": {
         PatchCore: ("layer2", "layer3"),
@@ -159,6 +161,7 @@ DEFAULT_TAPS = {
         ReverseDistillation: ("layer1", "layer2", "layer3"),
         FRE: ("layer3",),
         FastFlow: ("layer1", "layer2", "layer3"),
+        SuperSimpleNet: ("layer2", "layer3"),
     },
 }
 PADIM_N_FEATURES = {"resnet50": 550, "wide_resnet50_2": 550}

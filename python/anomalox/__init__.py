@@ -49,6 +49,7 @@ _NEEDS_TORCH = {
     "ReverseDistillation": "anomalox.detectors",
     "FRE": "anomalox.detectors",
     "FastFlow": "anomalox.detectors",
+    "SuperSimpleNet": "anomalox.detectors",
     "Inspection": "anomalox.detectors",
 }
 
@@ -56,7 +57,18 @@ if TYPE_CHECKING:
     from anomalox import detectors
     from anomalox.backbone import Backbone
     from anomalox.comparison import compare
-    from anomalox.detectors import DFM, FRE, SPADE, STFPM, FastFlow, Inspection, PaDiM, PatchCore, ReverseDistillation
+    from anomalox.detectors import (
+        DFM,
+        FRE,
+        SPADE,
+        STFPM,
+        FastFlow,
+        Inspection,
+        PaDiM,
+        PatchCore,
+        ReverseDistillation,
+        SuperSimpleNet,
+    )
     from anomalox.evaluate import Evaluation, evaluate
     from anomalox.persist import load, save
     from anomalox.torch_backbone import ModuleBackbone
@@ -116,6 +128,7 @@ __all__ = [
     "ReverseDistillation",
     "FRE",
     "FastFlow",
+    "SuperSimpleNet",
     "SPADE",
     "STFPM",
     "compare",

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-METHODS = ("patchcore", "padim", "spade", "dfm", "stfpm", "reverse_distillation", "fre", "fastflow")
+METHODS = ("patchcore", "padim", "spade", "dfm", "stfpm", "reverse_distillation", "fre", "fastflow", "supersimplenet")
 
 EXAMPLES = {
     "fit": """examples:
@@ -72,6 +72,7 @@ def _detector(method: str, backbone: str | None, params: dict[str, Any], verbose
         "reverse_distillation": anomalox.ReverseDistillation,
         "fre": anomalox.FRE,
         "fastflow": anomalox.FastFlow,
+        "supersimplenet": anomalox.SuperSimpleNet,
     }[method]
     if backbone is not None:
         params = {**params, "backbone": backbone}

@@ -35,5 +35,7 @@ fn _tch(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     m.add_function(wrap_pyfunction!(py_head::fastflow_flow, m)?)?;
     m.add_function(wrap_pyfunction!(py_head::fastflow_loss, m)?)?;
     m.add_function(wrap_pyfunction!(py_head::fastflow_map, m)?)?;
+    m.add_function(wrap_pyfunction!(py_head::ssn_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(py_head::ssn_perlin_masks, m)?)?;
     Ok(())
 }

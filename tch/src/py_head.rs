@@ -22,6 +22,7 @@ use crate::py_train::{combine_of, export_variables, import_variables, optim_conf
 use crate::train::fastflow::{self, Coupling, FastFlow, FlowMap, FlowSpec, TapShape};
 use crate::train::fre::{self, Fre, FreSpec};
 use crate::train::rd::{self, lite_taps, resnet_taps, RdSpec, ReverseDistillation};
+use crate::train::ssn::{self, SsnSpec, SuperSimpleNet};
 use crate::train::stfpm::Combine;
 use crate::train::student::InitRng;
 use crate::train::{Objective, Trainer};
@@ -31,6 +32,7 @@ pub enum Head {
     Rd(Box<ReverseDistillation>),
     Fre(Fre),
     FastFlow(FastFlow),
+    Ssn(Box<SuperSimpleNet>),
 }
 
 impl Objective for Head {
@@ -45,6 +47,13 @@ impl Objective for Head {
             Head::Rd(m) => m.loss(inputs, targets, train, intr),
             Head::Fre(m) => m.loss(inputs, targets, train, intr),
             Head::FastFlow(m) => m.loss(inputs, targets, train, intr),
+            Head::Ssn(m) => m.loss(inputs, targets, train, intr),
+        }
+    }
+
+    fn begin_step(&self, step: usize) {
+        if let Head::Ssn(m) = self {
+            m.begin_step(step);
         }
     }
 }
@@ -52,7 +61,8 @@ impl Objective for Head {
 impl Head {
     /// The head's outputs for the taps `feats` in evaluation mode: Reverse Distillation's
     /// reconstructions of the taps; FRE's pooled features and their reconstruction; FastFlow's
-    /// z (B, C, h, w) and log-determinant map ℓ (B, h, w) of each tap in turn.
+    /// z (B, C, h, w) and log-determinant map ℓ (B, h, w) of each tap in turn; SuperSimpleNet's
+    /// map logits (B, H, W) on its feature grid and score logits (B).
     fn outputs(&self, feats: &[Tensor], intr: &Interrupt) -> KernelResult<Vec<Tensor>> {
         match self {
             Head::Rd(m) => m.forward(feats, false, intr),
@@ -71,6 +81,10 @@ impl Head {
                 .into_iter()
                 .flat_map(|(z, l)| [z, l])
                 .collect()),
+            Head::Ssn(m) => {
+                let (map, score) = m.predict(feats)?;
+                Ok(vec![map, score])
+            }
         }
     }
 
@@ -94,6 +108,12 @@ impl Head {
                 let mode = FlowMap::parse(mode)?;
                 let (zs, lds) = pairs(out);
                 Ok((fastflow::anomaly_map(&zs, &lds, size, mode)?, None))
+            }
+            // On the feature grid: the caller upsamples and smooths.
+            Head::Ssn(_) => {
+                let mut out = out.into_iter();
+                let (map, score) = (out.next(), out.next());
+                Ok((map.expect("the map"), score))
             }
             Head::Fre(m) => {
                 let [h, w] = m.spec.pooled();
@@ -292,6 +312,68 @@ impl HeadModel {
         })
     }
 
+    /// SuperSimpleNet's adaptor and heads for the taps `layers` of `channels` channels, the first
+    /// on a `grid` = (h, w) grid (the backbone `arch` is recorded only), with feature noise σ
+    /// `noise_std` and Perlin threshold `perlin_threshold`; drawn from `InitRng::new(seed)`, on the
+    /// CPU (`cuda` None) or CUDA device `cuda`. The adaptor is variable group 1 (`set_group`).
+    #[staticmethod]
+    #[pyo3(signature = (arch, layers, channels, grid, noise_std, perlin_threshold, seed, cuda, n_threads))]
+    #[allow(clippy::too_many_arguments)]
+    fn supersimplenet(
+        py: Python<'_>,
+        arch: &str,
+        layers: Vec<String>,
+        channels: Vec<i64>,
+        grid: (i64, i64),
+        noise_std: f64,
+        perlin_threshold: f64,
+        seed: u64,
+        cuda: Option<usize>,
+        n_threads: usize,
+    ) -> PyResult<Self> {
+        if layers.len() != channels.len() {
+            return Err(argument_error(
+                "layers",
+                format!(
+                    "expected one channel count per tap ({}), got {}",
+                    layers.len(),
+                    channels.len()
+                ),
+            ));
+        }
+        let spec = SsnSpec::new(
+            channels.clone(),
+            [grid.0, grid.1],
+            noise_std,
+            perlin_threshold,
+        )
+        .map_err(to_py_err)?;
+        let device = to_device(cuda);
+        let trainer = run(py, n_threads, move |_| {
+            set_threads(n_threads);
+            let vs = nn::VarStore::new(device);
+            let model = SuperSimpleNet::new(&vs.root(), &spec, seed);
+            Ok(Trainer::new(vs, Head::Ssn(Box::new(model))))
+        })?;
+        let taps = layers
+            .into_iter()
+            .zip(channels)
+            .map(|(name, c)| (name, c, 0))
+            .collect();
+        Ok(HeadModel {
+            trainer: Mutex::new(trainer),
+            arch: arch.to_string(),
+            device,
+            taps,
+        })
+    }
+
+    /// Variable group `group` trains with its own base `learning_rate` and `weight_decay` (which
+    /// the schedule scales like the configured rate).
+    fn set_group(&self, group: usize, learning_rate: f64, weight_decay: f64) {
+        self.lock().set_group(group, learning_rate, weight_decay);
+    }
+
     #[getter]
     fn arch(&self) -> &str {
         &self.arch
@@ -463,6 +545,7 @@ impl HeadModel {
             ),
             Head::Fre(m) => format!("the FRE autoencoder of {:?}", m.spec),
             Head::FastFlow(m) => format!("the FastFlow flows of {:?}", m.spec),
+            Head::Ssn(m) => format!("the SuperSimpleNet heads of {:?}", m.spec),
         };
         import_variables(&self.lock().vs, entries, |_| true, &what)
     }
@@ -560,4 +643,30 @@ pub fn fastflow_map(
     fastflow::anomaly_map(&tensors(zs), &tensors(log_dets), [size.0, size.1], mode)
         .map(PyTensor)
         .map_err(to_py_err)
+}
+
+/// SuperSimpleNet's training loss of map logits `map` (B, 1, H, W) and score logits `score` (B)
+/// against `masks` (B, 1, H, W) and `labels` (B): a scalar tensor, differentiable.
+#[pyfunction]
+pub fn ssn_loss(
+    map: PyTensor,
+    score: PyTensor,
+    masks: PyTensor,
+    labels: PyTensor,
+) -> PyResult<PyTensor> {
+    ssn::loss(&map.0, &score.0, &masks.0, &labels.0)
+        .map(PyTensor)
+        .map_err(to_py_err)
+}
+
+/// `n` of SuperSimpleNet's Perlin masks (n, 1, h, w) drawn from `InitRng::new(seed)`.
+#[pyfunction]
+pub fn ssn_perlin_masks(seed: u64, n: i64, h: i64, w: i64, threshold: f64) -> PyTensor {
+    PyTensor(ssn::perlin_masks(
+        &mut InitRng::new(seed),
+        n,
+        h,
+        w,
+        threshold,
+    ))
 }

@@ -156,20 +156,26 @@ pub(crate) fn optim_config(
             beta2: betas.1,
             eps,
         },
+        "adamw" => Optimiser::AdamW {
+            beta1: betas.0,
+            beta2: betas.1,
+            eps,
+        },
         _ => {
             return Err(argument_error(
                 "optimizer",
-                format!("expected 'sgd' or 'adam', got {optimizer:?}"),
+                format!("expected 'sgd', 'adam' or 'adamw', got {optimizer:?}"),
             ))
         }
     };
     let schedule = match schedule {
         "constant" => Schedule::Constant,
         "cosine" => Schedule::Cosine,
+        "multistep" => Schedule::MultiStep,
         _ => {
             return Err(argument_error(
                 "lr_schedule",
-                format!("expected 'constant' or 'cosine', got {schedule:?}"),
+                format!("expected 'constant', 'cosine' or 'multistep', got {schedule:?}"),
             ))
         }
     };

@@ -9,6 +9,7 @@ from anomalox.detectors.patchcore import PatchCore
 from anomalox.detectors.reverse_distillation import ReverseDistillation
 from anomalox.detectors.spade import SPADE
 from anomalox.detectors.stfpm import STFPM
+from anomalox.detectors.supersimplenet import SuperSimpleNet
 
 __all__ = [
     "BaseDetector",
@@ -22,4 +23,5 @@ __all__ = [
     "ReverseDistillation",
     "FRE",
     "FastFlow",
+    "SuperSimpleNet",
 ]

@@ -62,7 +62,7 @@ class StfpmStudent:
     def step(self) -> int: ...
     def configure(
         self,
-        optimizer: Literal["sgd", "adam"],
+        optimizer: Literal["sgd", "adam", "adamw"],
         learning_rate: float,
         weight_decay: float,
         momentum: float,
@@ -71,7 +71,7 @@ class StfpmStudent:
         betas: tuple[float, float],
         eps: float,
         grad_clip_norm: float | None,
-        schedule: Literal["constant", "cosine"],
+        schedule: Literal["constant", "cosine", "multistep"],
         total_steps: int,
     ) -> None: ...
     def train_epoch(
@@ -134,6 +134,19 @@ class HeadModel:
         cuda: int | None,
         n_threads: int,
     ) -> HeadModel: ...
+    @staticmethod
+    def supersimplenet(
+        arch: str,
+        layers: list[str],
+        channels: list[int],
+        grid: tuple[int, int],
+        noise_std: float,
+        perlin_threshold: float,
+        seed: int,
+        cuda: int | None,
+        n_threads: int,
+    ) -> HeadModel: ...
+    def set_group(self, group: int, learning_rate: float, weight_decay: float) -> None: ...
     @property
     def arch(self) -> str: ...
     @property
@@ -144,7 +157,7 @@ class HeadModel:
     def step(self) -> int: ...
     def configure(
         self,
-        optimizer: Literal["sgd", "adam"],
+        optimizer: Literal["sgd", "adam", "adamw"],
         learning_rate: float,
         weight_decay: float,
         momentum: float,
@@ -153,7 +166,7 @@ class HeadModel:
         betas: tuple[float, float],
         eps: float,
         grad_clip_norm: float | None,
-        schedule: Literal["constant", "cosine"],
+        schedule: Literal["constant", "cosine", "multistep"],
         total_steps: int,
     ) -> None: ...
     def train_epoch(
@@ -171,7 +184,7 @@ class HeadModel:
         self,
         encoder: list[torch.Tensor],
         size: tuple[int, int],
-        mode: Literal["sum", "product", "probability", "nll"],
+        mode: Literal["sum", "product", "probability", "nll", "logits"],
         n_threads: int,
     ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
     def state_dict(self) -> list[tuple[str, torch.Tensor]]: ...
@@ -194,3 +207,5 @@ def fastflow_loss(zs: list[torch.Tensor], log_dets: list[torch.Tensor]) -> torch
 def fastflow_map(
     zs: list[torch.Tensor], log_dets: list[torch.Tensor], size: tuple[int, int], mode: Literal["probability", "nll"]
 ) -> torch.Tensor: ...
+def ssn_loss(map: torch.Tensor, score: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+def ssn_perlin_masks(seed: int, n: int, h: int, w: int, threshold: float) -> torch.Tensor: ...

@@ -11,6 +11,7 @@
 pub mod fastflow;
 pub mod fre;
 pub mod rd;
+pub mod ssn;
 pub mod stfpm;
 pub mod student;
 
@@ -30,6 +31,9 @@ pub enum Optimiser {
     },
     /// Weight decay as an L2 term added to the gradient (`torch.optim.Adam`, not AdamW).
     Adam { beta1: f64, beta2: f64, eps: f64 },
+    /// Decoupled weight decay: each step first scales the parameters by 1 − lr · weight_decay
+    /// (`torch.optim.AdamW`).
+    AdamW { beta1: f64, beta2: f64, eps: f64 },
 }
 
 /// The learning rate over the steps.
@@ -38,7 +42,13 @@ pub enum Schedule {
     Constant,
     /// lr · (1 + cos(π · step / total_steps)) / 2 (`CosineAnnealingLR` with eta_min 0, per step).
     Cosine,
+    /// lr × 0.4 from 80 % of the steps, × 0.16 from 90 % (anomalib SuperSimpleNet's
+    /// `MultiStepLR(milestones=[0.8, 0.9] of the epochs, gamma=0.4)`, counted in steps).
+    MultiStep,
 }
+
+/// `MultiStep`'s decay per milestone.
+pub const MULTISTEP_GAMMA: f64 = 0.4;
 
 #[derive(Clone, Debug)]
 pub struct OptimConfig {
@@ -59,6 +69,14 @@ impl OptimConfig {
             Schedule::Cosine => {
                 let t = (step as f64 / self.total_steps.max(1) as f64).min(1.0);
                 self.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+            Schedule::MultiStep => {
+                let total = self.total_steps as f64;
+                let passed = [0.8, 0.9]
+                    .iter()
+                    .filter(|&&f| step >= (f * total) as usize)
+                    .count();
+                self.learning_rate * MULTISTEP_GAMMA.powi(passed as i32)
             }
         }
     }
@@ -84,6 +102,14 @@ impl OptimConfig {
                 amsgrad: false,
             }
             .build(vs, self.learning_rate),
+            Optimiser::AdamW { beta1, beta2, eps } => nn::AdamW {
+                beta1,
+                beta2,
+                wd: self.weight_decay,
+                eps,
+                amsgrad: false,
+            }
+            .build(vs, self.learning_rate),
         };
         built.map_err(|e| KernelError::invalid("optimizer", e.to_string()))
     }
@@ -98,6 +124,10 @@ pub trait Objective: Send {
         train: bool,
         intr: &Interrupt,
     ) -> KernelResult<Tensor>;
+
+    /// Called before the loss of training step `step` (0-based, the schedule's clock): objectives
+    /// that draw random numbers while training seed them here.
+    fn begin_step(&self, _step: usize) {}
 }
 
 /// A `VarStore`, the objective that uses it, and the optimiser state.
@@ -107,6 +137,9 @@ pub struct Trainer<O: Objective> {
     optimiser: Option<(nn::Optimizer, OptimConfig)>,
     /// Steps taken so far (the schedule's clock).
     pub step: usize,
+    /// (group, learning rate, weight decay) of the variable groups (`nn::Path::set_group`) that
+    /// do not use the configuration's; their rates follow the same schedule.
+    groups: Vec<(usize, f64, f64)>,
 }
 
 fn rows(tensors: &[Tensor], index: &Tensor, device: Device) -> Vec<Tensor> {
@@ -138,12 +171,26 @@ impl<O: Objective> Trainer<O> {
             objective,
             optimiser: None,
             step: 0,
+            groups: vec![],
+        }
+    }
+
+    /// Variable group `group` trains with its own base `learning_rate` and `weight_decay`
+    /// (from the next `configure` on, and at once if configured).
+    pub fn set_group(&mut self, group: usize, learning_rate: f64, weight_decay: f64) {
+        self.groups.retain(|g| g.0 != group);
+        self.groups.push((group, learning_rate, weight_decay));
+        if let Some((opt, _)) = self.optimiser.as_mut() {
+            opt.set_weight_decay_group(group, weight_decay);
         }
     }
 
     /// A new optimiser (fresh state) and schedule; the step count restarts at 0.
     pub fn configure(&mut self, config: OptimConfig) -> KernelResult<()> {
-        let opt = config.build(&self.vs)?;
+        let mut opt = config.build(&self.vs)?;
+        for &(group, _, weight_decay) in &self.groups {
+            opt.set_weight_decay_group(group, weight_decay);
+        }
         self.optimiser = Some((opt, config));
         self.step = 0;
         Ok(())
@@ -184,7 +231,12 @@ impl<O: Objective> Trainer<O> {
             let (x, y) = (rows(inputs, &index, device), rows(targets, &index, device));
             let lr = config.learning_rate_at(self.step);
             opt.set_lr(lr);
+            let factor = lr / config.learning_rate;
+            for &(group, group_lr, _) in &self.groups {
+                opt.set_lr_group(group, group_lr * factor);
+            }
             opt.zero_grad();
+            self.objective.begin_step(self.step);
             let loss = self.objective.loss(&x, &y, true, intr)?;
             let value = loss.double_value(&[]);
             if !value.is_finite() {

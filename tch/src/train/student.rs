@@ -60,6 +60,16 @@ impl InitRng {
             .collect()
     }
 
+    /// One draw of U(0, 1).
+    pub fn unit(&mut self) -> f64 {
+        self.uniform()
+    }
+
+    /// One uniform integer in 0..n (n ≥ 1).
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((self.uniform() * n as f64) as u64).min(n - 1)
+    }
+
     /// A uniformly random permutation of 0..n (Fisher–Yates, Durstenfeld's in-place form).
     pub fn permutation(&mut self, n: usize) -> Vec<i64> {
         let mut out: Vec<i64> = (0..n as i64).collect();
