@@ -23,7 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "datasets", "magnetic_tile")
-ORDER = ("patchcore", "padim", "spade", "dfm", "fre", "stfpm", "reverse_distillation")
+ORDER = ("patchcore", "padim", "spade", "dfm", "fre", "stfpm", "reverse_distillation", "fastflow", "supersimplenet")
 
 
 def main() -> None:
@@ -48,6 +48,8 @@ def main() -> None:
         "fre": anomalox.FRE,
         "stfpm": anomalox.STFPM,
         "reverse_distillation": anomalox.ReverseDistillation,
+        "fastflow": anomalox.FastFlow,
+        "supersimplenet": anomalox.SuperSimpleNet,
     }
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(classes))

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Trained detectors, accuracy and cost: anomalox vs anomalib 2.7.0, side by side on the same tensors.
 
-``--method stfpm`` (default) and ``--method reverse_distillation`` (below).
+``--method stfpm`` (default), ``--method reverse_distillation``, ``--method fre``, ``--method fastflow`` and
+``--method supersimplenet`` (below).
 
 ``--method stfpm``: anomalox ``STFPM`` (Rust / tch training engine) vs anomalib ``STFPMModel``
 (``anomalib.models.image.stfpm.torch_model``), trained without Lightning. On an MVTec-layout
@@ -131,6 +132,34 @@ runs the frozen extractor at every step; anomalox once per image. Scores: ``pred
 of the squared error) and ``anomaly_map`` (its channel sum per pooled cell, bilinear to 256 px, no
 smoothing) of the ``InferenceBatch``; anomalox ``inspect`` (the same rules).
 
+``--method fastflow``: anomalox ``FastFlow`` vs anomalib ``FastflowModel``
+(``anomalib.models.image.fastflow.torch_model``), trained without Lightning. Features: the reference
+Lite0's ``_blocks.2``, ``_blocks.4``, ``_blocks.10`` (24 / 40 / 112 channels at strides 4 / 8 / 16, as
+STFPM's teacher) on both sides: ``FastflowModel`` accepts only timm names (ResNet-18, WRN-50-2, CaiT,
+DeiT), so while it is built ``timm.create_model`` is patched to return ``bd.lite_taps_module`` as a
+features_only model (a list of the taps, ``feature_info`` channels and strides); it then sizes its
+trainable layer norms and flows to those taps as it does for a ResNet. 8 flow steps, hidden ratio 1,
+3×3 and 1×1 subnets alternating (anomalib's defaults); the flows are drawn right after
+``torch.manual_seed(seed)`` (torch's default ``Conv2d`` init, each block's ``torch.randperm``),
+anomalox's from its own seeded generator (the same laws, other numbers). Optimiser as anomalib's
+``Fastflow.configure_optimizers``: Adam lr 1e-3, torch's default betas, weight decay 1e-5; loss
+anomalib's ``FastflowLoss`` (the batch mean). anomalib runs the frozen extractor at every step;
+anomalox once per image. Scores: ``pred_score`` and ``anomaly_map`` of the ``InferenceBatch`` (per
+tap −exp(−½ mean_c z²), bilinear to 256 px, averaged over the taps, no smoothing; score its
+maximum); anomalox ``inspect`` (the same rules).
+
+``--method supersimplenet``: anomalox ``SuperSimpleNet`` vs anomalib ``SupersimplenetModel``
+(``anomalib.models.image.supersimplenet.torch_model``, unsupervised: good images, no masks, labels 0),
+trained without Lightning. Features: the reference Lite0's ``_blocks.4`` and ``_blocks.10`` (40 + 112
+channels at strides 8 / 16, upscaled to stride 4) on both sides (anomalib's ``TimmFeatureExtractor``
+patched). Optimiser as anomalib's ``Supersimplenet.configure_optimizers``: AdamW with the adaptor at
+lr 1e-4 (weight decay 1e-2, AdamW's default) and the heads at lr 2e-4 with weight decay 1e-5,
+``MultiStepLR`` × 0.4 at ``int(0.8 · epochs)`` and ``int(0.9 · epochs)`` epochs (anomalox counts 80 % /
+90 % of the steps: the same steps when the epochs are a multiple of 10). Each side draws its own
+Perlin masks and noise. Scores: anomalib's ``pred_score`` (sigmoid of the logit) and ``anomaly_map``
+(sigmoid of the Gaussian-blurred logits); anomalox's logits, blurred: monotone transforms of each
+other, so the metrics compare.
+
 Usage (``tch/python`` on ``PYTHONPATH`` for anomalox's tch part):
   PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py --quick --epochs 1
   PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py       # 100 train, 10 epochs
@@ -138,6 +167,7 @@ Usage (``tch/python`` on ``PYTHONPATH`` for anomalox's tch part):
   PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py --quick --only anomalib
   PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py --method reverse_distillation --epochs 5
   PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py --method fre --epochs 50
+  PYTHONPATH=python:tch/python .venv-bench/bin/python benches/bench_trained.py --method fastflow --epochs 20
 
 Markdown goes to stdout, progress to stderr, JSON to benches/results/ (or ``--json PATH``).
 """
@@ -197,6 +227,7 @@ class Method:
     betas: tuple[float, float] | None = None  # Adam
     normalisation: str = "symmetric"  # anomalib's inputs: "symmetric" (mean = std = 0.5) or "imagenet"
     loss_sums_images: bool = True  # the loss sums over a batch's images (STFPM) or averages (RD)
+    multistep: bool = False  # anomalib's MultiStepLR at 80 % and 90 % of the epochs, gamma 0.4, stepped per epoch
 
 
 def student_lite0(extractor_cls, layers, trim: bool = True):
@@ -480,6 +511,184 @@ def check_anomalib_fre(args, cfg: dict, model, out: dict) -> None:
     )
 
 
+# ---- FastFlow: Lite0 taps on both sides, anomalib's FastflowModel with timm.create_model patched
+def build_anomalib_fastflow(args, seed: int):
+    import torch
+    from anomalib.models.image.fastflow import torch_model as tm
+    from anomalib.models.image.fastflow.loss import FastflowLoss
+    from torch import nn
+
+    class Info:
+        """What FastflowModel reads of a timm features_only model: channels and strides per tap."""
+
+        def __init__(self, channels, reduction):
+            self._c, self._r = channels, reduction
+
+        def channels(self):
+            return list(self._c)
+
+        def reduction(self):
+            return list(self._r)
+
+    class ListTaps(nn.Module):
+        """bd.lite_taps_module as a timm features_only model: a list of the taps, feature_info."""
+
+        def __init__(self):
+            super().__init__()
+            self.inner = bd.lite_taps_module(args.layers)
+            with torch.no_grad():
+                probe = self.inner(torch.zeros(1, 3, SIZE, SIZE))
+            shapes = [probe[n].shape for n in args.layers]
+            self.feature_info = Info([s[1] for s in shapes], [SIZE // s[2] for s in shapes])
+
+        def forward(self, x):
+            feats = self.inner(x)
+            return [feats[n] for n in args.layers]
+
+    real = tm.timm.create_model
+
+    def create_model(name, pretrained=False, features_only=False, out_indices=None, **_):
+        assert features_only and list(out_indices) == [1, 2, 3], (name, features_only, out_indices)
+        return ListTaps()
+
+    tm.timm.create_model = create_model
+    try:
+        # FastflowModel builds the extractor, then the layer norms and the flows (their subnets'
+        # torch default init and each block's torch.randperm) from the seed alone.
+        torch.manual_seed(seed)
+        model = tm.FastflowModel(
+            input_size=(SIZE, SIZE),
+            backbone="resnet18",  # one of the CNN names it accepts; the patched create_model ignores it
+            pre_trained=False,
+            flow_steps=FASTFLOW_STEPS,
+            conv3x3_only=False,
+            hidden_ratio=1.0,
+        )
+    finally:
+        tm.timm.create_model = real
+    criterion = FastflowLoss()
+
+    def loss_fn(m, x):
+        hidden, jacobians = m(x)
+        return criterion(hidden, jacobians)
+
+    # Fastflow.configure_optimizers: Adam(model.parameters(), lr=1e-3, weight_decay=1e-5); the
+    # extractor's parameters have requires_grad False and get no gradient
+    return model, loss_fn, [p for p in model.parameters() if p.requires_grad]
+
+
+def build_anomalox_fastflow(args, seed: int):
+    from anomalox import FastFlow
+
+    return FastFlow(
+        backbone="efficientnet_lite0",
+        flow_steps=FASTFLOW_STEPS,
+        hidden_ratio=1.0,
+        conv3x3_only=False,
+        betas=tuple(args.betas),
+        **anomalox_training(args, seed),
+    )
+
+
+def imports_fastflow() -> None:
+    import efficientnet_lite_pytorch  # noqa: F401
+    from anomalib.models.image.fastflow import loss, torch_model  # noqa: F401
+
+
+def check_anomalib_fastflow(args, cfg: dict, model, out: dict) -> None:
+    """The taps' shapes, the flows' size, the extractor frozen in eval."""
+    import torch
+
+    with torch.no_grad():
+        probe = bd.first_images(cfg["xn_test"], 0, 1)
+        feats = model.feature_extractor(probe)
+    out["taps"] = {name: list(f.shape[1:]) for name, f in zip(args.layers, feats, strict=True)}
+    out["trained_params"] = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    inner = model.feature_extractor.inner
+    out["extractor_frozen_eval"] = not any(p.requires_grad for p in inner.parameters()) and not any(
+        m.training for m in inner.net.modules()
+    )
+
+
+FASTFLOW_STEPS = 8  # anomalib's default flow_steps
+
+
+# ---- SuperSimpleNet: Lite0 taps on both sides, anomalib's SupersimplenetModel with its extractor patched
+def build_anomalib_ssn(args, seed: int):
+    import torch
+    from anomalib.models.image.supersimplenet import torch_model as tm
+    from anomalib.models.image.supersimplenet.loss import SSNLoss
+
+    real = tm.TimmFeatureExtractor
+
+    def extractor(backbone=None, layers=None, **_):
+        return bd.lite_taps_module(args.layers)
+
+    tm.TimmFeatureExtractor = extractor
+    try:
+        # The adaptor and the heads are drawn right after the seed (xavier-normal, torch's default
+        # biases); the masks and the noise of training come from torch's generator after it.
+        torch.manual_seed(seed)
+        model = tm.SupersimplenetModel(
+            perlin_threshold=0.2, backbone="tf_efficientnet_lite0", layers=list(args.layers), stop_grad=True
+        )
+    finally:
+        tm.TimmFeatureExtractor = real
+    criterion = SSNLoss()
+
+    def loss_fn(m, x):
+        labels = torch.zeros(x.shape[0])  # good images, no masks: Supersimplenet.training_step's batch
+        anomaly_map, anomaly_score, masks, labels = m(images=x, masks=None, labels=labels)
+        return criterion(pred_map=anomaly_map, pred_score=anomaly_score, target_mask=masks, target_label=labels)
+
+    # Supersimplenet.configure_optimizers: AdamW, the adaptor at lr 1e-4 (AdamW's default weight
+    # decay 1e-2), the heads at lr 2e-4 with weight decay 1e-5
+    groups = [
+        {"params": model.adaptor.parameters(), "lr": SSN_ADAPTOR_LR},
+        {"params": model.segdec.parameters(), "lr": args.lr, "weight_decay": args.weight_decay},
+    ]
+    return model, loss_fn, groups
+
+
+def build_anomalox_ssn(args, seed: int):
+    from anomalox import SuperSimpleNet
+
+    return SuperSimpleNet(
+        backbone="efficientnet_lite0",
+        adaptor_learning_rate=SSN_ADAPTOR_LR,
+        adaptor_weight_decay=SSN_ADAPTOR_WD,
+        lr_schedule="multistep",
+        betas=tuple(args.betas),
+        **anomalox_training(args, seed),
+    )
+
+
+def imports_ssn() -> None:
+    import efficientnet_lite_pytorch  # noqa: F401
+    from anomalib.models.image.supersimplenet import loss, torch_model  # noqa: F401
+
+
+def check_anomalib_ssn(args, cfg: dict, model, out: dict) -> None:
+    """The features' shape, the trained size, the extractor frozen in eval."""
+    import torch
+
+    with torch.no_grad():
+        probe = bd.first_images(cfg["xn_test"], 0, 1)
+        f = model.feature_extractor(probe)
+    out["features"] = list(f.shape[1:])
+    out["trained_params"] = int(
+        sum(p.numel() for p in model.adaptor.parameters()) + sum(p.numel() for p in model.segdec.parameters())
+    )
+    inner = model.feature_extractor.feature_extractor
+    out["extractor_frozen_eval"] = not any(p.requires_grad for p in inner.parameters()) and not any(
+        m.training for m in inner.net.modules()
+    )
+
+
+SSN_ADAPTOR_LR = 1e-4  # anomalib's adaptor group
+SSN_ADAPTOR_WD = 1e-2  # AdamW's default, which anomalib's adaptor group keeps
+
+
 METHODS = {
     "stfpm": Method(
         title="STFPM",
@@ -525,6 +734,38 @@ METHODS = {
         anomalib_imports=imports_fre,
         check_anomalib=check_anomalib_fre,
         loss_sums_images=False,
+    ),
+    "fastflow": Method(
+        title="FastFlow",
+        layers=("_blocks.2", "_blocks.4", "_blocks.10"),
+        # anomalib Fastflow.configure_optimizers: Adam(lr=1e-3, weight_decay=1e-5), torch's default betas
+        optimizer="adam",
+        lr=1e-3,
+        momentum=0.0,
+        weight_decay=1e-5,
+        betas=(0.9, 0.999),
+        build_anomalib=build_anomalib_fastflow,
+        build_anomalox=build_anomalox_fastflow,
+        anomalib_imports=imports_fastflow,
+        check_anomalib=check_anomalib_fastflow,
+        loss_sums_images=False,
+    ),
+    "supersimplenet": Method(
+        title="SuperSimpleNet",
+        layers=("_blocks.4", "_blocks.10"),
+        # anomalib Supersimplenet.configure_optimizers: AdamW, heads lr 2e-4 weight decay 1e-5
+        # (the adaptor: SSN_ADAPTOR_LR / SSN_ADAPTOR_WD), MultiStepLR at 80 / 90 % of the epochs
+        optimizer="adamw",
+        lr=2e-4,
+        momentum=0.0,
+        weight_decay=1e-5,
+        betas=(0.9, 0.999),
+        build_anomalib=build_anomalib_ssn,
+        build_anomalox=build_anomalox_ssn,
+        anomalib_imports=imports_ssn,
+        check_anomalib=check_anomalib_ssn,
+        loss_sums_images=False,
+        multistep=True,
     ),
 }
 
@@ -681,8 +922,17 @@ def worker_anomalib(args, cfg: dict) -> dict:
         opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, dampening=0.0, weight_decay=args.weight_decay)
     elif spec.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=args.lr, betas=tuple(args.betas), eps=1e-8, weight_decay=args.weight_decay)
+    elif spec.optimizer == "adamw":  # params: anomalib's parameter groups (their own lr / weight decay)
+        opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), eps=1e-8)
     else:  # pragma: no cover - a later method's optimiser goes here
         raise NotImplementedError(spec.optimizer)
+    scheduler = (
+        torch.optim.lr_scheduler.MultiStepLR(
+            opt, milestones=[int(args.epochs * 0.8), int(args.epochs * 0.9)], gamma=0.4
+        )
+        if spec.multistep
+        else None
+    )
     gen = torch.Generator().manual_seed(seed)
     model.train()
     losses, per_image, epoch_s = [], [], []
@@ -698,6 +948,8 @@ def worker_anomalib(args, cfg: dict) -> dict:
             opt.step()
             batch_losses.append(float(loss.detach()))
             batch_sizes.append(int(xb.shape[0]))
+        if scheduler is not None:
+            scheduler.step()
         losses.append(float(np.mean(batch_losses)))
         if spec.loss_sums_images:  # per image: the epoch's sum over the images / n
             per_image.append(float(np.sum(batch_losses) / n))
@@ -886,6 +1138,10 @@ def main() -> None:
         net = f"ResNet-18 encoder (random, seed {ENCODER_SEED}, same weights both sides) {'+'.join(args.layers)}"
     elif args.method == "fre":
         net = f"Lite0 tap {'+'.join(args.layers)}, pooled {FRE_POOL}, latent {FRE_LATENT}"
+    elif args.method == "fastflow":
+        net = f"Lite0 taps {'+'.join(args.layers)}, {FASTFLOW_STEPS} flow steps"
+    elif args.method == "supersimplenet":
+        net = f"Lite0 taps {'+'.join(args.layers)}"
     else:
         net = f"Lite0 teacher {'+'.join(args.layers)}"
     if spec.optimizer == "adam":
@@ -950,6 +1206,22 @@ def main() -> None:
             "[-1, 1]; TiedAE: anomalib xavier_uniform_ after torch.manual_seed(seed), anomalox its own seeded "
             "init of the same law; map: channel sum of the squared error on the pooled grid, bilinear to 256 px, no "
             "smoothing; score: its sum on the pooled grid (both).  "
+        )
+    elif args.method == "fastflow":
+        lines.append(
+            "Features: the reference Lite0 on both sides (timm.create_model patched while anomalib's FastflowModel "
+            "is built), inputs in [-1, 1]; layer norms + flows: anomalib drawn after torch.manual_seed(seed) "
+            "(torch default init, torch.randperm), anomalox its own seeded init of the same laws; map: mean over "
+            "the taps of -exp(-0.5 mean_c z^2), bilinear to 256 px, no smoothing; score: its maximum (both).  "
+        )
+    elif args.method == "supersimplenet":
+        lines.append(
+            "Features: the reference Lite0 on both sides (anomalib's TimmFeatureExtractor patched), inputs in "
+            "[-1, 1]; adaptor + heads: anomalib drawn after torch.manual_seed(seed), anomalox its own seeded init "
+            "of the same laws; AdamW with anomalib's groups (adaptor lr 1e-4, weight decay 1e-2), MultiStepLR "
+            "x0.4 at 80 % and 90 % of the epochs (anomalox: of the steps); synthetic anomalies from each side's own "
+            "generator; map: anomalib sigmoid of the blurred logits, anomalox the blurred logits (monotone: same "
+            "metrics); score: anomalib sigmoid of the logit, anomalox the logit.  "
         )
     else:
         lines.append(

@@ -5,7 +5,7 @@ The first ``--train`` (100) images of ``train/good`` in sorted order, every test
 preprocessed once to 256 x 256 [0, 1] tensors (as ``bench_detectors.py`` does; the detector
 normalises them itself). ``validation_fraction=0`` (every training image is learned from), the
 other parameters the class defaults (``--method stfpm``: 40 epochs, SGD; ``reverse_distillation``:
-60 epochs, Adam; ``fre``: 50 epochs, Adam). Image AUROC and AUPRO (FPR 0.3) as ``bench_detectors.py`` computes them.
+60 epochs, Adam; ``fre``: 50 epochs, Adam; ``fastflow``: 50 epochs, Adam; ``supersimplenet``: 10 epochs, AdamW). Image AUROC and AUPRO (FPR 0.3) as ``bench_detectors.py`` computes them.
 
 Usage:
   PYTHONPATH=python:tch/python .venv/bin/python benches/bench_trained_defaults.py --method stfpm
@@ -24,7 +24,9 @@ import numpy as np
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", choices=("stfpm", "reverse_distillation", "fre"), default="stfpm")
+    p.add_argument(
+        "--method", choices=("stfpm", "reverse_distillation", "fre", "fastflow", "supersimplenet"), default="stfpm"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train", type=int, default=100)
@@ -44,9 +46,13 @@ def main() -> None:
     train, test, labels, masks = bd.list_data(listing)
     to01 = Preprocessing(image_size=256, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     x_train, x_test = to01.transform(train)[0], to01.transform(test)[0]
-    cls = {"stfpm": anomalox.STFPM, "reverse_distillation": anomalox.ReverseDistillation, "fre": anomalox.FRE}[
-        args.method
-    ]
+    cls = {
+        "stfpm": anomalox.STFPM,
+        "reverse_distillation": anomalox.ReverseDistillation,
+        "fre": anomalox.FRE,
+        "fastflow": anomalox.FastFlow,
+        "supersimplenet": anomalox.SuperSimpleNet,
+    }[args.method]
     model = cls(random_state=args.seed, n_threads=args.threads, validation_fraction=0)
     start = time.perf_counter()
     model.fit(x_train)
