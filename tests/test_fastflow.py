@@ -220,6 +220,13 @@ def test_fastflow_head_initialisation_and_outputs(tch):
         head.maps(feats, (12, 8), "sum", 1)
     with pytest.raises(ValueError, match="features"):
         head.features([feats[0]], 1)
+    with pytest.raises(ValueError, match="group"):
+        head.set_group(1, 1e-3, 0.0)  # FastFlow's variables are all in group 0
+    bad = dict(new)
+    bad["tap0.step1.permutation"] = torch.tensor([0.0, 0.0, 1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="permutation"):
+        head.load_state_dict(list(bad.items()))
+    torch.testing.assert_close(dict(head.state_dict())["tap0.step1.permutation"], new["tap0.step1.permutation"])
 
 
 def test_fastflow_head_refuses_bad_shapes(tch):

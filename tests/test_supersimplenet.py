@@ -131,6 +131,8 @@ def test_ssn_head_initialisation_and_predictions_match_plain_pytorch(tch):
     assert torch.equal(maps, map_) and torch.equal(scores, score)  # on the feature grid
     with pytest.raises(ValueError, match="features"):
         head.features(taps[:1], 1)
+    with pytest.raises(ValueError, match="map_mode"):
+        head.maps(taps, (40, 24), "probability", 1)
 
 
 def test_the_adaptor_group_has_its_own_rate(tch):
@@ -138,6 +140,8 @@ def test_the_adaptor_group_has_its_own_rate(tch):
     taps = [torch.randn(4, 6, 4, 4, generator=g), torch.randn(4, 4, 2, 2, generator=g)]
     head = _head(tch, seed=5)
     before = dict(head.state_dict())
+    with pytest.raises(ValueError, match="group"):
+        head.set_group(2, 0.0, 0.0)  # no such group
     head.set_group(1, 0.0, 0.0)  # the adaptor frozen
     head.configure("adamw", 1e-3, 1e-5, 0.9, 0.0, False, (0.9, 0.999), 1e-8, None, "constant", 10)
     losses = head.train_epoch(torch.zeros(4, 1), taps, [0, 1, 2, 3], 4, None, 1)
@@ -220,6 +224,8 @@ def test_ssn_bad_parameters(images):
         _ssn(optimizer="rmsprop").fit(good)
     with pytest.raises(ValueError, match="learning_rate"):
         _ssn(learning_rate=1e30, max_epochs=3).fit(good)
+    with pytest.raises(ValueError, match="early_stopping_patience"):
+        _ssn(early_stopping_patience=2).fit(good)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")

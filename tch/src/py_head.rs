@@ -88,9 +88,10 @@ impl Head {
         }
     }
 
-    /// (maps (B, H, W) at `size`, image scores or None for "the maximum of the map"); `mode`:
-    /// Reverse Distillation's tap combination ("sum" or "product"), FastFlow's map ("probability"
-    /// or "nll"), unused by FRE.
+    /// (maps (B, H, W) at `size` (SuperSimpleNet: on its feature grid), image scores or None for
+    /// "the maximum of the map"); `mode`: Reverse Distillation's tap combination ("sum" or
+    /// "product"), FastFlow's map ("probability" or "nll"), SuperSimpleNet's "logits", unused by
+    /// FRE.
     fn maps(
         &self,
         feats: &[Tensor],
@@ -110,6 +111,10 @@ impl Head {
                 Ok((fastflow::anomaly_map(&zs, &lds, size, mode)?, None))
             }
             // On the feature grid: the caller upsamples and smooths.
+            Head::Ssn(_) if mode != "logits" => Err(KernelError::invalid(
+                "map_mode",
+                format!("expected 'logits' (SuperSimpleNet's one map), got {mode:?}"),
+            )),
             Head::Ssn(_) => {
                 let mut out = out.into_iter();
                 let (map, score) = (out.next(), out.next());
@@ -370,8 +375,10 @@ impl HeadModel {
 
     /// Variable group `group` trains with its own base `learning_rate` and `weight_decay` (which
     /// the schedule scales like the configured rate).
-    fn set_group(&self, group: usize, learning_rate: f64, weight_decay: f64) {
-        self.lock().set_group(group, learning_rate, weight_decay);
+    fn set_group(&self, group: usize, learning_rate: f64, weight_decay: f64) -> PyResult<()> {
+        self.lock()
+            .set_group(group, learning_rate, weight_decay)
+            .map_err(to_py_err)
     }
 
     #[getter]
@@ -496,11 +503,12 @@ impl HeadModel {
         Ok(out.into_iter().map(PyTensor).collect())
     }
 
-    /// (anomaly maps (B, H, W), image scores (B) or None) on the CPU at `size` = (H, W) from the
-    /// taps `encoder` (before smoothing), in evaluation mode; `mode`: Reverse Distillation's tap
-    /// combination "sum" or "product", FastFlow's map "probability" or "nll", unused by FRE.
-    /// None scores: the maximum of the smoothed map (Reverse Distillation, FastFlow); FRE's are
-    /// the sum of its map on the pooled grid.
+    /// (anomaly maps (B, H, W), image scores (B) or None) on the CPU at `size` = (H, W) (SuperSimpleNet:
+    /// on its feature grid, for the caller to upsample) from the taps `encoder` (before smoothing),
+    /// in evaluation mode; `mode`: Reverse Distillation's tap combination "sum" or "product",
+    /// FastFlow's map "probability" or "nll", SuperSimpleNet's "logits", unused by FRE. None
+    /// scores: the maximum of the smoothed map (Reverse Distillation, FastFlow); FRE's are the sum
+    /// of its map on the pooled grid; SuperSimpleNet's the classification logits.
     #[pyo3(signature = (encoder, size, mode, n_threads))]
     fn maps(
         &self,
@@ -536,8 +544,22 @@ impl HeadModel {
         export_variables(&self.lock().vs, |_| true)
     }
 
-    /// Replace the parameters with those of a `state_dict()` (names and shapes must match).
+    /// Replace the parameters with those of a `state_dict()` (names and shapes must match;
+    /// FastFlow's permutations must be permutations).
     fn load_state_dict(&self, entries: Vec<(String, PyTensor)>) -> PyResult<()> {
+        for (name, t) in &entries {
+            if name.ends_with("permutation") {
+                let n = t.0.size().first().copied().unwrap_or(0);
+                let sorted = t.0.to_kind(tch::Kind::Int64).sort(0, false).0;
+                let want = Tensor::arange(n, (tch::Kind::Int64, Device::Cpu));
+                if t.0.dim() != 1 || !sorted.to_device(Device::Cpu).equal(&want) {
+                    return Err(argument_error(
+                        "state",
+                        format!("expected {name} to be a permutation of 0..{n}, got other values"),
+                    ));
+                }
+            }
+        }
         let what = match &self.lock().objective {
             Head::Rd(_) => format!(
                 "the Reverse Distillation model of {} at these taps",

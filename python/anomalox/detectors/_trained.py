@@ -59,9 +59,11 @@ TRAINING_PARAMETERS_DOC = """\
         True (default): the frozen backbone runs once per training image and its taps stay in
         memory for every epoch: N · Σ_taps C·h·w float32 (100 images at 256 px: 67 MB with the
         three Lite0 taps ``_blocks.2/4/10``, 734 MB with Wide-ResNet-50-2's ``layer1-3``). False,
-        where they do not fit: only the preprocessed images stay (N · 3 · H · W float32, 79 MB
-        for 100 images at 256 px) and the backbone runs again on every mini-batch (each epoch then
-        costs a backbone pass over the images, as in anomalib); the training is the same, its
+        where they do not fit: the taps of the training images are dropped as they are gathered
+        (the backbone still runs once over them then), only the preprocessed images stay
+        (N · 3 · H · W float32, 79 MB for 100 images at 256 px), and the backbone runs again on
+        every mini-batch (each epoch then costs a backbone pass over the images, as in anomalib);
+        the held-out images' taps (early stopping) are still kept. The training is the same, its
         results equal up to float rounding (the backbone sees other batches).
     batch_size : int
         Images per training step and per scoring pass."""
@@ -312,11 +314,7 @@ class TrainedDetector(BaseDetector):
         # The initial weights come from the model's own generator seeded with `seed` (never torch's
         # global one): the caller's torch random state is left as it was.
         model = self._new_model(backbone, seed, shapes)
-        # Heads that draw random numbers while training reseed libtorch's global generator at every
-        # step (from the seed and the step): the caller's generator state is restored afterwards.
-        devices = [backbone.device.index or 0] if backbone.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            history = self._train(model, x, y, seed)
+        history = self._train(model, x, y, seed)
         return model, history, shapes
 
     def _model(self) -> Any:

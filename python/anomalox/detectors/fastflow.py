@@ -176,7 +176,7 @@ class FastFlow(TrainedDetector):
 
     def _new_model(self, backbone: Any, seed: int, shapes: list[tuple[int, ...]] | None) -> Any:
         if not shapes or any(len(s) != 3 for s in shapes):
-            raise ValueError(f"layers: FastFlow reads taps of (C, h, w) features, got shapes {shapes!r}")
+            raise ValueError(f"layers: expected taps of (C, h, w) features, got shapes {shapes!r}")
         return tch_module().HeadModel.fastflow(
             backbone.name,
             list(backbone.layers),

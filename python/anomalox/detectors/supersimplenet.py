@@ -40,12 +40,15 @@ class SuperSimpleNet(TrainedDetector):
 
     Optimiser as anomalib's: AdamW, the heads at ``learning_rate`` 2e-4 with weight decay 1e-5, the
     adaptor at ``adaptor_learning_rate`` 1e-4 with ``adaptor_weight_decay`` 1e-2 (AdamW's default),
-    both × 0.4 from 80 % of the training and again from 90 % (``lr_schedule="multistep"``). The
+    both × 0.4 from 80 % of the training steps and again from 90 % (``lr_schedule="multistep"``;
+    anomalib counts ``int(0.8 · epochs)`` and ``int(0.9 · epochs)`` epochs: the same steps when the
+    epochs are a multiple of 10, and early stopping is refused: the held-out loss sees no anomaly). The
     paper and anomalib train 300 epochs at batch 32 on a GPU; a step here runs the two heads on
     twice the batch at stride 4, which costs seconds on a CPU, so the default is 10 epochs (see
     BENCHMARKS.md for what that reaches and costs). Initialisation as anomalib's: convolution and
     linear weights xavier-normal, batch norms 1 and 0, biases torch's default, from the detector's
-    own seeded generator; the masks and noise of each step are drawn from the seed and the step.
+    own seeded generator; the masks and noise of each step are drawn from the seed and the step
+    (on the CPU, whatever the device).
 
     Parameters
     ----------
@@ -165,7 +168,7 @@ class SuperSimpleNet(TrainedDetector):
 
     def _new_model(self, backbone: Any, seed: int, shapes: list[tuple[int, ...]] | None) -> Any:
         if not shapes or any(len(s) != 3 for s in shapes):
-            raise ValueError(f"layers: SuperSimpleNet reads taps of (C, h, w) features, got shapes {shapes!r}")
+            raise ValueError(f"layers: expected taps of (C, h, w) features, got shapes {shapes!r}")
         model = tch_module().HeadModel.supersimplenet(
             backbone.name,
             list(backbone.layers),
@@ -179,6 +182,16 @@ class SuperSimpleNet(TrainedDetector):
         )
         model.set_group(ADAPTOR_GROUP, float(self.adaptor_learning_rate), float(self.adaptor_weight_decay))
         return model
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.early_stopping_patience is not None:
+            # The held-out loss is that of clean features (every mask and label 0), which pushing
+            # every logit down minimises: it does not tell a better detector.
+            raise ValueError(
+                "early_stopping_patience: expected None (SuperSimpleNet's held-out loss, on clean features only, "
+                f"does not measure detection), got {self.early_stopping_patience!r}"
+            )
 
     def _fitted_shapes(self) -> list[tuple[int, ...]] | None:
         return [tuple(int(v) for v in s) for s in self.feature_shapes_]

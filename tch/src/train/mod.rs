@@ -176,13 +176,35 @@ impl<O: Objective> Trainer<O> {
     }
 
     /// Variable group `group` trains with its own base `learning_rate` and `weight_decay`
-    /// (from the next `configure` on, and at once if configured).
-    pub fn set_group(&mut self, group: usize, learning_rate: f64, weight_decay: f64) {
+    /// (from the next `configure` on, and at once if configured). The group must hold trainable
+    /// variables.
+    pub fn set_group(
+        &mut self,
+        group: usize,
+        learning_rate: f64,
+        weight_decay: f64,
+    ) -> KernelResult<()> {
+        let groups: Vec<usize> = {
+            let vars = self.vs.variables_.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g: Vec<usize> = vars.trainable_variables.iter().map(|v| v.group).collect();
+            g.sort_unstable();
+            g.dedup();
+            g
+        };
+        if !groups.contains(&group) {
+            return Err(KernelError::invalid(
+                "group",
+                format!(
+                    "expected a group of the model's trainable variables {groups:?}, got {group}"
+                ),
+            ));
+        }
         self.groups.retain(|g| g.0 != group);
         self.groups.push((group, learning_rate, weight_decay));
         if let Some((opt, _)) = self.optimiser.as_mut() {
             opt.set_weight_decay_group(group, weight_decay);
         }
+        Ok(())
     }
 
     /// A new optimiser (fresh state) and schedule; the step count restarts at 0.

@@ -23,7 +23,7 @@
 //! the grid (P, Q) of the next powers of two of (H, W), lattice scales sx = 2^u, sy = 2^v with u, v
 //! uniform in 0..=5 (at most P and Q here: anomalib's code fails on smaller grids), unit gradients
 //! at uniform angles on the (sx + 1) × (sy + 1) lattice; noise(p) = √2 · lerp(lerp(n00, n10, t_x),
-//! lerp(n01, n11, t_y)) with n the gradients' dot products with the offsets to the cell's corners
+//! lerp(n01, n11, t_x), t_y) with n the gradients' dot products with the offsets to the cell's corners
 //! and t = 6f⁵ − 15f⁴ + 10f³ of the position f within its cell; rescaled to [−1, 1] when no value
 //! passes the threshold; resized bilinearly to (H, W); m = noise > threshold (0.2); and with
 //! probability ½ the mask is emptied (a clean item).
@@ -32,8 +32,9 @@
 //! norms' scale 1 and shift 0, the biases torch's default U(−1/√fan_in, 1/√fan_in); all from the
 //! detector's seeded generator. The adaptor's variables are in group 1 of the `VarStore` (their own
 //! learning rate and weight decay), the heads' in group 0. Each training step's random numbers
-//! (masks from `InitRng`, the noise from libtorch's generator, reseeded) depend on the seed and the
-//! step only.
+//! (masks and noise, from an `InitRng` seeded by the seed and the step, drawn on the CPU) depend on
+//! the seed and the step only: libtorch's global generator is never used, and CPU and GPU fits get
+//! the same masks and noise.
 
 use std::cell::Cell;
 
@@ -338,7 +339,8 @@ impl SuperSimpleNet {
     pub fn heads(&self, seg: &Tensor, cls: &Tensor, train: bool) -> (Tensor, Tensor) {
         let h = seg.conv2d(&self.seg_w1, Some(&self.seg_b1), [1, 1], [0, 0], [1, 1], 1);
         let h = h.apply_t(&self.seg_bn, train);
-        let h = h.where_self(&h.gt(0.0), &(&h * LEAKY_SLOPE));
+        // LeakyReLU(0.2) as one kernel: PReLU with a fixed slope (no gradient reaches it).
+        let h = h.prelu(&Tensor::from_slice(&[LEAKY_SLOPE as f32]).to_device(h.device()));
         let map = h.conv2d(&self.seg_w2, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
         let frozen = map.detach();
         let pad = CLS_KERNEL / 2;
@@ -385,8 +387,24 @@ impl SuperSimpleNet {
             perlin_masks(&mut rng, n, s[2], s[3], self.spec.perlin_threshold).to_device(f.device());
         let f2 = Tensor::cat(&[f, f], 0);
         let a2 = Tensor::cat(&[a, a], 0);
-        let noise = Tensor::randn(a2.size(), (Kind::Float, f.device())) * self.spec.noise_std;
-        let noise = noise * &masks;
+        // ε·m: the noise is drawn only where the mask is 1 (item, position, then channel order);
+        // elsewhere it would be multiplied by 0.
+        let (c, hw) = (s[1] as usize, (s[2] * s[3]) as usize);
+        let flat = Vec::<f32>::try_from(masks.to_device(tch::Device::Cpu).view([-1]))
+            .expect("float masks");
+        let mut values = vec![0f32; n as usize * c * hw];
+        for item in 0..n as usize {
+            for pos in 0..hw {
+                if flat[item * hw + pos] > 0.0 {
+                    for (ch, v) in rng.normal(c, self.spec.noise_std).into_iter().enumerate() {
+                        values[(item * c + ch) * hw + pos] = v;
+                    }
+                }
+            }
+        }
+        let noise = Tensor::from_slice(&values)
+            .view(a2.size().as_slice())
+            .to_device(f.device());
         let labels = masks.amax([1i64, 2, 3].as_slice(), false);
         (a2 + &noise, f2 + noise, masks, labels)
     }
@@ -446,16 +464,15 @@ impl Objective for SuperSimpleNet {
     }
 
     fn begin_step(&self, step: usize) {
-        let s = step_seed(self.seed, step);
-        self.step_seed.set(s);
-        tch::manual_seed((s >> 1) as i64);
+        self.step_seed.set(step_seed(self.seed, step));
     }
 }
 
 #[cfg(test)]
 mod tests {
-    //! References: Perlin noise from its definition at lattice points and cell centres, the
-    //! losses from their formulas on small tensors; against plain PyTorch in tests/test_ssn.py.
+    //! References: Perlin noise from its definition at lattice points and inside a cell, the
+    //! losses from their formulas on small tensors, AdamW's groups and the multistep schedule from
+    //! the update rule; against plain PyTorch in tests/test_supersimplenet.py.
 
     use tch::{Device, Kind, Tensor};
 
@@ -493,6 +510,23 @@ mod tests {
         ];
         let want = std::f64::consts::SQRT_2 * 0.25 * n.iter().sum::<f64>();
         assert!((v[4 * 16 + 2] as f64 - want).abs() < 1e-6);
+        // off-centre in cell (1, 0): i = 10 (x = 1.25, f_x = ¼), j = 3 (y = 0.75, f_y = ¾): the
+        // weights differ along the two axes, so a swap of t_x / t_y or of the lattice axes shows
+        let (fx, fy) = (0.25, 0.75);
+        let n = [
+            d(g(1, 0), fx, fy),
+            d(g(2, 0), fx - 1.0, fy),
+            d(g(1, 1), fx, fy - 1.0),
+            d(g(2, 1), fx - 1.0, fy - 1.0),
+        ];
+        let (tx, ty) = (fade(fx), fade(fy));
+        let (a, b) = (n[0] + tx * (n[1] - n[0]), n[2] + tx * (n[3] - n[2]));
+        let want = std::f64::consts::SQRT_2 * (a + ty * (b - a));
+        assert!(
+            (v[10 * 16 + 3] as f64 - want).abs() < 1e-6,
+            "{} vs {want}",
+            v[10 * 16 + 3]
+        );
         assert!(v.iter().all(|x| x.abs() <= 1.5));
     }
 
@@ -547,7 +581,7 @@ mod tests {
             let vs = nn::VarStore::new(Device::Cpu);
             let model = SuperSimpleNet::new(&vs.root(), &spec, 7);
             let mut trainer = Trainer::new(vs, model);
-            trainer.set_group(1, 1e-3, 1e-2);
+            trainer.set_group(1, 1e-3, 1e-2).unwrap();
             trainer
                 .configure(OptimConfig {
                     optimiser: Optimiser::AdamW {
@@ -586,6 +620,77 @@ mod tests {
         assert!(late < early, "{la:?}");
         assert_eq!(la, lb);
         assert!(wa.equal(&wb));
+    }
+
+    /// Two scalar variables, one per group, and the objective Σ c·v (gradient c).
+    struct Linear {
+        vars: Vec<Tensor>,
+        coef: Vec<f64>,
+    }
+
+    impl Objective for Linear {
+        fn loss(&self, _: &[Tensor], _: &[Tensor], _: bool, _: &Interrupt) -> KernelResult<Tensor> {
+            let terms: Vec<Tensor> = self
+                .vars
+                .iter()
+                .zip(&self.coef)
+                .map(|(v, &c)| v * c)
+                .collect();
+            Ok(Tensor::stack(&terms, 0).sum(Kind::Float))
+        }
+    }
+
+    #[test]
+    fn adamw_groups_and_the_schedule_follow_the_update_rule() {
+        // AdamW's step: v ← v·(1 − lr·wd), then v ← v − lr·m̂ / (√v̂ + eps); with a constant gradient
+        // g, m̂ = g and v̂ = g² at every step, so the second part is lr·g / (|g| + eps).
+        let vs = nn::VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let a = root.var("a", &[1], Init::Const(1.0));
+        let b = root.set_group(1).var("b", &[1], Init::Const(1.0));
+        let objective = Linear {
+            vars: vec![a, b],
+            coef: vec![2.0, -3.0],
+        };
+        let mut trainer = Trainer::new(vs, objective);
+        assert!(trainer.set_group(2, 1.0, 0.0).is_err());
+        trainer.set_group(1, 0.05, 0.5).unwrap();
+        trainer
+            .configure(OptimConfig {
+                optimiser: Optimiser::AdamW {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                },
+                learning_rate: 0.1,
+                weight_decay: 0.2,
+                grad_clip_norm: None,
+                schedule: Schedule::MultiStep,
+                total_steps: 10,
+            })
+            .unwrap();
+        let (mut wa, mut wb) = (1.0f64, 1.0f64);
+        let x = Tensor::zeros([1, 1], (Kind::Float, Device::Cpu));
+        for step in 0..10 {
+            trainer
+                .epoch(
+                    &[x.shallow_clone()],
+                    &[],
+                    &[0],
+                    1,
+                    None,
+                    &Interrupt::never(),
+                )
+                .unwrap();
+            let factor = [1.0, 0.4, 0.16][(step >= 8) as usize + (step >= 9) as usize];
+            let (la, lb) = (0.1 * factor, 0.05 * factor);
+            wa = wa * (1.0 - la * 0.2) - la * 2.0 / (2.0 + 1e-8);
+            wb = wb * (1.0 - lb * 0.5) + lb * 3.0 / (3.0 + 1e-8);
+            let vars = trainer.vs.variables();
+            let (ga, gb) = (vars["a"].double_value(&[0]), vars["b"].double_value(&[0]));
+            assert!((ga - wa).abs() < 1e-5, "step {step}: a {ga} vs {wa}");
+            assert!((gb - wb).abs() < 1e-5, "step {step}: b {gb} vs {wb}");
+        }
     }
 
     #[test]
