@@ -43,7 +43,7 @@ class FastFlow(TrainedDetector):
     detector's own seeded generator. Optimiser Adam, learning rate 1e-3, weight decay 1e-5
     (anomalib's). The paper trains 500 epochs; anomalib's configuration allows 500 and stops early
     on the validation pixel AUROC, which needs defective images with masks. The default here, 50
-    epochs (about 4 minutes for 100 images at 256 px on 2 CPU cores: the features are extracted
+    epochs (about 5 minutes for 100 images at 256 px on 2 CPU cores: the features are extracted
     once per fit, each epoch runs only the flows), is a budget, not convergence: the loss keeps
     falling (the flows keep sharpening the density of the good features), and on Magnetic Tile
     longer training lowered the accuracy (see BENCHMARKS.md); lower ``max_epochs`` where held-out

@@ -8,14 +8,14 @@
 //! - z = the composition of `steps` coupling blocks (FrEIA's `AllInOneBlock` with anomalib's
 //!   settings: affine clamping 2, hard permutation, SOFTPLUS global affine initialised to 1, no GIN,
 //!   no Householder), each with x = (x₁, x₂) split at c₁ = C − ⌊C/2⌋ channels:
-//!     a = 0.1 · subnet(x₁), the subnet conv(k) → ReLU → conv(k) with `same` padding, hidden
+//!   - a = 0.1 · subnet(x₁), the subnet conv(k) → ReLU → conv(k) with `same` padding, hidden
 //!     channels ⌊c₁ · hidden_ratio⌋, k = 3 at even steps and 1 at odd steps (3 everywhere with
 //!     `conv3x3_only`);
-//!     s = clamp · tanh(a[:, :c₂]), y₂ = x₂ · exp(s) + a[:, c₂:], y = (x₁, y₂);
-//!     g = 0.1 · softplus_β=0.5(γ) per channel; out = P(y · g + β) with P the block's fixed
+//!   - s = clamp · tanh(a[:, :c₂]), y₂ = x₂ · exp(s) + a[:, c₂:], y = (x₁, y₂);
+//!   - g = 0.1 · softplus_β=0.5(γ) per channel; out = P(y · g + β) with P the block's fixed
 //!     permutation of the channels (out[:, i] = (y·g + β)[:, π(i)]);
-//!   log|det J| of the block = Σ s + h·w·Σ_c log g, written here per position:
-//!   ℓ(p) = Σ_c s(c, p) + Σ_c log g(c), summed over the blocks;
+//!   - log|det J| of the block = Σ s + h·w·Σ_c log g, written here per position:
+//!     ℓ(p) = Σ_c s(c, p) + Σ_c log g(c), summed over the blocks;
 //! - loss (anomalib's `FastflowLoss`) = Σ_taps mean over the batch of (½ Σ_{c,h,w} z² − Σ_p ℓ(p));
 //! - map, per tap: "probability" (anomalib's `AnomalyMapGenerator`) −exp(−½ mean_c z²), or "nll"
 //!   the per-position negative log-likelihood ½ Σ_c z² − ℓ(p) (without the constant); each
