@@ -113,6 +113,9 @@ class TrainedDetector(BaseDetector):
     _validation_items: list[Any] | None = None
     # Subclasses: the learned attribute holding the trained weights.
     _weights_attribute: ClassVar[str] = "weights_"
+    # Subclasses whose model is built from the taps' per-image shapes: the learned attribute holding
+    # them, a tuple of (C, h, w) (None: the model does not need them).
+    _shapes_attribute: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         if cls.__doc__ and _TRAINING_MARKER in cls.__doc__:
@@ -127,7 +130,17 @@ class TrainedDetector(BaseDetector):
 
     def _fitted_shapes(self) -> list[tuple[int, ...]] | None:
         """The targets' per-image shapes the fitted model was built for, where it needs them."""
-        return None
+        if self._shapes_attribute is None:
+            return None
+        return [tuple(int(v) for v in s) for s in getattr(self, self._shapes_attribute)]
+
+    def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """The trained state (weights, ``loss_history_``, and the shapes where recorded)."""
+        model, history, shapes = self._fit_trained(batches)
+        state = self._trained_state(model, history)
+        if self._shapes_attribute is not None:
+            state[self._shapes_attribute] = tuple(shapes)
+        return state
 
     def _targets(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The frozen backbone's taps of a feature dict, in order (every entry but the input)."""

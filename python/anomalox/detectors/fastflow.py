@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from numbers import Real
 from typing import Any
 
@@ -91,6 +90,7 @@ class FastFlow(TrainedDetector):
 
     learned_attributes = ("weights_", "feature_shapes_", "loss_history_", "input_size_")
     _weights_attribute = "weights_"
+    _shapes_attribute = "feature_shapes_"
     _sigma = 0.0
     one_size_untiled = True
     _default_layers = {
@@ -190,13 +190,6 @@ class FastFlow(TrainedDetector):
             self._cuda(backbone),
             self._threads(),
         )
-
-    def _fitted_shapes(self) -> list[tuple[int, ...]] | None:
-        return [tuple(int(v) for v in s) for s in self.feature_shapes_]
-
-    def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        model, history, shapes = self._fit_trained(batches)
-        return {**self._trained_state(model, history), "feature_shapes_": tuple(shapes)}
 
     def _score_features(self, features: dict[str, torch.Tensor]) -> tuple[None, torch.Tensor]:
         x = features[INPUT]

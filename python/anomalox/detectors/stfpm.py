@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -146,10 +145,6 @@ class STFPM(TrainedDetector):
         return tch_module().StfpmStudent(
             backbone.name, family, config, list(backbone.layers), seed, self._cuda(backbone), self._threads()
         )
-
-    def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        model, history, _ = self._fit_trained(batches)
-        return self._trained_state(model, history)
 
     def _score_features(self, features: dict[str, torch.Tensor]) -> tuple[None, torch.Tensor]:
         x = features[INPUT]

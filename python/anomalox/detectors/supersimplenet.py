@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from numbers import Real
 from typing import Any
 
@@ -87,6 +86,7 @@ class SuperSimpleNet(TrainedDetector):
 
     learned_attributes = ("weights_", "feature_shapes_", "loss_history_")
     _weights_attribute = "weights_"
+    _shapes_attribute = "feature_shapes_"
     _sigma = 4.0
     _default_layers = {"efficientnet_lite": ("_blocks.4", "_blocks.10"), "resnet": ("layer2", "layer3")}
     _parameter_constraints = {
@@ -192,13 +192,6 @@ class SuperSimpleNet(TrainedDetector):
                 "early_stopping_patience: expected None (SuperSimpleNet's held-out loss, on clean features only, "
                 f"does not measure detection), got {self.early_stopping_patience!r}"
             )
-
-    def _fitted_shapes(self) -> list[tuple[int, ...]] | None:
-        return [tuple(int(v) for v in s) for s in self.feature_shapes_]
-
-    def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        model, history, shapes = self._fit_trained(batches)
-        return {**self._trained_state(model, history), "feature_shapes_": tuple(shapes)}
 
     def _score_features(self, features: dict[str, torch.Tensor]) -> tuple[np.ndarray, torch.Tensor]:
         x = features[INPUT]
