@@ -134,6 +134,15 @@ impl Head {
     }
 }
 
+/// (name, channels, 0) per tap: the `taps` getter's entries where the stride is not recorded.
+fn unrecorded_strides(layers: Vec<String>, channels: Vec<i64>) -> Vec<(String, i64, i64)> {
+    layers
+        .into_iter()
+        .zip(channels)
+        .map(|(name, c)| (name, c, 0))
+        .collect()
+}
+
 /// Per tap (z, ℓ) from `outputs`' flat z, ℓ, z, ℓ, … list.
 fn pairs(out: Vec<Tensor>) -> (Vec<Tensor>, Vec<Tensor>) {
     let mut it = out.into_iter();
@@ -155,6 +164,31 @@ pub struct HeadModel {
 }
 
 impl HeadModel {
+    /// A head built by `make` in a fresh `VarStore` on CUDA device `cuda` (None: the CPU), with
+    /// the GIL released; `taps` as the `taps` getter reports them.
+    fn build(
+        py: Python<'_>,
+        arch: &str,
+        cuda: Option<usize>,
+        n_threads: usize,
+        taps: Vec<(String, i64, i64)>,
+        make: impl FnOnce(&nn::Path) -> Head + Send,
+    ) -> PyResult<Self> {
+        let device = to_device(cuda);
+        let trainer = run(py, n_threads, move |_| {
+            set_threads(n_threads);
+            let vs = nn::VarStore::new(device);
+            let head = make(&vs.root());
+            Ok(Trainer::new(vs, head))
+        })?;
+        Ok(HeadModel {
+            trainer: Mutex::new(trainer),
+            arch: arch.to_string(),
+            device,
+            taps,
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Trainer<Head>> {
         self.trainer
             .lock()
@@ -181,7 +215,6 @@ impl HeadModel {
         n_threads: usize,
     ) -> PyResult<Self> {
         let structure = Structure::from_config(family, config)?;
-        let device = to_device(cuda);
         let all = match &structure {
             Structure::Lite(c) => lite_taps(c),
             Structure::ResNet(c) => resnet_taps(c),
@@ -206,17 +239,12 @@ impl HeadModel {
             .iter()
             .map(|t| (t.name.clone(), t.channels, t.stride))
             .collect();
-        let trainer = run(py, n_threads, move |_| {
-            set_threads(n_threads);
-            let vs = nn::VarStore::new(device);
-            let model = ReverseDistillation::new(&vs.root(), &spec, &mut InitRng::new(seed));
-            Ok(Trainer::new(vs, Head::Rd(Box::new(model))))
-        })?;
-        Ok(HeadModel {
-            trainer: Mutex::new(trainer),
-            arch: arch.to_string(),
-            device,
-            taps,
+        HeadModel::build(py, arch, cuda, n_threads, taps, |root| {
+            Head::Rd(Box::new(ReverseDistillation::new(
+                root,
+                &spec,
+                &mut InitRng::new(seed),
+            )))
         })
     }
 
@@ -239,18 +267,9 @@ impl HeadModel {
         n_threads: usize,
     ) -> PyResult<Self> {
         let spec = FreSpec::new(channels, [grid.0, grid.1], pool, latent).map_err(to_py_err)?;
-        let device = to_device(cuda);
-        let trainer = run(py, n_threads, move |_| {
-            set_threads(n_threads);
-            let vs = nn::VarStore::new(device);
-            let model = Fre::new(&vs.root(), &spec, &mut InitRng::new(seed));
-            Ok(Trainer::new(vs, Head::Fre(model)))
-        })?;
-        Ok(HeadModel {
-            trainer: Mutex::new(trainer),
-            arch: arch.to_string(),
-            device,
-            taps: vec![(layer, channels, 0)],
+        let taps = vec![(layer, channels, 0)];
+        HeadModel::build(py, arch, cuda, n_threads, taps, |root| {
+            Head::Fre(Fre::new(root, &spec, &mut InitRng::new(seed)))
         })
     }
 
@@ -297,24 +316,14 @@ impl HeadModel {
             .collect();
         let spec =
             FlowSpec::new(shapes, steps, hidden_ratio, conv3x3_only, clamp).map_err(to_py_err)?;
-        let device = to_device(cuda);
-        let trainer = run(py, n_threads, move |_| {
-            set_threads(n_threads);
-            let vs = nn::VarStore::new(device);
-            let model = FastFlow::new(&vs.root(), &spec, &mut InitRng::new(seed));
-            Ok(Trainer::new(vs, Head::FastFlow(model)))
-        })?;
-        let taps = layers
-            .into_iter()
-            .zip(channels)
-            .map(|(name, c)| (name, c, 0))
-            .collect();
-        Ok(HeadModel {
-            trainer: Mutex::new(trainer),
-            arch: arch.to_string(),
-            device,
-            taps,
-        })
+        HeadModel::build(
+            py,
+            arch,
+            cuda,
+            n_threads,
+            unrecorded_strides(layers, channels),
+            |root| Head::FastFlow(FastFlow::new(root, &spec, &mut InitRng::new(seed))),
+        )
     }
 
     /// SuperSimpleNet's adaptor and heads for the taps `layers` of `channels` channels, the first
@@ -353,24 +362,14 @@ impl HeadModel {
             perlin_threshold,
         )
         .map_err(to_py_err)?;
-        let device = to_device(cuda);
-        let trainer = run(py, n_threads, move |_| {
-            set_threads(n_threads);
-            let vs = nn::VarStore::new(device);
-            let model = SuperSimpleNet::new(&vs.root(), &spec, seed);
-            Ok(Trainer::new(vs, Head::Ssn(Box::new(model))))
-        })?;
-        let taps = layers
-            .into_iter()
-            .zip(channels)
-            .map(|(name, c)| (name, c, 0))
-            .collect();
-        Ok(HeadModel {
-            trainer: Mutex::new(trainer),
-            arch: arch.to_string(),
-            device,
-            taps,
-        })
+        HeadModel::build(
+            py,
+            arch,
+            cuda,
+            n_threads,
+            unrecorded_strides(layers, channels),
+            |root| Head::Ssn(Box::new(SuperSimpleNet::new(root, &spec, seed))),
+        )
     }
 
     /// Variable group `group` trains with its own base `learning_rate` and `weight_decay` (which
