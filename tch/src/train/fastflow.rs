@@ -31,7 +31,7 @@ use tch::{Kind, Tensor};
 use anomalox::error::{KernelError, KernelResult};
 use anomalox::interrupt::Interrupt;
 
-use super::student::InitRng;
+use super::student::{torch_default, InitRng};
 use super::Objective;
 
 /// torch's `nn.Softplus(beta=0.5)` of FrEIA's SOFTPLUS global affine.
@@ -145,15 +145,6 @@ pub struct Coupling {
     /// π as float32 (C,) (a non-trained variable, saved with the weights).
     permutation: Tensor,
     clamp: f64,
-}
-
-/// `n` values of U(−1/√fan_in, 1/√fan_in) shaped `shape` (torch's default `Conv2d` init).
-fn torch_default(rng: &mut InitRng, shape: &[i64], fan_in: i64, p: &nn::Path) -> Tensor {
-    let n = shape.iter().product::<i64>() as usize;
-    let values = rng.uniform_symmetric(n, 1.0 / (fan_in as f64).sqrt());
-    Tensor::from_slice(&values)
-        .view(shape)
-        .to_device(p.device())
 }
 
 impl Coupling {

@@ -44,7 +44,7 @@ use tch::{Kind, Tensor};
 use anomalox::error::{KernelError, KernelResult};
 use anomalox::interrupt::Interrupt;
 
-use super::student::InitRng;
+use super::student::{torch_default, InitRng};
 use super::Objective;
 
 const SEG_HIDDEN: i64 = 1024;
@@ -216,11 +216,6 @@ fn xavier_normal(rng: &mut InitRng, shape: &[i64], p: &nn::Path) -> Tensor {
         .to_device(p.device())
 }
 
-fn default_bias(rng: &mut InitRng, n: i64, fan_in: i64, p: &nn::Path) -> Tensor {
-    let values = rng.uniform_symmetric(n as usize, 1.0 / (fan_in as f64).sqrt());
-    Tensor::from_slice(&values).to_device(p.device())
-}
-
 fn batch_norm(p: nn::Path, channels: i64) -> nn::BatchNorm {
     nn::batch_norm2d(
         p,
@@ -264,16 +259,16 @@ impl SuperSimpleNet {
         let adaptor = root.set_group(1) / "adaptor";
         let seg = root / "segdec";
         let adaptor_w = xavier_normal(&mut rng, &[c, c, 1, 1], &adaptor);
-        let adaptor_b = default_bias(&mut rng, c, c, &adaptor);
+        let adaptor_b = torch_default(&mut rng, &[c], c, &adaptor);
         let seg_w1 = xavier_normal(&mut rng, &[SEG_HIDDEN, c, 1, 1], &seg);
-        let seg_b1 = default_bias(&mut rng, SEG_HIDDEN, c, &seg);
+        let seg_b1 = torch_default(&mut rng, &[SEG_HIDDEN], c, &seg);
         let seg_w2 = xavier_normal(&mut rng, &[1, SEG_HIDDEN, 1, 1], &seg);
         let k2 = CLS_KERNEL * CLS_KERNEL;
         let cls_w = xavier_normal(&mut rng, &[CLS_HIDDEN, c + 1, CLS_KERNEL, CLS_KERNEL], &seg);
-        let cls_b = default_bias(&mut rng, CLS_HIDDEN, (c + 1) * k2, &seg);
+        let cls_b = torch_default(&mut rng, &[CLS_HIDDEN], (c + 1) * k2, &seg);
         let fc_in = 2 * CLS_HIDDEN + 2;
         let fc_w = xavier_normal(&mut rng, &[1, fc_in], &seg);
-        let fc_b = default_bias(&mut rng, 1, fc_in, &seg);
+        let fc_b = torch_default(&mut rng, &[1], fc_in, &seg);
         SuperSimpleNet {
             spec: spec.clone(),
             seed,

@@ -95,6 +95,16 @@ impl InitRng {
     }
 }
 
+/// Values of U(−1/√fan_in, 1/√fan_in) shaped `shape` on `p`'s device (torch's default init of
+/// `Conv2d` and `Linear` weights and biases).
+pub fn torch_default(rng: &mut InitRng, shape: &[i64], fan_in: i64, p: &nn::Path) -> Tensor {
+    let n = shape.iter().product::<i64>() as usize;
+    let values = rng.uniform_symmetric(n, 1.0 / (fan_in as f64).sqrt());
+    Tensor::from_slice(&values)
+        .view(shape)
+        .to_device(p.device())
+}
+
 /// A convolution without bias; TensorFlow "SAME" padding is computed from each input's size.
 pub struct Conv {
     weight: Tensor,
