@@ -378,15 +378,15 @@ impl SuperSimpleNet {
         let s = f.size();
         let n = 2 * s[0];
         let mut rng = InitRng::new(self.step_seed.get());
-        let masks =
-            perlin_masks(&mut rng, n, s[2], s[3], self.spec.perlin_threshold).to_device(f.device());
+        // Drawn on the CPU (the same numbers on every device), moved once.
+        let cpu_masks = perlin_masks(&mut rng, n, s[2], s[3], self.spec.perlin_threshold);
         let f2 = Tensor::cat(&[f, f], 0);
         let a2 = Tensor::cat(&[a, a], 0);
         // ε·m: the noise is drawn only where the mask is 1 (item, position, then channel order);
         // elsewhere it would be multiplied by 0.
         let (c, hw) = (s[1] as usize, (s[2] * s[3]) as usize);
-        let flat = Vec::<f32>::try_from(masks.to_device(tch::Device::Cpu).view([-1]))
-            .expect("float masks");
+        let flat = Vec::<f32>::try_from(cpu_masks.view([-1])).expect("float masks");
+        let masks = cpu_masks.to_device(f.device());
         let mut values = vec![0f32; n as usize * c * hw];
         for item in 0..n as usize {
             for pos in 0..hw {
