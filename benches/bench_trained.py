@@ -175,6 +175,7 @@ Markdown goes to stdout, progress to stderr, JSON to benches/results/ (or ``--js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -203,6 +204,18 @@ LITE0_STAGE_END = {0: 0, 2: 1, 4: 2, 7: 3, 10: 4, 14: 5, 15: 6}
 
 def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def patched(owner, name: str, value):
+    """`owner.name` is `value` inside the block (anomalib's model constructors look their
+    extractor factories up by name), restored after it."""
+    real = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, real)
 
 
 # --------------------------------------------------------------------------- methods
@@ -271,11 +284,8 @@ def build_anomalib_stfpm(args, seed: int):
         torch.manual_seed(seed)  # the student's init depends on the seed alone
         return student_lite0(real, args.layers, trim=not args.untrimmed_student)
 
-    tm.TimmFeatureExtractor = extractor
-    try:
+    with patched(tm, "TimmFeatureExtractor", extractor):
         model = tm.STFPMModel(layers=list(args.layers), backbone="tf_efficientnet_lite0")
-    finally:
-        tm.TimmFeatureExtractor = real
     criterion = STFPMLoss()
 
     def loss_fn(m, x):
@@ -380,8 +390,7 @@ def build_anomalib_rd(args, seed: int):
         torch.manual_seed(seed)  # the bottleneck's and decoder's init depends on the seed alone
         return encoder
 
-    tm.TimmFeatureExtractor = extractor
-    try:
+    with patched(tm, "TimmFeatureExtractor", extractor):
         model = tm.ReverseDistillationModel(
             backbone=RD_BACKBONE,
             input_size=(SIZE, SIZE),
@@ -389,8 +398,6 @@ def build_anomalib_rd(args, seed: int):
             anomaly_map_mode=AnomalyMapGenerationMode.ADD,
             pre_trained=False,
         )
-    finally:
-        tm.TimmFeatureExtractor = real
     criterion = ReverseDistillationLoss()
 
     def loss_fn(m, x):
@@ -447,13 +454,11 @@ def build_anomalib_fre(args, seed: int):
     from anomalib.models.image.fre import torch_model as tm
 
     (layer,) = args.layers
-    real = tm.TimmFeatureExtractor
 
     def extractor(backbone=None, layers=None, pre_trained=True, **_):
         return bd.lite_taps_module([layer])
 
-    tm.TimmFeatureExtractor = extractor
-    try:
+    with patched(tm, "TimmFeatureExtractor", extractor):
         taps = bd.lite_taps_module([layer])
         with torch.no_grad():
             c, h, w = taps(torch.zeros(1, 3, SIZE, SIZE))[layer].shape[1:]
@@ -467,8 +472,6 @@ def build_anomalib_fre(args, seed: int):
             pre_trained=False,
             pooling_kernel_size=FRE_POOL,
         )
-    finally:
-        tm.TimmFeatureExtractor = real
     criterion = torch.nn.MSELoss()  # anomalib's Fre.loss_fn
 
     def loss_fn(m, x):
@@ -545,14 +548,11 @@ def build_anomalib_fastflow(args, seed: int):
             feats = self.inner(x)
             return [feats[n] for n in args.layers]
 
-    real = tm.timm.create_model
-
     def create_model(name, pretrained=False, features_only=False, out_indices=None, **_):
         assert features_only and list(out_indices) == [1, 2, 3], (name, features_only, out_indices)
         return ListTaps()
 
-    tm.timm.create_model = create_model
-    try:
+    with patched(tm.timm, "create_model", create_model):
         # FastflowModel builds the extractor, then the layer norms and the flows (their subnets'
         # torch default init and each block's torch.randperm) from the seed alone.
         torch.manual_seed(seed)
@@ -564,8 +564,6 @@ def build_anomalib_fastflow(args, seed: int):
             conv3x3_only=False,
             hidden_ratio=1.0,
         )
-    finally:
-        tm.timm.create_model = real
     criterion = FastflowLoss()
 
     def loss_fn(m, x):
@@ -619,21 +617,16 @@ def build_anomalib_ssn(args, seed: int):
     from anomalib.models.image.supersimplenet import torch_model as tm
     from anomalib.models.image.supersimplenet.loss import SSNLoss
 
-    real = tm.TimmFeatureExtractor
-
     def extractor(backbone=None, layers=None, **_):
         return bd.lite_taps_module(args.layers)
 
-    tm.TimmFeatureExtractor = extractor
-    try:
+    with patched(tm, "TimmFeatureExtractor", extractor):
         # The adaptor and the heads are drawn right after the seed (xavier-normal, torch's default
         # biases); the masks and the noise of training come from torch's generator after it.
         torch.manual_seed(seed)
         model = tm.SupersimplenetModel(
             perlin_threshold=0.2, backbone="tf_efficientnet_lite0", layers=list(args.layers), stop_grad=True
         )
-    finally:
-        tm.TimmFeatureExtractor = real
     criterion = SSNLoss()
 
     def loss_fn(m, x):
