@@ -233,6 +233,45 @@ class GaussianAccumulator:
         self._acc.update(x, resolve_threads(self.n_threads))
         return self
 
+    def state(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Copies of the sufficient statistics: mean (H·W, C) float64, centred scatter
+        (H·W, C, C) float64 (the sum of outer products of deviations from the mean), count."""
+        if self._acc is None:
+            raise ValueError("features: no batch was given to partial_fit; the accumulator holds no statistics")
+        return self._acc.state()
+
+    @classmethod
+    def from_state(
+        cls, mean: np.ndarray, scatter: np.ndarray, n: int, height: int, width: int, n_threads: int | None = None
+    ) -> GaussianAccumulator:
+        """An accumulator holding ``state()``'s statistics on a `height` × `width` grid."""
+        acc = cls(n_threads=n_threads)
+        acc._acc = _core.GaussianAccumulator.from_state(
+            np.ascontiguousarray(mean, dtype=np.float64),
+            np.ascontiguousarray(scatter, dtype=np.float64),
+            int(n),
+            int(height),
+            int(width),
+        )
+        return acc
+
+    def merge(self, other: GaussianAccumulator) -> GaussianAccumulator:
+        """Absorb `other`'s statistics: the result is that of one accumulator given both sample sets.
+
+        Chan et al.'s pairwise merge per position (exact up to float64 rounding; any merge order or
+        tree gives the same statistics to rounding). `other` is left unchanged.
+        """
+        if not isinstance(other, GaussianAccumulator):
+            raise TypeError(f"other: expected a GaussianAccumulator, got {type(other).__name__}")
+        if other._acc is None:
+            return self
+        if self._acc is None:
+            c, h, w = other._acc.shape
+            self._acc = _core.GaussianAccumulator(c, h, w)
+            self._torch = other._torch
+        self._acc.merge(other._acc, resolve_threads(self.n_threads))
+        return self
+
     def finalize(self, eps: float = 0.01) -> tuple[Any, Any]:
         """``(mean (H·W, C), inv_cov (H·W, C, C))`` of everything seen so far."""
         if self._acc is None:

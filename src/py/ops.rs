@@ -232,6 +232,53 @@ impl GaussianAccumulator {
         Ok((mean.into_pyarray(py), inv_cov.into_pyarray(py)))
     }
 
+    /// Copies of the raw state: mean f64 (H·W, C), centred scatter f64 (H·W, C, C), count.
+    fn state<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> (Bound<'py, PyArray2<f64>>, Bound<'py, PyArray3<f64>>, usize) {
+        let (mean, scatter, n) = self.inner.state();
+        (
+            mean.to_owned().into_pyarray(py),
+            scatter.to_owned().into_pyarray(py),
+            n,
+        )
+    }
+
+    /// An accumulator rebuilt from `state()` on a `height` × `width` grid.
+    #[staticmethod]
+    #[pyo3(signature = (mean, scatter, n, height, width))]
+    fn from_state(
+        mean: PyReadonlyArray2<'_, f64>,
+        scatter: PyReadonlyArray3<'_, f64>,
+        n: usize,
+        height: usize,
+        width: usize,
+    ) -> PyResult<Self> {
+        let inner = gaussian::GaussianAccumulator::from_state(
+            mean.as_array().to_owned(),
+            scatter.as_array().to_owned(),
+            n,
+            height,
+            width,
+        )
+        .map_err(to_py_err)?;
+        Ok(GaussianAccumulator { inner })
+    }
+
+    /// Absorb `other`'s statistics (Chan et al.'s pairwise merge; see the kernel).
+    #[pyo3(signature = (other, n_threads))]
+    fn merge(
+        &mut self,
+        py: Python<'_>,
+        other: PyRef<'_, GaussianAccumulator>,
+        n_threads: usize,
+    ) -> PyResult<()> {
+        let inner = &mut self.inner;
+        let other = &other.inner;
+        run(py, n_threads, |intr| inner.merge(other, intr))
+    }
+
     #[getter]
     fn n_samples(&self) -> usize {
         self.inner.n_samples()
