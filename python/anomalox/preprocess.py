@@ -90,7 +90,13 @@ def _from_pil(image: Any) -> np.ndarray:
     return np.asarray(image)
 
 
-def _read_path(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """One image file as a numpy array, as the detectors read a path: (H, W) for 8- and 16-bit
+    grayscale (uint8 / uint16; ``F`` mode float), (H, W, 3) uint8 for every other mode.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for one
+    Pillow cannot read (corrupt or truncated); other I/O errors (permissions, disk) as they are.
+    """
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError as exc:  # pragma: no cover - pillow is installed with the test extras
@@ -170,7 +176,7 @@ def _as_batch(image: Any) -> tuple[torch.Tensor, float]:
     if isinstance(image, torch.Tensor):
         return _torch_batch(image)
     if isinstance(image, (str, os.PathLike)):
-        return _numpy_batch(_read_path(image))
+        return _numpy_batch(read_image(image))
     if _is_pil(image):
         return _numpy_batch(_from_pil(image))
     if isinstance(image, np.ndarray):
