@@ -99,6 +99,12 @@ SHARED_PARAMETERS_DOC = """\
 _SHARED_MARKER = "    <shared parameters>"
 
 
+def _owned(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` with writable arrays: those that came through Ray's object store are read-only views
+    (torch warns on them and in-place work would fail), so those are copied; others are kept."""
+    return {k: np.array(v) if isinstance(v, np.ndarray) and not v.flags.writeable else v for k, v in data.items()}
+
+
 @dataclass
 class Inspection:
     """Everything one pass over images gives: scores, maps, predicted labels and paths.
@@ -359,6 +365,23 @@ class BaseDetector(BaseEstimator):
     def _summary(self) -> str:
         return ""
 
+    # Mergeable detectors (``mergeable = True``: PaDiM, DFM, SPADE, PatchCore) implement three more
+    # hooks, used by ``partial_fit`` / ``merge`` / ``anomalox.distributed.fit``:
+    # ``_partial_features(batches)`` gives a partial state (a dict of numpy arrays and plain values,
+    # picklable) of some images; ``_merge_partials(a, b)`` the partial state of both image sets
+    # (associative: any merge tree gives the same model, to rounding); ``_finish_partial(data)`` the
+    # learned attributes (``input_size_`` excepted) of a partial state.
+    mergeable: ClassVar[bool] = False
+
+    def _partial_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _merge_partials(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _finish_partial(self, data: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
     def _check_params(self) -> None:
         """Subclass rules the constraint table cannot express (called by fit before anything is changed)."""
 
@@ -565,15 +588,24 @@ class BaseDetector(BaseEstimator):
         self._positions = 1 if group.offsets is None else len(group.offsets[0])
         return size
 
+    def _holdout(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The sorted training and validation indices of `n` images (``validation_fraction``,
+        seeded by ``random_state``); at least one of each when the fraction is positive and n > 1."""
+        rng = np.random.default_rng(self.random_state)
+        n_val = int(round(self.validation_fraction * n)) if n > 1 else 0
+        n_val = min(max(n_val, 1 if self.validation_fraction > 0 and n > 1 else 0), n - 1)
+        order = rng.permutation(n)
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+    def _folds(self, n: int) -> list[np.ndarray]:
+        """The ``n_folds`` cross-fitting folds of `n` images (seeded by ``random_state``)."""
+        return np.array_split(np.random.default_rng(self.random_state).permutation(n), self.n_folds)
+
     def _split(self, source: Source) -> tuple[Iterator[Any], list[Any]]:
         """The training batches and the held-out validation items (never put in the model)."""
         rng = np.random.default_rng(self.random_state)
         if source.sized:
-            n = len(source)
-            n_val = int(round(self.validation_fraction * n)) if n > 1 else 0
-            n_val = min(max(n_val, 1 if self.validation_fraction > 0 and n > 1 else 0), n - 1)
-            order = rng.permutation(n)
-            val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
+            train, val = self._holdout(len(source))
             items = source.items
             assert items is not None  # a sized source holds its items
             return source.iter_batches(self.batch_size, train), [items[i] for i in val]
@@ -624,16 +656,24 @@ class BaseDetector(BaseEstimator):
         return np.array(scores, dtype=np.float32), maps
 
     # ------------------------------------------------------------------- API
-    def _learn(self, backbone: Backbone, batches: Iterator[Any], total: int | None, held: bool) -> dict[str, Any]:
-        """The learned attributes from `batches` of training items (one fit of the hooks)."""
+    def _features_to(
+        self,
+        hook: Callable[[Iterator[dict[str, torch.Tensor]]], dict[str, Any]],
+        backbone: Backbone,
+        batches: Iterator[Any],
+        total: int | None,
+        held: bool,
+    ) -> tuple[dict[str, Any], tuple[int, int] | None, int]:
+        """``hook(features of batches)``, the fitted input size (None unless one size is required)
+        and the number of images."""
         bar = self._progress(total, "fit: features")
 
         self._positions = 1
         fit_size: tuple[int, int] | None = None
+        n = 0
 
         def features() -> Iterator[dict[str, torch.Tensor]]:
-            nonlocal fit_size
-            n = 0
+            nonlocal fit_size, n
             for items, _ in batches:
                 for group in self._groups(backbone, items):
                     if self._one_size(group):
@@ -647,7 +687,12 @@ class BaseDetector(BaseEstimator):
                 raise ValueError("X: expected at least one training image, got none (an empty iterable)")
 
         with bar:
-            state = self._fit_features(features())
+            result = hook(features())
+        return result, fit_size, n
+
+    def _learn(self, backbone: Backbone, batches: Iterator[Any], total: int | None, held: bool) -> dict[str, Any]:
+        """The learned attributes from `batches` of training items (one fit of the hooks)."""
+        state, fit_size, _ = self._features_to(self._fit_features, backbone, batches, total, held)
         if self.per_position or self.one_size_untiled:
             state["input_size_"] = fit_size
         if set(state) != set(self.learned_attributes):
@@ -677,7 +722,7 @@ class BaseDetector(BaseEstimator):
             )
         items = source.items
         assert items is not None  # a sized source holds its items
-        folds = np.array_split(np.random.default_rng(self.random_state).permutation(n), self.n_folds)
+        folds = self._folds(n)
         scores, map_max = [], []
         for k, fold in enumerate(folds):
             rest = np.sort(np.concatenate([f for j, f in enumerate(folds) if j != k]))
@@ -704,6 +749,69 @@ class BaseDetector(BaseEstimator):
         self.pixel_calibration_scores_ = None if map_max is None else np.asarray(map_max, np.float32)
         self.threshold_, self.pixel_threshold_ = threshold, pixel_threshold
 
+    def check_params(self) -> None:
+        """Validate the parameters as ``fit`` does first, without fitting (for example before
+        sending the detector to other processes): ``ValueError`` / ``TypeError`` naming the
+        parameter."""
+        validate_params(self.parameter_constraints(), self.get_params(deep=False))
+        self._check_params()
+        self._check_shared()
+
+    def calibration_split(self, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """How ``fit`` splits `n` training images (in the order given) for its calibration.
+
+        Returns (learned, scored) pairs of sorted index arrays: with ``calibration="holdout"`` one
+        pair (the model learns from the first, the second is held out and scored); with ``"cv"``
+        ``n_folds`` pairs (fold k is scored by a model of the other folds; the final model learns
+        from all). Seeded by ``random_state``: the same split as ``fit`` of the same images.
+        """
+        n = int(check("n", n, [POSITIVE_INT]))
+        if self.calibration == "cv":
+            if n < self.n_folds:
+                raise ValueError(
+                    f"n: calibration='cv' with n_folds={self.n_folds} needs at least {self.n_folds} images, got {n}"
+                )
+            folds = self._folds(n)
+            return [
+                (np.sort(np.concatenate([f for j, f in enumerate(folds) if j != k])), np.sort(fold))
+                for k, fold in enumerate(folds)
+            ]
+        return [self._holdout(n)]
+
+    def calibration_values(self, X_normal: Any) -> tuple[np.ndarray, np.ndarray]:
+        """What calibration uses of good images: their image scores and maximum map values.
+
+        Returns (scores (N,) float32, map_max (N,) float32), as ``set_threshold`` computes them;
+        ``set_threshold_from_values`` calibrates on values gathered from several models (as
+        cross-fitting does: each image scored by a model that did not learn from it).
+        """
+        self.check_is_fitted()
+        return self._calibration_values(as_source(X_normal, "test"), "calibrate")
+
+    def set_threshold_from_values(
+        self, scores: Any, map_max: Any = None, contamination: float | None = None
+    ) -> BaseDetector:
+        """Calibrate on the ``calibration_values`` of good images not learned from, by the conformal
+        rule of ``fit`` (``threshold_``; ``pixel_threshold_`` too when `map_max` is given).
+
+        `contamination` defaults to the detector's.
+        """
+        self.check_is_fitted()
+        contamination = self.contamination if contamination is None else contamination
+        check("contamination", contamination, _CONTAMINATION)
+        values = np.asarray(scores, dtype=np.float32)
+        if values.ndim != 1 or values.size == 0 or not np.isfinite(values).all():
+            raise ValueError(f"scores: expected a non-empty 1-D array of finite scores, got shape {values.shape}")
+        peaks = None
+        if map_max is not None:
+            peaks = np.asarray(map_max, dtype=np.float32)
+            if peaks.shape != values.shape or not np.isfinite(peaks).all():
+                raise ValueError(
+                    f"map_max: expected {values.shape[0]} finite values (one per score), got shape {peaks.shape}"
+                )
+        self._calibrate(values, peaks, contamination)
+        return self
+
     def fit(self, X: Any, y: Any = None) -> BaseDetector:
         """Learn from images of good parts and calibrate ``threshold_`` (see ``calibration``).
 
@@ -716,14 +824,14 @@ class BaseDetector(BaseEstimator):
         -------
         self
         """
-        validate_params(self.parameter_constraints(), self.get_params(deep=False))
-        self._check_params()
-        self._check_shared()  # before the fitted state is put aside: a refused fit leaves it whole
+        self.check_params()  # before the fitted state is put aside: a refused fit leaves it whole
         learned = {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
         for k in learned:
             delattr(self, k)
         tiles_before = getattr(self, "_tiles", None)
+        partial_before = getattr(self, "_partial", None)
         self._tiles = self._tiling()
+        self._partial = None
         try:
             backbone = self.build_backbone()
             source = as_source(X, "train")
@@ -751,8 +859,244 @@ class BaseDetector(BaseEstimator):
             for k, v in learned.items():
                 setattr(self, k, v)
             self._tiles = tiles_before
+            self._partial = partial_before
             raise
         self._fitted_with = fitted_with
+        return self
+
+    # ------------------------------------------------------- partial fitting
+    # Parameters that do not change what is learned from an image (how fast, where, and the
+    # calibration): partial states of detectors that differ only in these merge.
+    _MERGE_FREE = frozenset(
+        {
+            "batch_size",
+            "device",
+            "n_threads",
+            "verbose",
+            "validation_fraction",
+            "contamination",
+            "calibration",
+            "n_folds",
+        }
+    )
+
+    def _merge_key(self) -> dict[str, str]:
+        """The parameters partial states must share to merge, as text (a module backbone by type)."""
+        key = {}
+        for name, value in self.get_params(deep=False).items():
+            if name not in self._MERGE_FREE:
+                key[name] = f"<{type(value).__name__} module>" if _is_module(value) else repr(value)
+        return key
+
+    def _require_mergeable(self, what: str) -> None:
+        if not self.mergeable:
+            raise TypeError(
+                f"{what}: {type(self).__name__} cannot learn from shards and merge (it trains a network); "
+                f"mergeable detectors: PaDiM, DFM, SPADE and PatchCore"
+            )
+
+    def partial_fit(self, X: Any, y: Any = None) -> BaseDetector:
+        """Learn from more images of good parts, keeping a mergeable partial state (no threshold).
+
+        Every image of `X` is learned from (no validation hold-out); successive calls and
+        ``merge`` accumulate. The detector scores after each call as one fitted on all the images
+        so far, but ``threshold_`` stays None: calibrate with ``set_threshold(X_normal)`` on good
+        images not learned from (``anomalox.distributed.fit`` does it with the detector's
+        calibration rule). The partial state is kept in memory only (``partial_state()``); model
+        files do not hold it. A detector fitted by ``fit`` or loaded keeps none: clone it
+        (``sklearn.base.clone``) to start partial fitting.
+
+        Parameters
+        ----------
+        X : folder, paths, arrays, tensors or an iterable of batches (see ``anomalox.data``)
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._require_mergeable("partial_fit")
+        self.check_params()
+        previous = getattr(self, "_partial", None)
+        if previous is None and hasattr(self, "backbone_"):
+            raise ValueError(
+                f"partial_fit: this {type(self).__name__} was fitted by fit() or loaded, which keep no mergeable "
+                f"statistics; start partial fitting on a new detector (sklearn.base.clone(detector))"
+            )
+        if previous is not None and previous["params"] != self._merge_key():
+            changed = sorted(k for k, v in self._merge_key().items() if previous["params"].get(k) != v)
+            raise ValueError(
+                f"partial_fit: {', '.join(changed)} changed (set_params) since the first partial_fit; the partial "
+                f"state was learned with the old values: set them back, or start on a new detector"
+            )
+        tiles = self._tiling()
+        backbone = self.backbone_ if previous is not None else self.build_backbone()
+        source = as_source(X, "train")
+        tiles_before, self._tiles = getattr(self, "_tiles", None), tiles
+        try:
+            part = self._partial_of(
+                backbone, source.iter_batches(self.batch_size), len(source) if source.sized else None
+            )
+            merged = part if previous is None else self._merge_two(previous, part)
+            self._adopt_partial(merged, backbone)
+        except BaseException:
+            self._tiles = tiles_before
+            raise
+        return self
+
+    def _partial_of(self, backbone: Backbone, batches: Iterator[Any], total: int | None) -> dict[str, Any]:
+        data, fit_size, n = self._features_to(self._partial_features, backbone, batches, total, held=False)
+        return {
+            "detector": type(self).__name__,
+            "params": self._merge_key(),
+            "n_images": n,
+            "input_size": fit_size,
+            "positions": self._positions,
+            "data": data,
+        }
+
+    _PARTIAL_KEYS = frozenset({"detector", "params", "n_images", "input_size", "positions", "data"})
+
+    def _check_partial(self, part: Any) -> None:
+        """ValueError unless `part` is a partial state of this detector's class."""
+        if not isinstance(part, Mapping) or set(part) != self._PARTIAL_KEYS:
+            raise ValueError(
+                f"other: expected a partial state (detector.partial_state()) or a partially fitted detector, "
+                f"got {type(part).__name__}"
+            )
+        if part["detector"] != type(self).__name__:
+            raise ValueError(
+                f"other: expected a partial state of a {type(self).__name__}, got one of a {part['detector']}"
+            )
+
+    def _merge_two(self, a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+        """The partial state of both image sets; ValueError when the two cannot merge."""
+        self._check_partial(a)
+        self._check_partial(b)
+        if a["params"] != b["params"]:
+            differ = sorted(k for k in {*a["params"], *b["params"]} if a["params"].get(k) != b["params"].get(k))
+            raise ValueError(
+                f"other: partial states learned with different parameters cannot merge; they differ in "
+                f"{', '.join(differ)}"
+            )
+        size_a, size_b = a["input_size"], b["input_size"]
+        if size_a is not None and size_b is not None and tuple(size_a) != tuple(size_b):
+            raise ValueError(
+                f"other: partial states of images preprocessed to {tuple(size_a)} and {tuple(size_b)} cannot merge: "
+                f"{type(self).__name__} needs one size; resize to one image_size"
+            )
+        if a["positions"] != b["positions"]:
+            raise ValueError(
+                f"other: partial states of {a['positions']} and {b['positions']} tile positions per image cannot merge"
+            )
+        return {
+            "detector": a["detector"],
+            "params": dict(a["params"]),
+            "n_images": int(a["n_images"]) + int(b["n_images"]),
+            "input_size": size_a if size_a is not None else size_b,
+            "positions": a["positions"],
+            "data": self._merge_partials(_owned(a["data"]), _owned(b["data"])),
+        }
+
+    def _adopt_partial(self, part: dict[str, Any], backbone: Backbone) -> None:
+        """Become the detector fitted on the partial state's images (uncalibrated)."""
+        state = _owned(self._finish_partial(_owned(part["data"])))
+        if self.per_position or self.one_size_untiled:
+            state["input_size_"] = None if part["input_size"] is None else tuple(part["input_size"])
+        for k, v in state.items():
+            setattr(self, k, v)
+        self.backbone_ = backbone
+        self._positions = int(part["positions"])
+        self._partial = part
+        self._calibrate(None, None, self.contamination)
+        self._fitted_with = self._structural_params()
+
+    def partial_state(self) -> dict[str, Any]:
+        """The mergeable partial state of ``partial_fit`` / ``merge``: a picklable dict (numpy arrays
+        and plain values), what ``anomalox.distributed`` ships between Ray workers.
+
+        Its size is that of the detector's sufficient statistics (see each detector's docstring);
+        it is not saved in model files.
+        """
+        self._require_mergeable("partial_state")
+        part = getattr(self, "_partial", None)
+        if part is None:
+            raise NotFittedError(
+                f"partial_state: this {type(self).__name__} has no partial state; call partial_fit(X) first"
+            )
+        return dict(part)
+
+    def merge_states(self, *states: Any) -> dict[str, Any]:
+        """The partial state of all `states`' images, without adopting it (cheap: no backbone, no
+        final selection): what the merge tasks of ``anomalox.distributed.fit``'s tree run.
+
+        Parameters
+        ----------
+        *states : ``partial_state()`` dicts of detectors of this class, learned with the same
+            parameters (those that set what is learned)
+
+        Returns
+        -------
+        dict, a partial state (for ``merge`` or another ``merge_states``)
+        """
+        self._require_mergeable("merge_states")
+        if not states:
+            raise ValueError("states: expected at least one partial state to merge, got none")
+        merged = states[0]
+        self._check_partial(merged)
+        for state in states[1:]:
+            merged = self._merge_two(merged, state)
+        return dict(merged)
+
+    def merge(self, *others: Any) -> BaseDetector:
+        """Merge partial states into this detector: it then scores as one fitted on all their images.
+
+        Parameters
+        ----------
+        *others : partially fitted detectors of this class or their ``partial_state()`` dicts
+            Learned with the same parameters (those that set what is learned: not ``n_threads``,
+            ``batch_size``, ``device``, ``verbose`` or the calibration's). This detector may be
+            new (it then takes the first state) or partially fitted.
+
+        Returns
+        -------
+        self, uncalibrated (``threshold_`` None): see ``partial_fit``.
+        """
+        self._require_mergeable("merge")
+        parts: list[Any] = [] if getattr(self, "_partial", None) is None else [self._partial]
+        if not parts and hasattr(self, "backbone_"):
+            raise ValueError(
+                f"merge: this {type(self).__name__} was fitted by fit() or loaded, which keep no mergeable "
+                f"statistics; merge into a new detector (sklearn.base.clone(detector))"
+            )
+        for other in others:
+            if isinstance(other, BaseDetector):
+                if type(other) is not type(self):
+                    raise ValueError(f"other: expected a {type(self).__name__}, got a {type(other).__name__}")
+                other = other.partial_state()
+            parts.append(other)
+        if not parts:
+            raise ValueError("others: expected at least one partial state to merge, got none")
+        for part in parts:
+            self._check_partial(part)
+        key = self._merge_key()
+        if parts[0]["params"] != key:  # a new detector adopting states must have their parameters
+            differ = sorted(k for k in {*key, *parts[0]["params"]} if key.get(k) != parts[0]["params"].get(k))
+            raise ValueError(
+                f"other: a partial state learned with other parameters than this detector's cannot merge into it; "
+                f"they differ in {', '.join(differ)}"
+            )
+        self._check_shared()
+        merged = parts[0]
+        for part in parts[1:]:
+            merged = self._merge_two(merged, part)
+        backbone = self.backbone_ if hasattr(self, "backbone_") else self.build_backbone()
+        tiles_before, self._tiles = getattr(self, "_tiles", None), self._tiling()
+        try:
+            self._adopt_partial(dict(merged), backbone)
+        except BaseException:
+            self._tiles = tiles_before
+            raise
         return self
 
     # Parameters that build the backbone: changing them after fit takes effect at the next fit only.
@@ -835,6 +1179,7 @@ class BaseDetector(BaseEstimator):
             setattr(self, name, state.get(name, self._learned_defaults.get(name)))
         self.backbone_ = backbone
         self._tiles = tiles
+        self._partial = None
         self._fitted_with = self._structural_params()
         return self
 

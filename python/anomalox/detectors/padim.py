@@ -31,6 +31,11 @@ class PaDiM(BaseDetector):
     feature grid (Lite0, 256-px tiles, 100 features: 328 MB while fitting and 164 MB fitted per
     tile position; a 1600 × 800 image in 256-px tiles without overlap has 7 × 4 = 28 of them).
 
+    Mergeable (``partial_fit``, ``merge``, ``anomalox.distributed.fit``): a partial state is the
+    float64 count, mean and centred scatter at every position, H·W·n_features·(n_features + 1)·8
+    bytes (Lite0 at 256 px, 100 features: 331 MB; WRN-50-2 at 256 px, 550 features on its 64 × 64
+    layer1 grid: 9.9 GB), merged exactly by Chan et al.'s pairwise update.
+
     Default ``batch_size`` 16 (not 4 as for PatchCore): every batch reads all the
     H·W·n_features² statistics once, so small batches cost time.
 
@@ -63,6 +68,7 @@ class PaDiM(BaseDetector):
     learned_attributes = ("channels_", "mean_", "inv_cov_", "grid_", "input_size_")
     _learned_defaults = {"input_size_": None}
     per_position = True
+    mergeable = True
     _default_layers = {
         "efficientnet_lite": ("_blocks.2", "_blocks.4", "_blocks.10"),
         "resnet": ("layer1", "layer2", "layer3"),
@@ -118,9 +124,11 @@ class PaDiM(BaseDetector):
         t = self._positions
         return stacked.reshape(rows // t, t, c, h, w).transpose(1, 2).reshape(rows // t, c, t * h, w).contiguous()
 
-    def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    def _accumulate(
+        self, batches: Iterator[dict[str, torch.Tensor]]
+    ) -> tuple[ops.GaussianAccumulator, np.ndarray, tuple[int, int]]:
         accumulator = ops.GaussianAccumulator(n_threads=self.n_threads)
-        channels = None
+        channels, grid = None, (0, 0)
         for feats in batches:
             if channels is None:
                 total = sum(f.shape[1] for f in feats.values())
@@ -134,10 +142,42 @@ class PaDiM(BaseDetector):
             embedding = self._embed(feats, channels)
             grid = (embedding.shape[2] // self._positions, embedding.shape[3])
             accumulator.partial_fit(embedding)
+        assert channels is not None  # the base refuses an empty X before this
+        return accumulator, channels, grid
+
+    def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        accumulator, channels, grid = self._accumulate(batches)
         if accumulator.n_samples < 2:
             raise ValueError(f"X: PaDiM needs at least 2 training images, got {accumulator.n_samples}")
         mean, inv_cov = accumulator.finalize(eps=0.01)
         return {"channels_": channels, "mean_": mean.numpy(), "inv_cov_": inv_cov.numpy(), "grid_": grid}
+
+    def _partial_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        accumulator, channels, grid = self._accumulate(batches)
+        mean, scatter, n = accumulator.state()
+        return {"channels": channels, "grid": grid, "mean": mean, "scatter": scatter, "n": n}
+
+    def _accumulator(self, data: dict[str, Any]) -> ops.GaussianAccumulator:
+        rows = data["mean"].shape[0]
+        return ops.GaussianAccumulator.from_state(
+            data["mean"], data["scatter"], data["n"], rows // data["grid"][1], data["grid"][1], n_threads=self.n_threads
+        )
+
+    def _merge_partials(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        if not np.array_equal(a["channels"], b["channels"]) or tuple(a["grid"]) != tuple(b["grid"]):
+            raise ValueError(
+                "other: PaDiM partial states of different channels or feature grids cannot merge (another "
+                "backbone, layers or image size)"
+            )
+        merged = self._accumulator(a).merge(self._accumulator(b))
+        mean, scatter, n = merged.state()
+        return {"channels": a["channels"], "grid": tuple(a["grid"]), "mean": mean, "scatter": scatter, "n": n}
+
+    def _finish_partial(self, data: dict[str, Any]) -> dict[str, Any]:
+        if data["n"] < 2:
+            raise ValueError(f"X: PaDiM needs at least 2 training images, got {data['n']}")
+        mean, inv_cov = self._accumulator(data).finalize(eps=0.01)
+        return {"channels_": data["channels"], "mean_": mean, "inv_cov_": inv_cov, "grid_": tuple(data["grid"])}
 
     def _score_features(self, features: dict[str, torch.Tensor]) -> tuple[None, torch.Tensor]:
         embedding = self._embed(features, self.channels_)

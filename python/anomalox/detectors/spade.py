@@ -36,6 +36,9 @@ class SPADE(BaseDetector):
     Memory: every training image's patch features are kept, O(N · C · h · w) float32
     (``train_maps_``), e.g. 200 images at 256 px with the default Lite taps (152 × 32 × 32): about 125 MB.
 
+    Mergeable (``partial_fit``, ``merge``, ``anomalox.distributed.fit``): the shards' galleries
+    concatenate, exactly, in merge order; a partial state is the shard's share of the memory above.
+
     Parameters
     ----------
     backbone : str
@@ -72,6 +75,7 @@ class SPADE(BaseDetector):
     learned_attributes = ("train_global_", "train_maps_", "global_layer_", "input_size_")
     _learned_defaults = {"input_size_": None}
     one_size_untiled = True
+    mergeable = True
     _default_layers = {"efficientnet_lite": ("_blocks.4", "_blocks.10"), "resnet": ("layer1", "layer2", "layer3")}
     _parameter_constraints = {"top_k_images": [POSITIVE_INT], "num_neighbors": [POSITIVE_INT]}
 
@@ -120,6 +124,9 @@ class SPADE(BaseDetector):
         self.verbose = verbose
 
     def _fit_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        return self._finish_partial(self._partial_features(batches))
+
+    def _partial_features(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
         global_parts: list[np.ndarray] = []
         map_parts: list[np.ndarray] = []
         name = None
@@ -128,9 +135,29 @@ class SPADE(BaseDetector):
             global_parts.append(feats[name].mean(dim=(-2, -1)).numpy())
             map_parts.append(stack_taps(feats, tuple(feats), pool=0).numpy())
         return {
-            "train_global_": np.ascontiguousarray(np.concatenate(global_parts), dtype=np.float32),
-            "train_maps_": np.ascontiguousarray(np.concatenate(map_parts), dtype=np.float32),
-            "global_layer_": name,
+            "train_global": np.ascontiguousarray(np.concatenate(global_parts), dtype=np.float32),
+            "train_maps": np.ascontiguousarray(np.concatenate(map_parts), dtype=np.float32),
+            "global_layer": name,
+        }
+
+    def _merge_partials(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        # The galleries concatenate (exact: nothing is selected).
+        if a["global_layer"] != b["global_layer"] or a["train_maps"].shape[1:] != b["train_maps"].shape[1:]:
+            raise ValueError(
+                f"other: SPADE partial states of patch features {a['train_maps'].shape[1:]} and "
+                f"{b['train_maps'].shape[1:]} cannot merge (another backbone, layers or image size)"
+            )
+        return {
+            "train_global": np.concatenate([a["train_global"], b["train_global"]]),
+            "train_maps": np.concatenate([a["train_maps"], b["train_maps"]]),
+            "global_layer": a["global_layer"],
+        }
+
+    def _finish_partial(self, data: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "train_global_": data["train_global"],
+            "train_maps_": data["train_maps"],
+            "global_layer_": data["global_layer"],
         }
 
     def _score_features(self, features: dict[str, torch.Tensor]) -> tuple[np.ndarray, torch.Tensor]:
