@@ -100,9 +100,14 @@ _SHARED_MARKER = "    <shared parameters>"
 
 
 def _owned(data: Mapping[str, Any]) -> dict[str, Any]:
-    """`data` with writable arrays: those that came through Ray's object store are read-only views
-    (torch warns on them and in-place work would fail), so those are copied; others are kept."""
-    return {k: np.array(v) if isinstance(v, np.ndarray) and not v.flags.writeable else v for k, v in data.items()}
+    """`data` with its read-only arrays (views into Ray's object store) copied; others kept."""
+    return {k: writable(v) if isinstance(v, np.ndarray) else v for k, v in data.items()}
+
+
+def writable(array: np.ndarray) -> np.ndarray:
+    """`array`, or a copy of it when it is read-only (an array that came through Ray's object
+    store): torch.from_numpy warns on read-only arrays, and in-place work on them fails."""
+    return array if array.flags.writeable else np.array(array)
 
 
 @dataclass
@@ -995,12 +1000,15 @@ class BaseDetector(BaseEstimator):
             "n_images": int(a["n_images"]) + int(b["n_images"]),
             "input_size": size_a if size_a is not None else size_b,
             "positions": a["positions"],
-            "data": self._merge_partials(_owned(a["data"]), _owned(b["data"])),
+            "data": self._merge_partials(a["data"], b["data"]),
         }
 
     def _adopt_partial(self, part: dict[str, Any], backbone: Backbone) -> None:
         """Become the detector fitted on the partial state's images (uncalibrated)."""
-        state = _owned(self._finish_partial(_owned(part["data"])))
+        # Partial states that came through Ray's object store hold read-only arrays: the merges
+        # and finishes read them in place (torch.from_numpy only on writable ones, see _writable);
+        # the learned attributes get writable copies of those they share.
+        state = _owned(self._finish_partial(part["data"]))
         if self.per_position or self.one_size_untiled:
             state["input_size_"] = None if part["input_size"] is None else tuple(part["input_size"])
         for k, v in state.items():

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomalox.detectors._base import BaseDetector
+from anomalox.detectors._base import BaseDetector, writable
 from anomalox.params import POSITIVE_INT, Interval, Options
 
 
@@ -273,16 +273,16 @@ class DFM(BaseDetector):
             raise ValueError(f"X: DFM needs at least 2 training images, got {n}")
         fits = []
         for p in range(data["mean"].shape[0]):
-            mean = torch.from_numpy(data["mean"][p])
+            mean = torch.from_numpy(writable(data["mean"][p]))
             if "scatter" in data:
                 # Eigenvalues of the scatter are the squared singular values of the centred rows;
                 # below 1e-12 of the largest they are rounding noise of the eigensolver: null.
-                w, v = torch.linalg.eigh(torch.from_numpy(data["scatter"][p]))
+                w, v = torch.linalg.eigh(torch.from_numpy(writable(data["scatter"][p])))
                 w, v = w.flip(0), v.flip(1)
                 w = torch.where(w > w[0] * 1e-12, w, torch.zeros_like(w))
                 s, vh = w.sqrt(), v.T
             else:
-                s, vh = torch.from_numpy(data["s"][p]), torch.from_numpy(data["vh"][p])
+                s, vh = torch.from_numpy(writable(data["s"][p])), torch.from_numpy(writable(data["vh"][p]))
             fits.append(self._pca_from(mean, s, vh, n))
         return self._stack_positions(fits)
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from anomalox import ops
-from anomalox.detectors._base import BaseDetector, as_rows, seed_from, stack_taps
+from anomalox.detectors._base import BaseDetector, as_rows, seed_from, stack_taps, writable
 from anomalox.params import POSITIVE_INT, Hidden, Interval, Options, Unchecked
 
 
@@ -228,7 +228,7 @@ class PatchCore(BaseDetector):
         if count < bank.shape[0]:
             seed = seed_from(self.random_state)
             projection = self._projection(bank.shape[1], seed)
-            space = bank.copy() if projection is None else (torch.from_numpy(bank) @ projection).numpy()
+            space = bank.copy() if projection is None else (torch.from_numpy(writable(bank)) @ projection).numpy()
             chosen = ops.coreset(
                 space, count, projection_dim=None, seed=seed, n_threads=self.n_threads, overwrite_features=True
             )
