@@ -239,3 +239,16 @@ def test_check_params_refuses_before_any_work():
     with pytest.raises(ValueError, match="coreset_ratio"):
         PatchCore(coreset_ratio=0.0).check_params()
     PatchCore().check_params()
+
+
+def test_shard_state_is_partial_fits_state_and_leaves_the_detector(images):
+    good, test_good, _ = images
+    fitted = PatchCore(coreset_ratio=0.2, **COMMON).fit(list(good))
+    before = fitted.decision_function(list(test_good))
+    shard = fitted.shard_state(list(good[:6]))
+    reference = PatchCore(coreset_ratio=0.2, **COMMON).partial_fit(list(good[:6])).partial_state()
+    assert shard["n_images"] == reference["n_images"] == 6 and shard["params"] == reference["params"]
+    np.testing.assert_array_equal(shard["data"]["bank"], reference["data"]["bank"])
+    np.testing.assert_array_equal(fitted.decision_function(list(test_good)), before)
+    with pytest.raises(TypeError, match="shard_state: FRE cannot learn from shards"):
+        FRE().shard_state(list(good))

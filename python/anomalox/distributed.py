@@ -9,8 +9,9 @@ either, Ray starts a local instance on first use.
   scores batches with ``n_threads`` equal to its CPUs. Rows: path, score, label, error (and the
   written map's path).
 - ``fit(detector, images, shards=N)``: PaDiM, DFM, SPADE and PatchCore learn from shards of the
-  images as Ray tasks (``partial_fit``), their partial states merge in a tree of Ray tasks, and the
-  merged detector is calibrated with its own rule (hold-out, or cross-fitting run as Ray tasks).
+  images as Ray tasks (``shard_state``: the state ``partial_fit`` keeps), their partial states
+  merge in a tree of Ray tasks, and the merged detector is calibrated with its own rule (hold-out,
+  or cross-fitting run as Ray tasks).
 - ``fit_many({name: images}, detector, output_dir)``: one model per product as Ray tasks, one
   model file each, a summary table back; one product's error fails only its row.
 
@@ -304,8 +305,7 @@ def _partial_task(detector: Any, paths: list[str], n_threads: int) -> dict[str, 
     from sklearn.base import clone
 
     torch.set_num_threads(n_threads)
-    shard = clone(detector).set_params(n_threads=n_threads, verbose=False)
-    return shard.partial_fit(paths).partial_state()
+    return clone(detector).set_params(n_threads=n_threads, verbose=False).shard_state(paths)
 
 
 def _merge_task(detector: Any, *parts: dict[str, Any]) -> dict[str, Any]:
@@ -358,10 +358,10 @@ def fit(
 ) -> Any:
     """Fit a mergeable detector on Ray: shards as tasks, partial states merged in a tree.
 
-    Each shard is a Ray task running ``partial_fit`` on its images (``cpus_per_shard`` CPUs and
-    scoring threads); the partial states come back through Ray's object store and merge
-    ``fanout`` at a time in Ray tasks until one is left, which a clone of `detector` adopts
-    (``merge``). Then it is calibrated by its own rule:
+    Each shard is a Ray task computing the partial state of its images (``shard_state``, with
+    ``cpus_per_shard`` CPUs and as many threads); the partial states come back through Ray's
+    object store and merge ``fanout`` at a time in Ray tasks until one is left, which a clone of
+    `detector` adopts (``merge``). Then it is calibrated by its own rule:
 
     - ``calibration="holdout"``: the same ``validation_fraction`` of the images as ``fit`` holds
       out (same seed) are not learned from; the driver scores them for ``threshold_``.

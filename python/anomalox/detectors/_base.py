@@ -949,6 +949,29 @@ class BaseDetector(BaseEstimator):
             raise
         return self
 
+    def shard_state(self, X: Any) -> dict[str, Any]:
+        """The partial state of `X`'s images alone, leaving this detector as it is: what one shard
+        sends to the merge (``anomalox.distributed.fit``'s shard tasks run it).
+
+        Equal to ``clone(self).partial_fit(X).partial_state()`` without finishing a model of the
+        shard (PaDiM's inverse covariances, PatchCore's final selection), which the merge does not
+        need. Merge states with ``merge_states`` / ``merge``.
+        """
+        self._require_mergeable("shard_state")
+        self.check_params()
+        backbone = self.build_backbone()  # not backbone_: parameters may have changed since a fit
+        source = as_source(X, "train")
+        tiles_before, positions_before = getattr(self, "_tiles", None), getattr(self, "_positions", None)
+        self._tiles = self._tiling()
+        try:
+            return self._partial_of(
+                backbone, source.iter_batches(self.batch_size), len(source) if source.sized else None
+            )
+        finally:
+            self._tiles = tiles_before
+            if positions_before is not None:
+                self._positions = positions_before
+
     def _partial_of(self, backbone: Backbone, batches: Iterator[Any], total: int | None) -> dict[str, Any]:
         data, fit_size, n = self._features_to(self._partial_features, backbone, batches, total, held=False)
         return {
