@@ -166,11 +166,21 @@ def test_a_killed_actor_loses_and_repeats_no_image(model, folders, tmp_path):
 def test_distributed_fit_equals_one_fit(detector, folders):
     train, test, _ = folders
     one = clone(detector).fit(train)
-    # Shards of 4 images at batch_size 2: the same batches as one pass.
+    # 10 learned images (4 held out) in shards of 4 / 3 / 3: batches differ from one pass, so
+    # features differ at float32 rounding; the tolerance is 1e-4.
     merged = distributed.fit(detector, train, shards=3)
     assert merged.threshold_ == pytest.approx(one.threshold_, rel=1e-4)
     np.testing.assert_allclose(merged.calibration_scores_, one.calibration_scores_, rtol=1e-4)
     np.testing.assert_allclose(merged.decision_function(test), one.decision_function(test), rtol=1e-4)
+
+
+def test_distributed_fit_fixes_one_seed_for_all_shards(folders):
+    """random_state=None would draw other PaDiM channels in every shard: one seed is drawn for all."""
+    train, test, _ = folders
+    merged = distributed.fit(PaDiM(**{**COMMON, "random_state": None}), train, shards=2)
+    assert isinstance(merged.random_state, int)
+    again = PaDiM(**{**COMMON, "random_state": merged.random_state}).fit(train)
+    np.testing.assert_allclose(merged.decision_function(test), again.decision_function(test), rtol=1e-4)
 
 
 def test_distributed_cross_fitting(folders):

@@ -250,5 +250,11 @@ def test_shard_state_is_partial_fits_state_and_leaves_the_detector(images):
     assert shard["n_images"] == reference["n_images"] == 6 and shard["params"] == reference["params"]
     np.testing.assert_array_equal(shard["data"]["bank"], reference["data"]["bank"])
     np.testing.assert_array_equal(fitted.decision_function(list(test_good)), before)
+    fresh = PatchCore(coreset_ratio=0.2, **COMMON)
+    fresh.shard_state(list(good[:6]))
+    with pytest.raises(NotFittedError):
+        fresh.decision_function(list(test_good))
+    one = PaDiM(**COMMON).shard_state(list(good[:1]))  # one image: a state, though no model yet
+    assert one["n_images"] == 1
     with pytest.raises(TypeError, match="shard_state: FRE cannot learn from shards"):
         FRE().shard_state(list(good))

@@ -168,9 +168,16 @@ class _Scorer:
                         self._fill(i, self.model.inspect([images[i]]), 0, paths, scores, labels, map_paths)
                     except Exception as exc:
                         errors[i] = f"{type(exc).__name__}: {exc}"
+                        scores[i], labels[i], map_paths[i] = np.nan, -1, None
             else:
                 for k, i in enumerate(good):
-                    self._fill(i, found, k, paths, scores, labels, map_paths)
+                    try:
+                        self._fill(i, found, k, paths, scores, labels, map_paths)
+                    except Exception as exc:  # writing its map failed: fail the row
+                        if self.on_error == "raise":
+                            raise
+                        errors[i] = f"{type(exc).__name__}: {exc}"
+                        scores[i], labels[i], map_paths[i] = np.nan, -1, None
         out: dict[str, Any] = {
             "path": np.array(paths, dtype=object),
             "score": scores,
@@ -229,7 +236,8 @@ def score(
         fewer for a Dataset. A Dataset that reads files (``read_images``) runs Ray read tasks
         beside the actors, each needing a CPU: when the actors hold every CPU of the cluster the
         pipeline waits for ever, so leave one free (``num_actors * cpus_per_actor`` below the
-        cluster's CPUs). Paths and folders are read by the actors themselves and need none.
+        cluster's CPUs; the default raises when ``cpus_per_actor`` leaves none). Paths and folders
+        are read by the actors themselves and need none.
     cpus_per_actor : int
         CPUs Ray reserves for each actor, and its scoring threads (``n_threads``).
     batch_size : int
@@ -278,8 +286,14 @@ def score(
         os.makedirs(folder, exist_ok=True)
     if actors is None:
         # A Dataset may still read its files (read_images): its read tasks need a CPU beside the pool.
+        total = _cluster_cpus(ray)
         spare = 1 if isinstance(images, ray.data.Dataset) else 0
-        actors = max(1, (_cluster_cpus(ray) - spare) // cpus)
+        if total - spare < cpus:
+            raise ValueError(
+                f"cpus_per_actor: expected at most {total - spare} (the cluster's {total} CPUs, one left for the "
+                f"Dataset's read tasks), got {cpus}; or pass paths, which the actors read themselves"
+            )
+        actors = (total - spare) // cpus
     payload = _payload(model, ray)
     scored = dataset.map_batches(
         _Scorer,
@@ -375,6 +389,9 @@ def fit(
     shards keep twice ``coreset_ratio`` before one selection over their union (see its docstring).
 
     With the detector's ``verbose`` on, a progress bar counts finished shards (and folds).
+    A ``random_state`` that is not an int (None, a Generator) is replaced by one seed drawn from
+    it, in the tasks and in the returned detector (and its calibration split), so that every shard
+    draws the same channels (PaDiM) and projection (PatchCore) and the fit can be repeated.
 
     Parameters
     ----------
@@ -396,7 +413,7 @@ def fit(
     ray = _ray()
     from sklearn.base import clone
 
-    from anomalox.detectors._base import BaseDetector
+    from anomalox.detectors._base import BaseDetector, seed_from
 
     if not isinstance(detector, BaseDetector):
         raise ValueError(f"detector: expected an anomalox detector, got {type(detector).__name__}")
@@ -412,14 +429,25 @@ def fit(
     if isinstance(fanout, bool) or not isinstance(fanout, (int, np.integer)) or fanout < 2:
         raise ValueError(f"fanout: expected an int >= 2, got {fanout!r}")
     paths = _paths(images, "train")
+    if detector.calibration == "cv" and len(paths) < detector.n_folds:
+        raise ValueError(
+            f"images: calibration='cv' with n_folds={detector.n_folds} needs at least {detector.n_folds} images, "
+            f"got {len(paths)}"
+        )
     if count is None:
         count = max(1, _cluster_cpus(ray) // cpus)
     # What the tasks run: the detector's parameters, as many threads as the task's CPUs.
     template = clone(detector).set_params(verbose=False, n_threads=cpus)
+    result = clone(detector)
+    if not isinstance(detector.random_state, (int, np.integer)):
+        # Every shard must draw the same channels / projection: one seed for all (None or a
+        # Generator would draw anew in each task).
+        seed = seed_from(detector.random_state)
+        template.set_params(random_state=seed)
+        result.set_params(random_state=seed)
     partial = ray.remote(num_cpus=cpus)(_partial_task)
     merge = ray.remote(num_cpus=cpus)(_merge_task)
-    result = clone(detector)
-    split = detector.calibration_split(len(paths))
+    split = result.calibration_split(len(paths))  # with the seed fixed above
     if detector.calibration == "cv":
         # Fold k's model is the merge of the other folds' partial states: each fold is learned once.
         folds = [scored for _, scored in split]
@@ -455,9 +483,7 @@ def fit(
 SUMMARY_COLUMNS = ("product", "path", "n_images", "fit_s", "size_bytes", "threshold", "error")
 
 
-def _fit_product(
-    detector: Any, product: str, images: Any, target: str, n_threads: int, overwrite: bool
-) -> dict[str, Any]:
+def _fit_product(detector: Any, product: str, images: Any, target: str, n_threads: int) -> dict[str, Any]:
     import torch
     from sklearn.base import clone
 
@@ -465,8 +491,6 @@ def _fit_product(
     row["product"] = product
     start = time.perf_counter()
     try:
-        if os.path.exists(target) and not overwrite:
-            raise FileExistsError(f"output_dir: {target!r} exists; pass overwrite=True to replace it")
         torch.set_num_threads(n_threads)
         model = clone(detector).set_params(n_threads=n_threads, verbose=False)
         paths = _paths(images, "train", name=f"products[{product!r}]")
@@ -534,18 +558,29 @@ def fit_many(
     folder = os.path.abspath(os.fspath(output_dir))
     os.makedirs(folder, exist_ok=True)
     task = ray.remote(num_cpus=cpus)(_fit_product)
-    refs = [
-        task.remote(detector, name, images, os.path.join(folder, f"{name}.safetensors"), cpus, bool(overwrite))
-        for name, images in products.items()
-    ]
-    _watch(ray, refs, "fit_many", "product", detector.verbose)
-    rows = ray.get(refs)
+    # Existing files are refused here, before any task: a task that Ray retries after its model
+    # file was written must replace it, not report it as existing.
+    refs: dict[str, Any] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for name, images in products.items():
+        target = os.path.join(folder, f"{name}.safetensors")
+        if os.path.exists(target) and not overwrite:
+            rows[name] = {
+                **dict.fromkeys(SUMMARY_COLUMNS),
+                "product": name,
+                "error": f"FileExistsError: output_dir: {target!r} exists; pass overwrite=True to replace it",
+            }
+        else:
+            refs[name] = task.remote(detector, name, images, target, cpus)
+    _watch(ray, list(refs.values()), "fit_many", "product", detector.verbose)
+    rows.update(zip(refs, ray.get(list(refs.values()))))
+    ordered = [rows[name] for name in products]
     if as_frame is None or as_frame:
         try:
             import pandas as pd
         except ImportError:
             if as_frame:
                 raise ImportError("as_frame=True needs pandas: pip install pandas") from None
-            return rows
-        return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
-    return rows
+            return ordered
+        return pd.DataFrame(ordered, columns=list(SUMMARY_COLUMNS))
+    return ordered

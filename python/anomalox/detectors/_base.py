@@ -886,11 +886,19 @@ class BaseDetector(BaseEstimator):
     )
 
     def _merge_key(self) -> dict[str, str]:
-        """The parameters partial states must share to merge, as text (a module backbone by type)."""
+        """The parameters partial states must share to merge, as text: a module backbone by its type,
+        a function (``preprocessing``) by its qualified name (its repr holds an address that differs
+        in every process)."""
         key = {}
         for name, value in self.get_params(deep=False).items():
-            if name not in self._MERGE_FREE:
-                key[name] = f"<{type(value).__name__} module>" if _is_module(value) else repr(value)
+            if name in self._MERGE_FREE:
+                continue
+            if _is_module(value):
+                key[name] = f"<{type(value).__name__} module>"
+            elif callable(value) and hasattr(value, "__qualname__"):
+                key[name] = f"<function {getattr(value, '__module__', '?')}.{value.__qualname__}>"
+            else:
+                key[name] = repr(value)
         return key
 
     def _require_mergeable(self, what: str) -> None:
@@ -908,7 +916,8 @@ class BaseDetector(BaseEstimator):
         so far, but ``threshold_`` stays None: calibrate with ``set_threshold(X_normal)`` on good
         images not learned from (``anomalox.distributed.fit`` does it with the detector's
         calibration rule). The partial state is kept in memory only (``partial_state()``); model
-        files do not hold it. A detector fitted by ``fit`` or loaded keeps none: clone it
+        files do not hold it. PaDiM and DFM need at least 2 images in the first call (the model is
+        finished after each call); ``shard_state`` has no such limit. A detector fitted by ``fit`` or loaded keeps none: clone it
         (``sklearn.base.clone``) to start partial fitting.
 
         Parameters

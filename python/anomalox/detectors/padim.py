@@ -166,8 +166,8 @@ class PaDiM(BaseDetector):
     def _merge_partials(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         if not np.array_equal(a["channels"], b["channels"]) or tuple(a["grid"]) != tuple(b["grid"]):
             raise ValueError(
-                "other: PaDiM partial states of different channels or feature grids cannot merge (another "
-                "backbone, layers or image size)"
+                "other: PaDiM partial states of different channels or feature grids cannot merge (random_state="
+                "None draws new channels at every partial_fit: set an int; or another backbone, layers or image size)"
             )
         merged = self._accumulator(a).merge(self._accumulator(b))
         mean, scatter, n = merged.state()
