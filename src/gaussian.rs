@@ -447,6 +447,22 @@ impl GaussianAccumulator {
         }
     }
 
+    /// The end of a parallel pass over the positions (`update`, `merge`): on success the sample
+    /// count becomes `n_new`; on an error some positions may already hold the new samples, so the
+    /// state is inconsistent and the accumulator is poisoned.
+    fn commit(&mut self, result: KernelResult<()>, n_new: usize) -> KernelResult<()> {
+        match result {
+            Ok(()) => {
+                self.n = n_new;
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
     /// Adds a batch of feature maps (B, C, H, W), B >= 1, any strides; C, H, W must match.
     ///
     /// Per position: batch mean and centred scatter Xcᵀ·Xc in f64 (faer), then the pairwise
@@ -524,17 +540,7 @@ impl GaussianAccumulator {
                     Ok(())
                 },
             );
-        match result {
-            Ok(()) => {
-                self.n = n_new;
-                Ok(())
-            }
-            Err(e) => {
-                // Some positions may already hold the new batch: the state is inconsistent.
-                self.poisoned = true;
-                Err(e)
-            }
-        }
+        self.commit(result, n_new)
     }
 
     /// Number of samples absorbed so far.
@@ -685,16 +691,7 @@ impl GaussianAccumulator {
                     Ok(())
                 },
             );
-        match result {
-            Ok(()) => {
-                self.n = n_new;
-                Ok(())
-            }
-            Err(e) => {
-                self.poisoned = true;
-                Err(e)
-            }
-        }
+        self.commit(result, n_new)
     }
 
     /// Raw state for save/restore: mean f64 (H·W, C), scatter f64 (H·W, C, C), sample count.

@@ -602,18 +602,14 @@ class BaseDetector(BaseEstimator):
         order = rng.permutation(n)
         return np.sort(order[n_val:]), np.sort(order[:n_val])
 
-    def _folds(self, n: int) -> list[np.ndarray]:
-        """The ``n_folds`` cross-fitting folds of `n` images (seeded by ``random_state``)."""
-        return np.array_split(np.random.default_rng(self.random_state).permutation(n), self.n_folds)
-
     def _split(self, source: Source) -> tuple[Iterator[Any], list[Any]]:
         """The training batches and the held-out validation items (never put in the model)."""
-        rng = np.random.default_rng(self.random_state)
         if source.sized:
             train, val = self._holdout(len(source))
             items = source.items
             assert items is not None  # a sized source holds its items
             return source.iter_batches(self.batch_size, train), [items[i] for i in val]
+        rng = np.random.default_rng(self.random_state)
         held: list[Any] = []
 
         def batches() -> Iterator[tuple[list[Any], None]]:
@@ -727,15 +723,13 @@ class BaseDetector(BaseEstimator):
             )
         items = source.items
         assert items is not None  # a sized source holds its items
-        folds = self._folds(n)
         scores, map_max = [], []
-        for k, fold in enumerate(folds):
-            rest = np.sort(np.concatenate([f for j, f in enumerate(folds) if j != k]))
+        for k, (rest, fold) in enumerate(self.calibration_split(n)):
             state = self._learn(backbone, source.iter_batches(self.batch_size, rest), len(rest), held=True)
             for name, value in state.items():
                 setattr(self, name, value)
             self.backbone_, self.threshold_ = backbone, None
-            held = [items[i] for i in np.sort(fold)]
+            held = [items[i] for i in fold]
             fold_scores, fold_max = self._calibration_values(
                 Source(items=held, paths=[None] * len(held)), f"fit: fold {k + 1}/{self.n_folds}"
             )
@@ -776,7 +770,7 @@ class BaseDetector(BaseEstimator):
                 raise ValueError(
                     f"n: calibration='cv' with n_folds={self.n_folds} needs at least {self.n_folds} images, got {n}"
                 )
-            folds = self._folds(n)
+            folds = np.array_split(np.random.default_rng(self.random_state).permutation(n), self.n_folds)
             return [
                 (np.sort(np.concatenate([f for j, f in enumerate(folds) if j != k])), np.sort(fold))
                 for k, fold in enumerate(folds)
@@ -917,8 +911,8 @@ class BaseDetector(BaseEstimator):
         images not learned from (``anomalox.distributed.fit`` does it with the detector's
         calibration rule). The partial state is kept in memory only (``partial_state()``); model
         files do not hold it. PaDiM and DFM need at least 2 images in the first call (the model is
-        finished after each call); ``shard_state`` has no such limit. A detector fitted by ``fit`` or loaded keeps none: clone it
-        (``sklearn.base.clone``) to start partial fitting.
+        finished after each call); ``shard_state`` has no such limit. A detector fitted by ``fit``
+        or loaded keeps none: clone it (``sklearn.base.clone``) to start partial fitting.
 
         Parameters
         ----------
@@ -1127,13 +1121,11 @@ class BaseDetector(BaseEstimator):
                 f"they differ in {', '.join(differ)}"
             )
         self._check_shared()
-        merged = parts[0]
-        for part in parts[1:]:
-            merged = self._merge_two(merged, part)
+        merged = self.merge_states(*parts)
         backbone = self.backbone_ if hasattr(self, "backbone_") else self.build_backbone()
         tiles_before, self._tiles = getattr(self, "_tiles", None), self._tiling()
         try:
-            self._adopt_partial(dict(merged), backbone)
+            self._adopt_partial(merged, backbone)
         except BaseException:
             self._tiles = tiles_before
             raise
